@@ -1,0 +1,29 @@
+# The two user-facing commands are `make demo` and `make test`; both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.installed
+# Cache for DeepSpeed's JIT-built CPU extensions, so they compile once per machine.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: install test demo clean
+
+install: $(STAMP)
+
+# Re-runs only when a dependency file changes: a second `make install` does nothing.
+$(STAMP): requirements.txt requirements-deepspeed.txt constraints.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c constraints.txt -r requirements.txt
+	DS_BUILD_OPS=0 $(PIP) install -q -c constraints.txt --no-build-isolation -r requirements-deepspeed.txt
+	$(PIP) install -q -c constraints.txt --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: install
+	$(PY) -m pali3_train.smoke --config configs/smoke_tiny.yaml
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache

@@ -1,0 +1,227 @@
+"""Load YAML into the typed config: includes, command-line overrides, strict validation.
+
+A stage file may ``include:`` other files (paths relative to itself); later sources override
+earlier ones, and the including file overrides what it includes. Overrides given as
+``dotted.key=value`` apply last. Every leaf remembers where it came from, so that an error names
+the file (or the ``--set`` item) that must be fixed together with the dotted field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from pali3_train.config.schema import Config, FieldError
+
+Origins = dict[str, str]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used, with the source and dotted field at fault."""
+
+    def __init__(self, source: str, field_path: str, message: str):
+        super().__init__(f"{source}: {field_path}: {message}" if field_path else
+                         f"{source}: {message}")
+        self.source = source
+        self.field_path = field_path
+
+
+# ------------------------------------------------------------------------------ reading sources
+
+
+def _read_yaml(path: Path, stack: tuple[Path, ...] = ()) -> tuple[dict, Origins]:
+    path = path.resolve()
+    if path in stack:
+        cycle = " -> ".join(str(p) for p in (*stack, path))
+        raise ConfigError(str(path), "include", f"include cycle: {cycle}")
+    if not path.is_file():
+        raise ConfigError(str(path), "", "no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), "", f"invalid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), "", "the top level must be a mapping of sections")
+
+    includes = data.pop("include", [])
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(str(path), "include", "must be a path or a list of paths")
+
+    merged: dict = {}
+    origins: Origins = {}
+    for include in includes:
+        sub, sub_origins = _read_yaml(path.parent / include, (*stack, path))
+        _merge(merged, origins, sub, sub_origins)
+    _merge(merged, origins, data, _origins_of(data, str(path)))
+    return merged, origins
+
+
+def _origins_of(data: dict, source: str, prefix: str = "") -> Origins:
+    origins: Origins = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        origins[dotted] = source
+        if isinstance(value, dict):
+            origins.update(_origins_of(value, source, dotted + "."))
+    return origins
+
+
+def _merge(into: dict, into_origins: Origins, new: dict, new_origins: Origins,
+           prefix: str = "") -> None:
+    for key, value in new.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            into_origins[dotted] = new_origins[dotted]
+            _merge(into[key], into_origins, value, new_origins, dotted + ".")
+        else:
+            into[key] = value
+            for k in [k for k in into_origins if k == dotted or k.startswith(dotted + ".")]:
+                del into_origins[k]
+            into_origins.update({k: v for k, v in new_origins.items()
+                                 if k == dotted or k.startswith(dotted + ".")})
+
+
+def apply_overrides(data: dict, origins: Origins, overrides: Sequence[str]) -> None:
+    """Apply ``a.b.c=value`` items; the value is parsed as YAML (``1e-4`` stays a string
+    here and is converted when the field is typed)."""
+    for item in overrides:
+        source = f"--set {item}"
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(source, "", "an override must look like dotted.key=value")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(source, key, f"invalid value: {exc}") from None
+        parts = key.strip().split(".")
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(source, ".".join(parts[:depth + 1]), "is not a section")
+            node = child
+        node[parts[-1]] = value
+        origins.update({".".join(parts[:i + 1]): source for i in range(len(parts))})
+
+
+# --------------------------------------------------------------------------- typed conversion
+
+
+def _source(origins: Origins, dotted: str, default: str) -> str:
+    while dotted:
+        if dotted in origins:
+            return origins[dotted]
+        dotted = dotted.rpartition(".")[0]
+    return default
+
+
+def _convert(tp: Any, value: Any, dotted: str, origins: Origins, default_source: str) -> Any:
+    def fail(message: str) -> typing.NoReturn:
+        raise ConfigError(_source(origins, dotted, default_source), dotted, message)
+
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, dotted, origins, default_source)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, dotted, origins, default_source)
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            fail(f"must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            fail(f"must be a list, got {type(value).__name__} {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            args = (args[0],) * len(value)
+        if len(value) != len(args):
+            fail(f"must have {len(args)} items, got {len(value)}")
+        return tuple(_convert(a, v, f"{dotted}[{i}]", origins, default_source)
+                     for i, (a, v) in enumerate(zip(args, value)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            fail(f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail(f"must be an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail(f"must be a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            fail(f"must be a string, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {dotted}")
+
+
+def _build(cls: type, data: Any, prefix: str, origins: Origins, default_source: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(_source(origins, prefix, default_source), prefix,
+                          f"must be a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(_source(origins, dotted, default_source), dotted,
+                              f"unknown key{hint}")
+        kwargs[key] = _convert(hints[key], value, dotted, origins, default_source)
+    try:
+        return cls(**kwargs)
+    except FieldError as exc:
+        dotted = f"{prefix}.{exc.field_path}" if prefix else exc.field_path
+        raise ConfigError(_source(origins, dotted, default_source), dotted, exc.message) from None
+
+
+# ------------------------------------------------------------------------------------ public API
+
+
+def config_from_dict(data: dict, origins: Origins | None = None,
+                     source: str = "<dict>") -> Config:
+    return _build(Config, data, "", origins or {}, source)
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read ``path`` (with its includes), apply ``overrides`` and validate everything."""
+    data, origins = _read_yaml(Path(path))
+    apply_overrides(data, origins, overrides)
+    return config_from_dict(data, origins, str(path))
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict/list/scalars (tuples become lists) for YAML, JSON or MLflow."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+    return plain(dataclasses.asdict(cfg))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

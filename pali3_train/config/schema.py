@@ -1,0 +1,225 @@
+"""The typed shape of a pali3-train configuration: one frozen dataclass per concern.
+
+Every field has a documented default so that a preset file only states what differs. Each class
+checks its own invariants in ``__post_init__`` and reports the offending field by name; the loader
+turns that into an error naming the file the value came from and the full dotted path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+class FieldError(ValueError):
+    """An invalid value, identified by its dotted path relative to the dataclass that raised it."""
+
+    def __init__(self, field_path: str, message: str):
+        super().__init__(message)
+        self.field_path = field_path
+        self.message = message
+
+
+def require(condition: bool, field_path: str, message: str) -> None:
+    if not condition:
+        raise FieldError(field_path, message)
+
+
+def _positive(obj: object, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        require(value > 0, name, f"must be > 0, got {value}")
+
+
+def _divides(obj: object, width_name: str, heads_name: str) -> None:
+    width, heads = getattr(obj, width_name), getattr(obj, heads_name)
+    require(width % heads == 0, heads_name,
+            f"{heads_name}={heads} does not divide {width_name}={width}")
+
+
+# ----------------------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """SigLIP vision transformer. The default is SigLIP So400m/14 at 224 px."""
+
+    image_size_px: int = 224
+    patch_size_px: int = 14
+    width: int = 1152
+    depth: int = 27
+    num_heads: int = 16
+    mlp_dim: int = 4304
+    layer_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _positive(self, "image_size_px", "patch_size_px", "width", "depth", "num_heads", "mlp_dim",
+                  "layer_norm_eps")
+        _divides(self, "width", "num_heads")
+        require(self.image_size_px % self.patch_size_px == 0, "patch_size_px",
+                f"patch_size_px={self.patch_size_px} does not divide "
+                f"image_size_px={self.image_size_px}")
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size_px // self.patch_size_px
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size ** 2
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """SigLIP text tower (stage 0 only): its pooled embedding is compared with the image's."""
+
+    vocab_size: int = 32000
+    max_len: int = 64
+    width: int = 1152
+    depth: int = 27
+    num_heads: int = 16
+    mlp_dim: int = 4304
+    embed_dim: int = 1152
+    layer_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _positive(self, "vocab_size", "max_len", "width", "depth", "num_heads", "mlp_dim",
+                  "embed_dim", "layer_norm_eps")
+        _divides(self, "width", "num_heads")
+
+
+@dataclass(frozen=True)
+class UL2Config:
+    """T5 v1.1-style encoder-decoder (UL2). The default is T5 v1.1 XL's shape."""
+
+    vocab_size: int = 32128
+    d_model: int = 2048
+    num_heads: int = 32
+    d_kv: int = 64
+    d_ff: int = 5120
+    num_encoder_layers: int = 24
+    num_decoder_layers: int = 24
+    feed_forward: Literal["gated-gelu", "gated-silu"] = "gated-silu"
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_eps: float = 1e-6
+    pad_id: int = 0
+    eos_id: int = 1
+
+    def __post_init__(self) -> None:
+        _positive(self, "vocab_size", "d_model", "num_heads", "d_kv", "d_ff", "num_encoder_layers",
+                  "num_decoder_layers", "relative_attention_num_buckets",
+                  "relative_attention_max_distance", "layer_norm_eps")
+        for name in ("pad_id", "eos_id"):
+            value = getattr(self, name)
+            require(0 <= value < self.vocab_size, name,
+                    f"must be a token id in [0, vocab_size={self.vocab_size}), got {value}")
+        require(self.pad_id != self.eos_id, "eos_id", "must differ from pad_id")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    ul2: UL2Config = field(default_factory=UL2Config)
+
+    def __post_init__(self) -> None:
+        require(self.text.embed_dim == self.vit.width, "text.embed_dim",
+                f"the text embedding ({self.text.embed_dim}) must match the image embedding, "
+                f"which is vit.width ({self.vit.width})")
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Tokenisation limits; the image resolution is model.vit.image_size_px."""
+
+    tokenizer_path: str | None = None
+    max_prompt_tokens: int = 64
+    max_target_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_prompt_tokens", "max_target_tokens")
+
+
+# ------------------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    steps: int = 1000
+    global_batch_size: int = 256
+    micro_batch_size: int = 8
+    lr: float = 1e-4
+    lr_schedule: Literal["cosine", "inverse_sqrt", "constant"] = "cosine"
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    grad_clip_norm: float = 1.0
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+    def __post_init__(self) -> None:
+        _positive(self, "steps", "global_batch_size", "micro_batch_size", "lr", "adam_eps")
+        for name in ("warmup_steps", "weight_decay", "grad_clip_norm"):
+            require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        require(self.warmup_steps <= self.steps, "warmup_steps",
+                f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
+        require(all(0.0 <= b < 1.0 for b in self.adam_betas), "adam_betas",
+                f"each beta must be in [0, 1), got {list(self.adam_betas)}")
+        require(self.global_batch_size % self.micro_batch_size == 0, "micro_batch_size",
+                f"micro_batch_size={self.micro_batch_size} does not divide "
+                f"global_batch_size={self.global_batch_size}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    zero_stage: int = 0
+    activation_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        _positive(self, "tensor_parallel_size")
+        require(self.zero_stage in (0, 1, 2, 3), "zero_stage",
+                f"must be one of 0, 1, 2, 3, got {self.zero_stage}")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow tracking. ``tracking_uri: null`` means a sqlite store inside the run directory."""
+
+    backend: Literal["mlflow", "none"] = "mlflow"
+    tracking_uri: str | None = None
+    experiment: str = "pali3-train"
+    run_name: str | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    dir: str = "runs/checkpoints"
+    every_steps: int = 1000
+    keep_last: int = 3
+
+    def __post_init__(self) -> None:
+        _positive(self, "every_steps", "keep_last")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        tp = self.parallel.tensor_parallel_size
+        for path, value in (("model.ul2.num_heads", self.model.ul2.num_heads),
+                            ("model.vit.num_heads", self.model.vit.num_heads),
+                            ("model.ul2.vocab_size", self.model.ul2.vocab_size)):
+            require(value % tp == 0, path,
+                    f"{value} is not divisible by parallel.tensor_parallel_size={tp}")

@@ -1,0 +1,119 @@
+"""SigLIP checkpoints (HuggingFace ``SiglipModel`` layout) <-> our ``SigLIP`` two-tower model.
+
+Published checkpoints nest the towers under ``vision_model.`` / ``text_model.``; a vision-only
+state dict (e.g. from ``SiglipVisionModel``) converts too, into the image tower and MAP head alone.
+HF keeps the MAP head's attention as ``nn.MultiheadAttention`` (one fused in-projection); we keep
+separate q/k/v projections, so those tensors are split on import and concatenated on export.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from pali3_train.config import TextConfig, ViTConfig
+from pali3_train.convert.rename import StateDict, rename
+
+_IN_PROJ = "vision_model.head.attention.in_proj_"
+_QKV = ("q_proj", "k_proj", "v_proj")
+_SCALARS = ("logit_scale", "logit_bias")
+
+
+def _affine(hf: str, ours: str) -> list[tuple[str, str]]:
+    return [(f"{hf}.weight", f"{ours}.weight"), (f"{hf}.bias", f"{ours}.bias")]
+
+
+def _encoder_rules(hf: str, ours: str) -> list[tuple[str, str]]:
+    layer, block = f"{hf}encoder.layers.{{i}}.", f"{ours}encoder.blocks.{{i}}."
+    rules = _affine(layer + "layer_norm1", block + "norm1") + _affine(layer + "layer_norm2",
+                                                                      block + "norm2")
+    for proj in (*_QKV, "out_proj"):
+        rules += _affine(f"{layer}self_attn.{proj}", f"{block}attn.{proj}")
+    for fc in ("fc1", "fc2"):
+        rules += _affine(f"{layer}mlp.{fc}", f"{block}mlp.{fc}")
+    return rules
+
+
+RULES = [
+    *_affine("vision_model.embeddings.patch_embedding", "image.patch_embed"),
+    ("vision_model.embeddings.position_embedding.weight", "image.pos_embed"),
+    *_encoder_rules("vision_model.", "image."),
+    *_affine("vision_model.post_layernorm", "image.encoder.norm"),
+    ("vision_model.head.probe", "image_head.probe"),
+    *[rule for proj in (*_QKV, "out_proj")
+      for rule in _affine(f"vision_model.head.attention.{proj}", f"image_head.attn.{proj}")],
+    *_affine("vision_model.head.layernorm", "image_head.norm"),
+    *_affine("vision_model.head.mlp.fc1", "image_head.mlp.fc1"),
+    *_affine("vision_model.head.mlp.fc2", "image_head.mlp.fc2"),
+    ("text_model.embeddings.token_embedding.weight", "text.token_embed.weight"),
+    ("text_model.embeddings.position_embedding.weight", "text.pos_embed"),
+    *_encoder_rules("text_model.", "text."),
+    *_affine("text_model.final_layer_norm", "text.encoder.norm"),
+    *_affine("text_model.head", "text.head"),
+    *[(name, name) for name in _SCALARS],
+]
+
+
+def siglip_from_hf(hf_state: Mapping[str, torch.Tensor]) -> StateDict:
+    """HF ``SiglipModel`` state dict -> our ``SigLIP`` state dict. ``position_ids`` buffers are
+    not weights and are dropped."""
+    state = {k: v for k, v in hf_state.items() if not k.endswith("position_ids")}
+    for kind in ("weight", "bias"):
+        fused = state.pop(_IN_PROJ + kind, None)
+        if fused is not None:
+            for proj, part in zip(_QKV, fused.chunk(3)):
+                state[f"vision_model.head.attention.{proj}.{kind}"] = part
+    for name in _SCALARS:
+        if name in state:
+            state[name] = state[name].reshape(())
+    return rename(state, RULES, to_hf=False)
+
+
+def siglip_to_hf(state: Mapping[str, torch.Tensor]) -> StateDict:
+    """Our ``SigLIP`` state dict -> HF ``SiglipModel`` layout (as published checkpoints are)."""
+    hf = rename(state, RULES, to_hf=True)
+    for kind in ("weight", "bias"):
+        parts = [hf.pop(f"vision_model.head.attention.{proj}.{kind}", None) for proj in _QKV]
+        if all(p is not None for p in parts):
+            hf[_IN_PROJ + kind] = torch.cat(parts)
+    for name in _SCALARS:
+        if name in hf:
+            hf[name] = hf[name].reshape(1)
+    return hf
+
+
+def vit_config_from_hf(vision: Mapping[str, Any]) -> ViTConfig:
+    """From the ``vision_config`` of a SigLIP ``config.json``."""
+    return ViTConfig(image_size_px=vision["image_size"], patch_size_px=vision["patch_size"],
+                     width=vision["hidden_size"], depth=vision["num_hidden_layers"],
+                     num_heads=vision["num_attention_heads"], mlp_dim=vision["intermediate_size"],
+                     layer_norm_eps=vision.get("layer_norm_eps", 1e-6))
+
+
+def text_config_from_hf(text: Mapping[str, Any]) -> TextConfig:
+    """From the ``text_config`` of a SigLIP ``config.json``."""
+    return TextConfig(vocab_size=text["vocab_size"], max_len=text["max_position_embeddings"],
+                      width=text["hidden_size"], depth=text["num_hidden_layers"],
+                      num_heads=text["num_attention_heads"], mlp_dim=text["intermediate_size"],
+                      embed_dim=text.get("projection_size", text["hidden_size"]),
+                      layer_norm_eps=text.get("layer_norm_eps", 1e-6))
+
+
+def hf_config(vit: ViTConfig, text: TextConfig) -> dict[str, Any]:
+    """A ``config.json`` that HF's ``SiglipModel.from_pretrained`` reads."""
+    common = {"hidden_act": "gelu_pytorch_tanh", "attention_dropout": 0.0}
+    return {
+        "architectures": ["SiglipModel"],
+        "model_type": "siglip",
+        "vision_config": {**common, "model_type": "siglip_vision_model",
+                          "image_size": vit.image_size_px, "patch_size": vit.patch_size_px,
+                          "hidden_size": vit.width, "num_hidden_layers": vit.depth,
+                          "num_attention_heads": vit.num_heads, "intermediate_size": vit.mlp_dim,
+                          "layer_norm_eps": vit.layer_norm_eps, "num_channels": 3},
+        "text_config": {**common, "model_type": "siglip_text_model",
+                        "vocab_size": text.vocab_size, "max_position_embeddings": text.max_len,
+                        "hidden_size": text.width, "num_hidden_layers": text.depth,
+                        "num_attention_heads": text.num_heads, "intermediate_size": text.mlp_dim,
+                        "projection_size": text.embed_dim, "layer_norm_eps": text.layer_norm_eps},
+    }

@@ -1,0 +1,37 @@
+"""The SigLIP two-tower model trained in stage 0: image tower + MAP head, text tower, and the
+learnable temperature and bias of the sigmoid loss."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pali3_train.config import ModelConfig
+from pali3_train.models.text import TextTransformer
+from pali3_train.models.vit import MAPHead, VisionTransformer
+
+
+class SigLIP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.image = VisionTransformer(cfg.vit)
+        self.image_head = MAPHead(cfg.vit)
+        self.text = TextTransformer(cfg.text)
+        # t' = log 10 and b = -10, the paper's initialisation: with many more negatives than
+        # positives, a strongly negative bias keeps the initial loss from being dominated by them.
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> L2-normalised [B, width]."""
+        return F.normalize(self.image_head(self.image(images)), dim=-1)
+
+    def embed_texts(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, L] -> L2-normalised [B, embed_dim]."""
+        return F.normalize(self.text(tokens), dim=-1)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.embed_images(images), self.embed_texts(tokens)
