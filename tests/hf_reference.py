@@ -12,7 +12,7 @@ from pali3_train.convert import siglip as siglip_convert
 from pali3_train.convert import t5 as t5_convert
 
 VIT = ViTConfig(image_size_px=32, patch_size_px=8, width=48, depth=2, num_heads=4, mlp_dim=96)
-TEXT = TextConfig(vocab_size=64, max_len=12, width=40, depth=2, num_heads=5, mlp_dim=80, embed_dim=48)
+TEXT = TextConfig(vocab_size=64, max_len=12, width=40, depth=2, num_heads=5, mlp_dim=80)
 
 
 def _randomise(model: torch.nn.Module) -> None:

@@ -71,7 +71,8 @@ class ViTConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """SigLIP text tower (stage 0 only): its pooled embedding is compared with the image's."""
+    """SigLIP text tower (stage 0 only). Its head projects to the image embedding's size,
+    ``vit.width``, so that the two can be compared."""
 
     vocab_size: int = 32000
     max_len: int = 64
@@ -79,12 +80,11 @@ class TextConfig:
     depth: int = 27
     num_heads: int = 16
     mlp_dim: int = 4304
-    embed_dim: int = 1152
     layer_norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
         _positive(self, "vocab_size", "max_len", "width", "depth", "num_heads", "mlp_dim",
-                  "embed_dim", "layer_norm_eps")
+                  "layer_norm_eps")
         _divides(self, "width", "num_heads")
 
 
@@ -122,11 +122,6 @@ class ModelConfig:
     vit: ViTConfig = field(default_factory=ViTConfig)
     text: TextConfig = field(default_factory=TextConfig)
     ul2: UL2Config = field(default_factory=UL2Config)
-
-    def __post_init__(self) -> None:
-        require(self.text.embed_dim == self.vit.width, "text.embed_dim",
-                f"the text embedding ({self.text.embed_dim}) must match the image embedding, "
-                f"which is vit.width ({self.vit.width})")
 
 
 # ------------------------------------------------------------------------------------------ data

@@ -92,11 +92,11 @@ def vit_config_from_hf(vision: Mapping[str, Any]) -> ViTConfig:
 
 
 def text_config_from_hf(text: Mapping[str, Any]) -> TextConfig:
-    """From the ``text_config`` of a SigLIP ``config.json``."""
+    """From the ``text_config`` of a SigLIP ``config.json``. Its ``projection_size`` is the
+    image embedding's size, which our model takes from ``vit.width``."""
     return TextConfig(vocab_size=text["vocab_size"], max_len=text["max_position_embeddings"],
                       width=text["hidden_size"], depth=text["num_hidden_layers"],
                       num_heads=text["num_attention_heads"], mlp_dim=text["intermediate_size"],
-                      embed_dim=text.get("projection_size", text["hidden_size"]),
                       layer_norm_eps=text.get("layer_norm_eps", 1e-6))
 
 
@@ -115,5 +115,5 @@ def hf_config(vit: ViTConfig, text: TextConfig) -> dict[str, Any]:
                         "vocab_size": text.vocab_size, "max_position_embeddings": text.max_len,
                         "hidden_size": text.width, "num_hidden_layers": text.depth,
                         "num_attention_heads": text.num_heads, "intermediate_size": text.mlp_dim,
-                        "projection_size": text.embed_dim, "layer_norm_eps": text.layer_norm_eps},
+                        "projection_size": vit.width, "layer_norm_eps": text.layer_norm_eps},
     }

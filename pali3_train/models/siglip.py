@@ -19,7 +19,7 @@ class SigLIP(nn.Module):
         super().__init__()
         self.image = VisionTransformer(cfg.vit)
         self.image_head = MAPHead(cfg.vit)
-        self.text = TextTransformer(cfg.text)
+        self.text = TextTransformer(cfg.text, embed_dim=cfg.vit.width)
         # t' = log 10 and b = -10, the paper's initialisation: with many more negatives than
         # positives, a strongly negative bias keeps the initial loss from being dominated by them.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
@@ -30,7 +30,7 @@ class SigLIP(nn.Module):
         return F.normalize(self.image_head(self.image(images)), dim=-1)
 
     def embed_texts(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, L] -> L2-normalised [B, embed_dim]."""
+        """[B, L] -> L2-normalised [B, vit.width]."""
         return F.normalize(self.text(tokens), dim=-1)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

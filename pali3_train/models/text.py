@@ -16,13 +16,13 @@ from pali3_train.models.transformer import Encoder, init_linears
 class TextTransformer(nn.Module):
     """tokens [B, L] (L <= cfg.max_len) -> pooled embedding [B, embed_dim]."""
 
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, embed_dim: int):
         super().__init__()
         self.cfg = cfg
         self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
         self.pos_embed = nn.Parameter(torch.empty(cfg.max_len, cfg.width))
         self.encoder = Encoder(cfg.width, cfg.depth, cfg.num_heads, cfg.mlp_dim, cfg.layer_norm_eps)
-        self.head = nn.Linear(cfg.width, cfg.embed_dim)
+        self.head = nn.Linear(cfg.width, embed_dim)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -5,7 +5,7 @@ import torch
 
 from pali3_train.convert.siglip import siglip_from_hf
 from pali3_train.models import SigLIP
-from tests.hf_reference import TEXT, hf_siglip, model_config, ul2_config
+from tests.hf_reference import TEXT, VIT, hf_siglip, model_config, ul2_config
 
 
 def test_pooled_embedding_matches_huggingface():
@@ -16,7 +16,7 @@ def test_pooled_embedding_matches_huggingface():
     with torch.no_grad():
         reference = hf.text_model(input_ids=tokens).pooler_output
         pooled = ours.text(tokens)
-    assert pooled.shape == (4, TEXT.embed_dim)
+    assert pooled.shape == (4, VIT.width)
     torch.testing.assert_close(pooled, reference, atol=1e-5, rtol=1e-5)
 
 

@@ -1,0 +1,146 @@
+"""Config loading: composition, overrides, round trips, and bad configs refused with an error that
+names the file and the dotted field."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pali3_train.config import (Config, ConfigError, ViTConfig, config_from_dict, dump_config,
+                                load_config)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+PRESETS = sorted((CONFIGS / "models").glob("*.yaml"))
+
+
+def _write(directory: Path, name: str, data) -> Path:
+    path = directory / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("path", [*PRESETS, *sorted(CONFIGS.glob("*.yaml"))], ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    assert isinstance(load_config(path), Config)
+
+
+def test_includes_compose_and_the_including_file_wins(tmp_path):
+    _write(tmp_path, "model.yaml", {"model": {"vit": {"width": 96, "num_heads": 6}}})
+    _write(tmp_path, "base.yaml", {"train": {"lr": 0.5, "steps": 10, "warmup_steps": 0}})
+    stage = _write(tmp_path, "stage.yaml", {"include": ["base.yaml", "model.yaml"],
+                                            "model": {"vit": {"depth": 3}},
+                                            "train": {"lr": 0.25}})
+    cfg = load_config(stage)
+    assert (cfg.model.vit.width, cfg.model.vit.num_heads, cfg.model.vit.depth) == (96, 6, 3)
+    assert (cfg.train.lr, cfg.train.steps) == (0.25, 10)
+    assert cfg.model.vit.mlp_dim == ViTConfig().mlp_dim  # untouched fields keep their defaults
+
+
+def test_command_line_overrides_apply_last_and_are_typed(tmp_path):
+    stage = _write(tmp_path, "stage.yaml", {"train": {"lr": 0.5}})
+    cfg = load_config(stage, ["train.lr=1e-4", "train.adam_betas=[0.8, 0.95]",
+                              "parallel.activation_checkpointing=true"])
+    assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.train.adam_betas == (0.8, 0.95)
+    assert cfg.parallel.activation_checkpointing is True
+
+
+@pytest.mark.parametrize("path", [CONFIGS / "smoke_tiny.yaml", *PRESETS], ids=lambda p: p.name)
+def test_dump_and_reload_gives_an_equal_config(path, tmp_path):
+    cfg = load_config(path)
+    again = load_config(_write(tmp_path, "dumped.yaml", dump_config(cfg)))
+    assert again == cfg
+    assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg
+
+
+# (name, file contents, overrides, expected dotted field, words the message must contain)
+BAD = [
+    ("unknown key with suggestion", {"model": {"vit": {"widht": 64}}}, [],
+     "model.vit.widht", "did you mean 'width'"),
+    ("unknown section", {"trian": {"lr": 0.1}}, [], "trian", "did you mean 'train'"),
+    ("wrong type: string for int", {"model": {"vit": {"depth": "twelve"}}}, [],
+     "model.vit.depth", "must be an integer"),
+    ("wrong type: float for int", {"train": {"steps": 10.5}}, [], "train.steps",
+     "must be an integer"),
+    ("wrong type: bool for int", {"parallel": {"zero_stage": True}}, [], "parallel.zero_stage",
+     "must be an integer"),
+    ("wrong type: int for bool", {"parallel": {"activation_checkpointing": 1}}, [],
+     "parallel.activation_checkpointing", "true or false"),
+    ("section is not a mapping", {"train": 5}, [], "train", "must be a mapping"),
+    ("heads do not divide width", {"model": {"vit": {"width": 100, "num_heads": 16}}}, [],
+     "model.vit.num_heads", "does not divide width=100"),
+    ("patch does not divide image", {"model": {"vit": {"image_size_px": 224,
+                                                       "patch_size_px": 15}}}, [],
+     "model.vit.patch_size_px", "patch_size_px=15 does not divide image_size_px=224"),
+    ("negative lr", {"train": {"lr": -0.001}}, [], "train.lr", "must be > 0"),
+    ("lr not a number", {"train": {"lr": "fast"}}, [], "train.lr", "must be a number"),
+    ("literal out of choices", {"model": {"ul2": {"feed_forward": "relu"}}}, [],
+     "model.ul2.feed_forward", "'gated-gelu', 'gated-silu'"),
+    ("zero stage out of range", {"parallel": {"zero_stage": 4}}, [], "parallel.zero_stage",
+     "one of 0, 1, 2, 3"),
+    ("micro batch does not divide global", {"train": {"global_batch_size": 10,
+                                                      "micro_batch_size": 4}}, [],
+     "train.micro_batch_size", "does not divide global_batch_size=10"),
+    ("warmup longer than training", {"train": {"steps": 10, "warmup_steps": 20}}, [],
+     "train.warmup_steps", "exceeds steps=10"),
+    ("beta out of range", {"train": {"adam_betas": [0.9, 1.5]}}, [], "train.adam_betas",
+     "[0, 1)"),
+    ("wrong tuple length", {"train": {"adam_betas": [0.9]}}, [], "train.adam_betas",
+     "must have 2 items"),
+    ("text heads do not divide width", {"model": {"text": {"width": 30, "num_heads": 4}}}, [],
+     "model.text.num_heads", "does not divide width=30"),
+    ("pad id outside vocabulary", {"model": {"ul2": {"vocab_size": 100, "pad_id": 100}}}, [],
+     "model.ul2.pad_id", "[0, vocab_size=100)"),
+    ("tensor parallel does not divide heads", {"parallel": {"tensor_parallel_size": 3}}, [],
+     "model.ul2.num_heads", "not divisible by parallel.tensor_parallel_size=3"),
+    ("zero sized layer", {"model": {"ul2": {"d_ff": 0}}}, [], "model.ul2.d_ff", "must be > 0"),
+]
+
+
+@pytest.mark.parametrize("name,data,overrides,field,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_config_is_refused_naming_file_and_field(tmp_path, name, data, overrides, field, words):
+    path = _write(tmp_path, "bad.yaml", data)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    message = str(info.value)
+    assert info.value.field_path == field
+    assert message.startswith(f"{path}: {field}: "), message
+    assert words in message, message
+
+
+def test_the_error_names_the_included_file_the_bad_value_came_from(tmp_path):
+    model = _write(tmp_path, "model.yaml", {"model": {"vit": {"width": 100, "num_heads": 16}}})
+    stage = _write(tmp_path, "stage.yaml", {"include": "model.yaml", "train": {"lr": 0.1}})
+    with pytest.raises(ConfigError) as info:
+        load_config(stage)
+    assert info.value.source == str(model.resolve())
+
+
+@pytest.mark.parametrize("override,field,words", [
+    ("model.vit.depht=3", "model.vit.depht", "did you mean 'depth'"),
+    ("train.lr=-1", "train.lr", "must be > 0"),
+    ("model.vit=3", "model.vit", "must be a mapping"),
+])
+def test_bad_override_names_the_override(tmp_path, override, field, words):
+    path = _write(tmp_path, "ok.yaml", {})
+    with pytest.raises(ConfigError) as info:
+        load_config(path, [override])
+    assert info.value.source == f"--set {override}"
+    assert info.value.field_path == field and words in str(info.value)
+
+
+@pytest.mark.parametrize("contents,words", [
+    ("model: [unclosed", "invalid YAML"),
+    ("- a\n- b\n", "top level must be a mapping"),
+    ("include: [missing.yaml]\n", "no such config file"),
+    ("include: [self.yaml]\n", "include cycle"),
+])
+def test_unreadable_files_are_refused(tmp_path, contents, words):
+    path = _write(tmp_path, "self.yaml", contents)
+    with pytest.raises(ConfigError, match=words.replace("[", r"\[")):
+        load_config(path)
+
+
+def test_malformed_override_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_config(_write(tmp_path, "ok.yaml", {}), ["train.lr"])
