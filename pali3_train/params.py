@@ -54,13 +54,15 @@ def parameter_table(cfg: ModelConfig) -> list[Row]:
     ]
 
 
-def format_table(rows: list[Row]) -> str:
-    lines = [f"{'component':<34}{'params':>16}{'billions':>10}{'paper':>8}{'diff':>9}"]
+def format_table(rows: list[Row], compare_with_paper: bool = True) -> str:
+    """Counts in a text table; with ``compare_with_paper``, the PaLI-3 paper's sizes beside them."""
+    header = f"{'component':<34}{'params':>16}{'billions':>10}"
+    lines = [header + (f"{'paper':>8}{'diff':>9}" if compare_with_paper else "")]
     for row in rows:
-        name = "  " * row.indent + row.name
-        paper = f"{row.paper / 1e9:.0f}B" if row.paper else ""
-        diff = f"{(row.params - row.paper) / row.paper:+.1%}" if row.paper else ""
-        lines.append(f"{name:<34}{row.params:>16,}{row.params / 1e9:>10.3f}{paper:>8}{diff:>9}")
+        line = f"{'  ' * row.indent + row.name:<34}{row.params:>16,}{row.params / 1e9:>10.3f}"
+        if compare_with_paper and row.paper:
+            line += f"{row.paper / 1e9:>7.0f}B{(row.params - row.paper) / row.paper:>+9.1%}"
+        lines.append(line)
     return "\n".join(lines)
 
 
