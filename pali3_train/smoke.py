@@ -51,7 +51,8 @@ def make_batch(cfg: Config, tokenizer: Tokenizer, rng: random.Random, batch_size
 
 def build_tokenizer(workdir: Path, vocab_size: int) -> Tokenizer:
     sentences = [f"a {c} square at {p}" for c in COLOURS for p in PLACES] + [PROMPT]
-    return train_tokenizer(texts=sentences * 20, vocab_size=vocab_size,
+    # BPE, because on a corpus this small a unigram model stays near character level.
+    return train_tokenizer(texts=sentences * 20, vocab_size=vocab_size, model_type="bpe",
                            model_path=workdir / "smoke.model", special_symbols=["<caption>"])
 
 
