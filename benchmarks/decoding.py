@@ -47,7 +47,7 @@ def main() -> None:
           f"max_len={args.max_len} threads={torch.get_num_threads()}")
     print(f"{'beam':>5}{'steps':>7}{'uncached s':>12}{'cached s':>10}{'speed-up':>10}")
     for beam in (1, 4):
-        def run(cache: bool) -> torch.Tensor:
+        def run(cache: bool, beam: int = beam) -> torch.Tensor:
             return beam_search(model, memory, mask, args.max_len, beam, use_cache=cache).tokens
         steps = run(True).shape[1]  # random weights rarely emit EOS, so usually max_len
         uncached, cached = _time(lambda: run(False), args.repeats), _time(lambda: run(True),

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from pali3_train.config import ConfigError, ModelConfig, load_config
+from pali3_train.config import ModelConfig, load_config_or_exit
 from pali3_train.models import PaLI3, SigLIP
 
 # PaLI-3 paper (arXiv 2310.09199), Figure 1 and abstract: a 2B SigLIP image encoder, a 3B UL2
@@ -73,11 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="dotted overrides, e.g. model.vit.depth=48")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.model, args.set)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config_or_exit(args.model, args.set)
     print(format_table(parameter_table(cfg.model)))
     return 0
 

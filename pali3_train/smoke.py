@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pali3_train.config import Config, ConfigError, load_config
+from pali3_train.config import Config, load_config_or_exit
 from pali3_train.losses.siglip import sigmoid_loss
 from pali3_train.models import PaLI3, SigLIP
 from pali3_train.params import format_table, parameter_table
@@ -112,12 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/smoke_tiny.yaml")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.set)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    losses = run(cfg)
+    losses = run(load_config_or_exit(args.config, args.set))
     for name, curve in losses.items():
         print(f"{name}: loss {curve[0]:.4f} -> {curve[-1]:.4f}")
     return 0

@@ -3,6 +3,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from pali3_train.config import load_config
@@ -65,5 +66,7 @@ def test_cli_prints_the_table(capsys):
 def test_cli_reports_a_bad_config(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {vit: {widht: 3}}\n")
-    assert main(["--model", str(bad)]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(bad)])
+    assert exit_info.value.code == 2
     assert "did you mean 'width'" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from pali3_train.smoke import main, run
 from pali3_train.config import load_config
 
@@ -18,5 +20,7 @@ def test_both_models_learn_on_generated_scenes():
 def test_bad_config_exits_with_a_clear_message(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: {lr: -1}\n")
-    assert main(["--config", str(bad)]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(bad)])
+    assert exit_info.value.code == 2
     assert "train.lr" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from pathlib import Path
@@ -109,7 +110,10 @@ def apply_overrides(data: dict, origins: Origins, overrides: Sequence[str]) -> N
                 raise ConfigError(source, ".".join(parts[:depth + 1]), "is not a section")
             node = child
         node[parts[-1]] = value
-        origins.update({".".join(parts[:i + 1]): source for i in range(len(parts))})
+        dotted = ".".join(parts)
+        for stale in [k for k in origins if k.startswith(dotted + ".")]:
+            del origins[stale]
+        origins[dotted] = source
 
 
 # --------------------------------------------------------------------------- typed conversion
@@ -210,6 +214,16 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     data, origins = _read_yaml(Path(path))
     apply_overrides(data, origins, overrides)
     return config_from_dict(data, origins, str(path))
+
+
+def load_config_or_exit(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """For command-line entry points: a bad config ends the process with exit code 2 and one
+    line naming the file and field, before anything expensive starts."""
+    try:
+        return load_config(path, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def to_dict(cfg: Any) -> dict:
