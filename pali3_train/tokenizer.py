@@ -41,11 +41,11 @@ class Tokenizer:
             raise ValueError(f"{self.source}: special ids (pad, eos, unk) are {ids}; "
                              f"PaLI-3 needs {(PAD_ID, EOS_ID, UNK_ID)} (train with train_tokenizer)")
 
+    pad_id, eos_id, unk_id = PAD_ID, EOS_ID, UNK_ID
+
     @property
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
-
-    pad_id, eos_id, unk_id = PAD_ID, EOS_ID, UNK_ID
 
     def piece_id(self, symbol: str) -> int:
         """The id of a task marker; an error if it is not one known piece."""
@@ -70,12 +70,13 @@ class Tokenizer:
         Over-long texts are cut to ``max_len`` keeping EOS as the last token, so a truncated
         target still teaches the model to stop."""
         ids = torch.full((len(texts), max_len), PAD_ID, dtype=torch.long)
+        mask = torch.zeros((len(texts), max_len), dtype=torch.bool)
         for row, text in enumerate(texts):
             tokens = self._sp.encode(text)[:max_len - 1 if add_eos else max_len]
             tokens += [EOS_ID] if add_eos else []
             ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        lengths = torch.tensor([min(len(self._sp.encode(t)) + add_eos, max_len) for t in texts])
-        return ids, torch.arange(max_len)[None, :] < lengths[:, None]
+            mask[row, :len(tokens)] = True
+        return ids, mask
 
     def batch_decode(self, ids: torch.Tensor) -> list[str]:
         return [self.decode(row.tolist()) for row in ids]
