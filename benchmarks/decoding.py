@@ -26,8 +26,9 @@ def _time(fn, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="configs/models/small.yaml")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prompt-len", type=int, default=64)
@@ -43,15 +44,21 @@ def main() -> None:
     with torch.no_grad():
         memory = model.encode(model.embed(inputs), mask)
 
-    print(f"model={args.model} batch={args.batch} prompt={args.prompt_len} "
-          f"max_len={args.max_len} threads={torch.get_num_threads()}")
+    print(
+        f"model={args.model} batch={args.batch} prompt={args.prompt_len} "
+        f"max_len={args.max_len} threads={torch.get_num_threads()}"
+    )
     print(f"{'beam':>5}{'steps':>7}{'uncached s':>12}{'cached s':>10}{'speed-up':>10}")
     for beam in (1, 4):
+
         def run(cache: bool, beam: int = beam) -> torch.Tensor:
             return beam_search(model, memory, mask, args.max_len, beam, use_cache=cache).tokens
+
         steps = run(True).shape[1]  # random weights rarely emit EOS, so usually max_len
-        uncached, cached = _time(lambda: run(False), args.repeats), _time(lambda: run(True),
-                                                                          args.repeats)
+        uncached, cached = (
+            _time(lambda: run(False), args.repeats),
+            _time(lambda: run(True), args.repeats),
+        )
         print(f"{beam:>5}{steps:>7}{uncached:>12.3f}{cached:>10.3f}{uncached / cached:>9.1f}x")
 
 

@@ -43,10 +43,16 @@ def parameter_table(cfg: ModelConfig) -> list[Row]:
         Row("projection", projection),
         Row("language: UL2 encoder-decoder", language, PAPER["language"]),
         Row("shared embedding", count(ul2.embed), indent=1),
-        Row("encoder", count(ul2.encoder_layers) + count(ul2.encoder_norm)
-            + count(ul2.encoder_bias), indent=1),
-        Row("decoder", count(ul2.decoder_layers) + count(ul2.decoder_norm)
-            + count(ul2.decoder_bias), indent=1),
+        Row(
+            "encoder",
+            count(ul2.encoder_layers) + count(ul2.encoder_norm) + count(ul2.encoder_bias),
+            indent=1,
+        ),
+        Row(
+            "decoder",
+            count(ul2.decoder_layers) + count(ul2.decoder_norm) + count(ul2.decoder_bias),
+            indent=1,
+        ),
         Row("LM head", count(ul2.lm_head), indent=1),
         Row("PaLI-3 total", count(pali3), PAPER["total"]),
         Row("stage 0 only: MAP head", count(siglip.image_head)),
@@ -67,11 +73,19 @@ def format_table(rows: list[Row], compare_with_paper: bool = True) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pali3_train.params", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pali3_train.params",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", required=True, help="a model preset or any config YAML")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="dotted overrides, e.g. model.vit.depth=48")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted overrides, e.g. model.vit.depth=48",
+    )
     args = parser.parse_args(argv)
     cfg = load_config_or_exit(args.model, args.set)
     print(format_table(parameter_table(cfg.model)))

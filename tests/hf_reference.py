@@ -4,8 +4,14 @@ implementations our towers are checked against."""
 from __future__ import annotations
 
 import torch
-from transformers import (SiglipConfig, SiglipModel, SiglipTextConfig, SiglipVisionConfig,
-                          T5Config, T5ForConditionalGeneration)
+from transformers import (
+    SiglipConfig,
+    SiglipModel,
+    SiglipTextConfig,
+    SiglipVisionConfig,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 from pali3_train.config import ModelConfig, TextConfig, UL2Config, ViTConfig
 from pali3_train.convert import siglip as siglip_convert
@@ -24,16 +30,29 @@ def _randomise(model: torch.nn.Module) -> None:
 
 def hf_siglip(vit: ViTConfig = VIT, text: TextConfig = TEXT) -> SiglipModel:
     cfg = siglip_convert.hf_config(vit, text)
-    model = SiglipModel(SiglipConfig(text_config=SiglipTextConfig(**cfg["text_config"]),
-                                     vision_config=SiglipVisionConfig(**cfg["vision_config"])))
+    model = SiglipModel(
+        SiglipConfig(
+            text_config=SiglipTextConfig(**cfg["text_config"]),
+            vision_config=SiglipVisionConfig(**cfg["vision_config"]),
+        )
+    )
     _randomise(model)
     return model.eval()
 
 
 def ul2_config(feed_forward: str) -> UL2Config:
-    return UL2Config(vocab_size=64, d_model=32, num_heads=4, d_kv=12, d_ff=48,
-                     num_encoder_layers=2, num_decoder_layers=3, feed_forward=feed_forward,
-                     relative_attention_num_buckets=8, relative_attention_max_distance=20)
+    return UL2Config(
+        vocab_size=64,
+        d_model=32,
+        num_heads=4,
+        d_kv=12,
+        d_ff=48,
+        num_encoder_layers=2,
+        num_decoder_layers=3,
+        feed_forward=feed_forward,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=20,
+    )
 
 
 def hf_t5(cfg: UL2Config) -> T5ForConditionalGeneration:

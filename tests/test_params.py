@@ -18,7 +18,7 @@ def _vit_formula(v) -> int:
     LayerNorms 4 w) + final LayerNorm."""
     w, m = v.width, v.mlp_dim
     block = 4 * w * w + 4 * w + 2 * w * m + m + w + 4 * w
-    return 3 * v.patch_size_px ** 2 * w + w + v.num_patches * w + v.depth * block + 2 * w
+    return 3 * v.patch_size_px**2 * w + w + v.num_patches * w + v.depth * block + 2 * w
 
 
 def _ul2_formula(u) -> int:
@@ -28,7 +28,13 @@ def _ul2_formula(u) -> int:
     attn, ff = 4 * d * inner, 3 * d * f
     enc = u.num_encoder_layers * (attn + ff + 2 * d)
     dec = u.num_decoder_layers * (2 * attn + ff + 3 * d)
-    return 2 * u.vocab_size * d + enc + dec + 2 * u.relative_attention_num_buckets * u.num_heads + 2 * d
+    return (
+        2 * u.vocab_size * d
+        + enc
+        + dec
+        + 2 * u.relative_attention_num_buckets * u.num_heads
+        + 2 * d
+    )
 
 
 def test_5b_preset_matches_closed_form_counts_and_the_paper_within_2_percent():
@@ -38,8 +44,15 @@ def test_5b_preset_matches_closed_form_counts_and_the_paper_within_2_percent():
     language = rows["language: UL2 encoder-decoder"]
     assert vision == _vit_formula(model.vit)
     assert language == _ul2_formula(model.ul2)
-    assert rows["PaLI-3 total"] == vision + language + model.vit.width * model.ul2.d_model + model.ul2.d_model
-    for name, value in (("vision", vision), ("language", language), ("total", rows["PaLI-3 total"])):
+    assert (
+        rows["PaLI-3 total"]
+        == vision + language + model.vit.width * model.ul2.d_model + model.ul2.d_model
+    )
+    for name, value in (
+        ("vision", vision),
+        ("language", language),
+        ("total", rows["PaLI-3 total"]),
+    ):
         assert abs(value - PAPER[name]) / PAPER[name] < 0.02, (name, value)
 
 

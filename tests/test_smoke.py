@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from pali3_train.smoke import main, run
 from pali3_train.config import load_config
+from pali3_train.smoke import main, run
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smoke_tiny.yaml"
 
@@ -15,6 +15,13 @@ def test_both_models_learn_on_generated_scenes():
     losses = run(cfg)
     for name, curve in losses.items():
         assert curve[-1] < 0.6 * curve[0], (name, curve[0], curve[-1])
+
+
+def test_main_prints_losses_and_writes_the_loss_plot(tmp_path, capsys):
+    plot = tmp_path / "losses.png"
+    assert main(["--config", str(CONFIG), "--set", "train.steps=3", "--plot", str(plot)]) == 0
+    assert "pali3: loss" in capsys.readouterr().out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bad_config_exits_with_a_clear_message(tmp_path, capsys):

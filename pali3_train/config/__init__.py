@@ -1,11 +1,41 @@
 """Typed configuration: YAML files in configs/ validated into frozen dataclasses."""
 
-from pali3_train.config.loader import (ConfigError, config_from_dict, dump_config, load_config,
-                                       load_config_or_exit, to_dict)
-from pali3_train.config.schema import (CheckpointConfig, Config, DataConfig, ModelConfig,
-                                       ParallelConfig, TextConfig, TrackingConfig, TrainConfig,
-                                       UL2Config, ViTConfig)
+from pali3_train.config.loader import (
+    ConfigError,
+    config_from_dict,
+    dump_config,
+    load_config,
+    load_config_or_exit,
+    to_dict,
+)
+from pali3_train.config.schema import (
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    ModelConfig,
+    ParallelConfig,
+    TextConfig,
+    TrackingConfig,
+    TrainConfig,
+    UL2Config,
+    ViTConfig,
+)
 
-__all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "ModelConfig",
-           "ParallelConfig", "TextConfig", "TrackingConfig", "TrainConfig", "UL2Config", "ViTConfig",
-           "config_from_dict", "dump_config", "load_config", "load_config_or_exit", "to_dict"]
+__all__ = [
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "ParallelConfig",
+    "TextConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "UL2Config",
+    "ViTConfig",
+    "config_from_dict",
+    "dump_config",
+    "load_config",
+    "load_config_or_exit",
+    "to_dict",
+]

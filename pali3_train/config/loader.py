@@ -27,8 +27,9 @@ class ConfigError(ValueError):
     """A configuration that cannot be used, with the source and dotted field at fault."""
 
     def __init__(self, source: str, field_path: str, message: str):
-        super().__init__(f"{source}: {field_path}: {message}" if field_path else
-                         f"{source}: {message}")
+        super().__init__(
+            f"{source}: {field_path}: {message}" if field_path else f"{source}: {message}"
+        )
         self.source = source
         self.field_path = field_path
 
@@ -75,8 +76,9 @@ def _origins_of(data: dict, source: str, prefix: str = "") -> Origins:
     return origins
 
 
-def _merge(into: dict, into_origins: Origins, new: dict, new_origins: Origins,
-           prefix: str = "") -> None:
+def _merge(
+    into: dict, into_origins: Origins, new: dict, new_origins: Origins, prefix: str = ""
+) -> None:
     for key, value in new.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict) and isinstance(into.get(key), dict):
@@ -86,8 +88,9 @@ def _merge(into: dict, into_origins: Origins, new: dict, new_origins: Origins,
             into[key] = value
             for k in [k for k in into_origins if k == dotted or k.startswith(dotted + ".")]:
                 del into_origins[k]
-            into_origins.update({k: v for k, v in new_origins.items()
-                                 if k == dotted or k.startswith(dotted + ".")})
+            into_origins.update(
+                {k: v for k, v in new_origins.items() if k == dotted or k.startswith(dotted + ".")}
+            )
 
 
 def apply_overrides(data: dict, origins: Origins, overrides: Sequence[str]) -> None:
@@ -107,7 +110,7 @@ def apply_overrides(data: dict, origins: Origins, overrides: Sequence[str]) -> N
         for depth, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(source, ".".join(parts[:depth + 1]), "is not a section")
+                raise ConfigError(source, ".".join(parts[: depth + 1]), "is not a section")
             node = child
         node[parts[-1]] = value
         dotted = ".".join(parts)
@@ -153,8 +156,10 @@ def _convert(tp: Any, value: Any, dotted: str, origins: Origins, default_source:
             args = (args[0],) * len(value)
         if len(value) != len(args):
             fail(f"must have {len(args)} items, got {len(value)}")
-        return tuple(_convert(a, v, f"{dotted}[{i}]", origins, default_source)
-                     for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(
+            _convert(a, v, f"{dotted}[{i}]", origins, default_source)
+            for i, (a, v) in enumerate(zip(args, value))
+        )
     if tp is bool:
         if not isinstance(value, bool):
             fail(f"must be true or false, got {value!r}")
@@ -181,8 +186,11 @@ def _convert(tp: Any, value: Any, dotted: str, origins: Origins, default_source:
 
 def _build(cls: type, data: Any, prefix: str, origins: Origins, default_source: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(_source(origins, prefix, default_source), prefix,
-                          f"must be a mapping, got {type(data).__name__} {data!r}")
+        raise ConfigError(
+            _source(origins, prefix, default_source),
+            prefix,
+            f"must be a mapping, got {type(data).__name__} {data!r}",
+        )
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -191,8 +199,9 @@ def _build(cls: type, data: Any, prefix: str, origins: Origins, default_source: 
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
-            raise ConfigError(_source(origins, dotted, default_source), dotted,
-                              f"unknown key{hint}")
+            raise ConfigError(
+                _source(origins, dotted, default_source), dotted, f"unknown key{hint}"
+            )
         kwargs[key] = _convert(hints[key], value, dotted, origins, default_source)
     try:
         return cls(**kwargs)
@@ -204,8 +213,7 @@ def _build(cls: type, data: Any, prefix: str, origins: Origins, default_source: 
 # ------------------------------------------------------------------------------------ public API
 
 
-def config_from_dict(data: dict, origins: Origins | None = None,
-                     source: str = "<dict>") -> Config:
+def config_from_dict(data: dict, origins: Origins | None = None, source: str = "<dict>") -> Config:
     return _build(Config, data, "", origins or {}, source)
 
 
@@ -228,12 +236,14 @@ def load_config_or_exit(path: str | Path, overrides: Sequence[str] = ()) -> Conf
 
 def to_dict(cfg: Any) -> dict:
     """Plain nested dict/list/scalars (tuples become lists) for YAML, JSON or MLflow."""
+
     def plain(value: Any) -> Any:
         if isinstance(value, tuple):
             return [plain(v) for v in value]
         if isinstance(value, dict):
             return {k: plain(v) for k, v in value.items()}
         return value
+
     return plain(dataclasses.asdict(cfg))
 
 

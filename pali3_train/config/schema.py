@@ -33,8 +33,9 @@ def _positive(obj: object, *names: str) -> None:
 
 def _divides(obj: object, width_name: str, heads_name: str) -> None:
     width, heads = getattr(obj, width_name), getattr(obj, heads_name)
-    require(width % heads == 0, heads_name,
-            f"{heads_name}={heads} does not divide {width_name}={width}")
+    require(
+        width % heads == 0, heads_name, f"{heads_name}={heads} does not divide {width_name}={width}"
+    )
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -53,12 +54,23 @@ class ViTConfig:
     layer_norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        _positive(self, "image_size_px", "patch_size_px", "width", "depth", "num_heads", "mlp_dim",
-                  "layer_norm_eps")
+        _positive(
+            self,
+            "image_size_px",
+            "patch_size_px",
+            "width",
+            "depth",
+            "num_heads",
+            "mlp_dim",
+            "layer_norm_eps",
+        )
         _divides(self, "width", "num_heads")
-        require(self.image_size_px % self.patch_size_px == 0, "patch_size_px",
-                f"patch_size_px={self.patch_size_px} does not divide "
-                f"image_size_px={self.image_size_px}")
+        require(
+            self.image_size_px % self.patch_size_px == 0,
+            "patch_size_px",
+            f"patch_size_px={self.patch_size_px} does not divide "
+            f"image_size_px={self.image_size_px}",
+        )
 
     @property
     def grid_size(self) -> int:
@@ -66,7 +78,7 @@ class ViTConfig:
 
     @property
     def num_patches(self) -> int:
-        return self.grid_size ** 2
+        return self.grid_size**2
 
 
 @dataclass(frozen=True)
@@ -83,8 +95,16 @@ class TextConfig:
     layer_norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        _positive(self, "vocab_size", "max_len", "width", "depth", "num_heads", "mlp_dim",
-                  "layer_norm_eps")
+        _positive(
+            self,
+            "vocab_size",
+            "max_len",
+            "width",
+            "depth",
+            "num_heads",
+            "mlp_dim",
+            "layer_norm_eps",
+        )
         _divides(self, "width", "num_heads")
 
 
@@ -107,13 +127,26 @@ class UL2Config:
     eos_id: int = 1
 
     def __post_init__(self) -> None:
-        _positive(self, "vocab_size", "d_model", "num_heads", "d_kv", "d_ff", "num_encoder_layers",
-                  "num_decoder_layers", "relative_attention_num_buckets",
-                  "relative_attention_max_distance", "layer_norm_eps")
+        _positive(
+            self,
+            "vocab_size",
+            "d_model",
+            "num_heads",
+            "d_kv",
+            "d_ff",
+            "num_encoder_layers",
+            "num_decoder_layers",
+            "relative_attention_num_buckets",
+            "relative_attention_max_distance",
+            "layer_norm_eps",
+        )
         for name in ("pad_id", "eos_id"):
             value = getattr(self, name)
-            require(0 <= value < self.vocab_size, name,
-                    f"must be a token id in [0, vocab_size={self.vocab_size}), got {value}")
+            require(
+                0 <= value < self.vocab_size,
+                name,
+                f"must be a token id in [0, vocab_size={self.vocab_size}), got {value}",
+            )
         require(self.pad_id != self.eos_id, "eos_id", "must differ from pad_id")
 
 
@@ -161,13 +194,22 @@ class TrainConfig:
         _positive(self, "steps", "global_batch_size", "micro_batch_size", "lr", "adam_eps")
         for name in ("warmup_steps", "weight_decay", "grad_clip_norm"):
             require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
-        require(self.warmup_steps <= self.steps, "warmup_steps",
-                f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
-        require(all(0.0 <= b < 1.0 for b in self.adam_betas), "adam_betas",
-                f"each beta must be in [0, 1), got {list(self.adam_betas)}")
-        require(self.global_batch_size % self.micro_batch_size == 0, "micro_batch_size",
-                f"micro_batch_size={self.micro_batch_size} does not divide "
-                f"global_batch_size={self.global_batch_size}")
+        require(
+            self.warmup_steps <= self.steps,
+            "warmup_steps",
+            f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}",
+        )
+        require(
+            all(0.0 <= b < 1.0 for b in self.adam_betas),
+            "adam_betas",
+            f"each beta must be in [0, 1), got {list(self.adam_betas)}",
+        )
+        require(
+            self.global_batch_size % self.micro_batch_size == 0,
+            "micro_batch_size",
+            f"micro_batch_size={self.micro_batch_size} does not divide "
+            f"global_batch_size={self.global_batch_size}",
+        )
 
 
 @dataclass(frozen=True)
@@ -178,8 +220,11 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "tensor_parallel_size")
-        require(self.zero_stage in (0, 1, 2, 3), "zero_stage",
-                f"must be one of 0, 1, 2, 3, got {self.zero_stage}")
+        require(
+            self.zero_stage in (0, 1, 2, 3),
+            "zero_stage",
+            f"must be one of 0, 1, 2, 3, got {self.zero_stage}",
+        )
 
 
 @dataclass(frozen=True)
@@ -213,8 +258,13 @@ class Config:
 
     def __post_init__(self) -> None:
         tp = self.parallel.tensor_parallel_size
-        for path, value in (("model.ul2.num_heads", self.model.ul2.num_heads),
-                            ("model.vit.num_heads", self.model.vit.num_heads),
-                            ("model.ul2.vocab_size", self.model.ul2.vocab_size)):
-            require(value % tp == 0, path,
-                    f"{value} is not divisible by parallel.tensor_parallel_size={tp}")
+        for path, value in (
+            ("model.ul2.num_heads", self.model.ul2.num_heads),
+            ("model.vit.num_heads", self.model.vit.num_heads),
+            ("model.ul2.vocab_size", self.model.ul2.vocab_size),
+        ):
+            require(
+                value % tp == 0,
+                path,
+                f"{value} is not divisible by parallel.tensor_parallel_size={tp}",
+            )

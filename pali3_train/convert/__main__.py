@@ -12,9 +12,11 @@ from pali3_train.convert.hf_checkpoint import KINDS, export_hf, import_hf
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pali3_train.convert",
-                                     description="Convert SigLIP / T5-UL2 checkpoints between "
-                                                 "HuggingFace safetensors and pali3-train.")
+    parser = argparse.ArgumentParser(
+        prog="python -m pali3_train.convert",
+        description="Convert SigLIP / T5-UL2 checkpoints between "
+        "HuggingFace safetensors and pali3-train.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="HF checkpoint directory -> pali3-train safetensors")
     imp.add_argument("kind", choices=KINDS)
@@ -28,8 +30,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "import":
             sections = import_hf(args.kind, args.src, args.out)
             print(f"wrote {args.out}; its model section:")
-            print(yaml.safe_dump({"model": {k: dataclasses.asdict(v) for k, v in sections.items()}},
-                                 sort_keys=False))
+            print(
+                yaml.safe_dump(
+                    {"model": {k: dataclasses.asdict(v) for k, v in sections.items()}},
+                    sort_keys=False,
+                )
+            )
         else:
             print(f"wrote {export_hf(args.src, args.out)}")
     except (FileNotFoundError, KeyError, ValueError) as exc:

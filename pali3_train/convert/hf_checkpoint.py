@@ -14,8 +14,13 @@ from typing import Literal
 
 from pali3_train.config import config_from_dict
 from pali3_train.convert import siglip, t5
-from pali3_train.convert.safetensors_io import (WEIGHTS_NAME, StateDict, load_weights,
-                                                read_metadata, save_weights)
+from pali3_train.convert.safetensors_io import (
+    WEIGHTS_NAME,
+    StateDict,
+    load_weights,
+    read_metadata,
+    save_weights,
+)
 
 Kind = Literal["siglip", "t5"]
 KINDS = ("siglip", "t5")
@@ -25,15 +30,19 @@ FORMAT = "pali3-train"
 def _read_hf_config(src: Path) -> dict:
     path = src / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; a HuggingFace checkpoint directory holds "
-                                f"config.json beside its safetensors weights")
+        raise FileNotFoundError(
+            f"{path}: missing; a HuggingFace checkpoint directory holds "
+            f"config.json beside its safetensors weights"
+        )
     return json.loads(path.read_text())
 
 
 def _sections_from_hf(kind: Kind, hf_cfg: dict) -> dict[str, object]:
     if kind == "siglip":
-        return {"vit": siglip.vit_config_from_hf(hf_cfg["vision_config"]),
-                "text": siglip.text_config_from_hf(hf_cfg["text_config"])}
+        return {
+            "vit": siglip.vit_config_from_hf(hf_cfg["vision_config"]),
+            "text": siglip.text_config_from_hf(hf_cfg["text_config"]),
+        }
     return {"ul2": t5.ul2_config_from_hf(hf_cfg)}
 
 
@@ -43,8 +52,11 @@ def import_hf(kind: Kind, src: str | Path, out: str | Path) -> dict[str, object]
     sections = _sections_from_hf(kind, _read_hf_config(src))
     weights = load_weights(src)
     state = siglip.siglip_from_hf(weights) if kind == "siglip" else t5.ul2_from_hf(weights)
-    metadata = {"format": FORMAT, "kind": kind,
-                "model": json.dumps({k: dataclasses.asdict(v) for k, v in sections.items()})}
+    metadata = {
+        "format": FORMAT,
+        "kind": kind,
+        "model": json.dumps({k: dataclasses.asdict(v) for k, v in sections.items()}),
+    }
     save_weights(state, out, metadata)
     return sections
 
@@ -53,8 +65,10 @@ def read_ours(path: str | Path) -> tuple[Kind, dict[str, object], StateDict]:
     """Our safetensors file -> (kind, model config sections, state dict)."""
     metadata = read_metadata(path)
     if metadata.get("format") != FORMAT or metadata.get("kind") not in KINDS:
-        raise ValueError(f"{path}: not a pali3-train tower file (its safetensors metadata lacks "
-                         f"format={FORMAT!r} and a kind in {KINDS})")
+        raise ValueError(
+            f"{path}: not a pali3-train tower file (its safetensors metadata lacks "
+            f"format={FORMAT!r} and a kind in {KINDS})"
+        )
     raw = json.loads(metadata["model"])
     model = config_from_dict({"model": raw}, source=str(path)).model
     return metadata["kind"], {name: getattr(model, name) for name in raw}, load_weights(path)
@@ -64,8 +78,10 @@ def export_hf(path: str | Path, out_dir: str | Path) -> Path:
     """Our safetensors file -> an HF checkpoint directory (config.json + model.safetensors)."""
     kind, sections, state = read_ours(path)
     if kind == "siglip":
-        hf_state, hf_cfg = siglip.siglip_to_hf(state), siglip.hf_config(sections["vit"],
-                                                                       sections["text"])
+        hf_state, hf_cfg = (
+            siglip.siglip_to_hf(state),
+            siglip.hf_config(sections["vit"], sections["text"]),
+        )
     else:
         hf_state, hf_cfg = t5.ul2_to_hf(state), t5.hf_config(sections["ul2"])
     out_dir = Path(out_dir)

@@ -35,13 +35,15 @@ def rename(state: Mapping[str, torch.Tensor], rules: Rules, *, to_hf: bool) -> S
         else:
             unmatched.append(key)
     if unmatched:
-        raise KeyError(f"no conversion rule for {len(unmatched)} key(s): {', '.join(unmatched[:8])}")
+        raise KeyError(
+            f"no conversion rule for {len(unmatched)} key(s): {', '.join(unmatched[:8])}"
+        )
     return out
 
 
 def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> StateDict:
     """Keys under ``prefix`` with it removed (published two-tower checkpoints nest each tower)."""
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def add_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> StateDict:

@@ -27,8 +27,10 @@ def load_weights(path: str | Path) -> StateDict:
             return state
         path = path / WEIGHTS_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no safetensors weights here (expected a .safetensors "
-                                f"file, or a directory with {WEIGHTS_NAME} or {INDEX_NAME})")
+        raise FileNotFoundError(
+            f"{path}: no safetensors weights here (expected a .safetensors "
+            f"file, or a directory with {WEIGHTS_NAME} or {INDEX_NAME})"
+        )
     return load_file(path)
 
 
@@ -37,9 +39,12 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         return f.metadata() or {}
 
 
-def save_weights(state: StateDict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+def save_weights(
+    state: StateDict, path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
     """Tensors are made contiguous and un-shared, which safetensors requires."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, path,
-              metadata=metadata)
+    save_file(
+        {k: v.detach().contiguous().clone() for k, v in state.items()}, path, metadata=metadata
+    )

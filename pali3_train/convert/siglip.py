@@ -26,8 +26,9 @@ def _affine(hf: str, ours: str) -> list[tuple[str, str]]:
 
 def _encoder_rules(hf: str, ours: str) -> list[tuple[str, str]]:
     layer, block = f"{hf}encoder.layers.{{i}}.", f"{ours}encoder.blocks.{{i}}."
-    rules = _affine(layer + "layer_norm1", block + "norm1") + _affine(layer + "layer_norm2",
-                                                                      block + "norm2")
+    rules = _affine(layer + "layer_norm1", block + "norm1") + _affine(
+        layer + "layer_norm2", block + "norm2"
+    )
     for proj in (*_QKV, "out_proj"):
         rules += _affine(f"{layer}self_attn.{proj}", f"{block}attn.{proj}")
     for fc in ("fc1", "fc2"):
@@ -41,8 +42,11 @@ RULES = [
     *_encoder_rules("vision_model.", "image."),
     *_affine("vision_model.post_layernorm", "image.encoder.norm"),
     ("vision_model.head.probe", "image_head.probe"),
-    *[rule for proj in (*_QKV, "out_proj")
-      for rule in _affine(f"vision_model.head.attention.{proj}", f"image_head.attn.{proj}")],
+    *[
+        rule
+        for proj in (*_QKV, "out_proj")
+        for rule in _affine(f"vision_model.head.attention.{proj}", f"image_head.attn.{proj}")
+    ],
     *_affine("vision_model.head.layernorm", "image_head.norm"),
     *_affine("vision_model.head.mlp.fc1", "image_head.mlp.fc1"),
     *_affine("vision_model.head.mlp.fc2", "image_head.mlp.fc2"),
@@ -85,19 +89,29 @@ def siglip_to_hf(state: Mapping[str, torch.Tensor]) -> StateDict:
 
 def vit_config_from_hf(vision: Mapping[str, Any]) -> ViTConfig:
     """From the ``vision_config`` of a SigLIP ``config.json``."""
-    return ViTConfig(image_size_px=vision["image_size"], patch_size_px=vision["patch_size"],
-                     width=vision["hidden_size"], depth=vision["num_hidden_layers"],
-                     num_heads=vision["num_attention_heads"], mlp_dim=vision["intermediate_size"],
-                     layer_norm_eps=vision.get("layer_norm_eps", 1e-6))
+    return ViTConfig(
+        image_size_px=vision["image_size"],
+        patch_size_px=vision["patch_size"],
+        width=vision["hidden_size"],
+        depth=vision["num_hidden_layers"],
+        num_heads=vision["num_attention_heads"],
+        mlp_dim=vision["intermediate_size"],
+        layer_norm_eps=vision.get("layer_norm_eps", 1e-6),
+    )
 
 
 def text_config_from_hf(text: Mapping[str, Any]) -> TextConfig:
     """From the ``text_config`` of a SigLIP ``config.json``. Its ``projection_size`` is the
     image embedding's size, which our model takes from ``vit.width``."""
-    return TextConfig(vocab_size=text["vocab_size"], max_len=text["max_position_embeddings"],
-                      width=text["hidden_size"], depth=text["num_hidden_layers"],
-                      num_heads=text["num_attention_heads"], mlp_dim=text["intermediate_size"],
-                      layer_norm_eps=text.get("layer_norm_eps", 1e-6))
+    return TextConfig(
+        vocab_size=text["vocab_size"],
+        max_len=text["max_position_embeddings"],
+        width=text["hidden_size"],
+        depth=text["num_hidden_layers"],
+        num_heads=text["num_attention_heads"],
+        mlp_dim=text["intermediate_size"],
+        layer_norm_eps=text.get("layer_norm_eps", 1e-6),
+    )
 
 
 def hf_config(vit: ViTConfig, text: TextConfig) -> dict[str, Any]:
@@ -106,14 +120,28 @@ def hf_config(vit: ViTConfig, text: TextConfig) -> dict[str, Any]:
     return {
         "architectures": ["SiglipModel"],
         "model_type": "siglip",
-        "vision_config": {**common, "model_type": "siglip_vision_model",
-                          "image_size": vit.image_size_px, "patch_size": vit.patch_size_px,
-                          "hidden_size": vit.width, "num_hidden_layers": vit.depth,
-                          "num_attention_heads": vit.num_heads, "intermediate_size": vit.mlp_dim,
-                          "layer_norm_eps": vit.layer_norm_eps, "num_channels": 3},
-        "text_config": {**common, "model_type": "siglip_text_model",
-                        "vocab_size": text.vocab_size, "max_position_embeddings": text.max_len,
-                        "hidden_size": text.width, "num_hidden_layers": text.depth,
-                        "num_attention_heads": text.num_heads, "intermediate_size": text.mlp_dim,
-                        "projection_size": vit.width, "layer_norm_eps": text.layer_norm_eps},
+        "vision_config": {
+            **common,
+            "model_type": "siglip_vision_model",
+            "image_size": vit.image_size_px,
+            "patch_size": vit.patch_size_px,
+            "hidden_size": vit.width,
+            "num_hidden_layers": vit.depth,
+            "num_attention_heads": vit.num_heads,
+            "intermediate_size": vit.mlp_dim,
+            "layer_norm_eps": vit.layer_norm_eps,
+            "num_channels": 3,
+        },
+        "text_config": {
+            **common,
+            "model_type": "siglip_text_model",
+            "vocab_size": text.vocab_size,
+            "max_position_embeddings": text.max_len,
+            "hidden_size": text.width,
+            "num_hidden_layers": text.depth,
+            "num_attention_heads": text.num_heads,
+            "intermediate_size": text.mlp_dim,
+            "projection_size": vit.width,
+            "layer_norm_eps": text.layer_norm_eps,
+        },
     }

@@ -31,10 +31,14 @@ _ENC, _DEC = "encoder.block.{i}.layer", "decoder.block.{i}.layer"
 RULES = [
     ("shared.weight", "embed.weight"),
     ("lm_head.weight", "lm_head.weight"),
-    ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-     "encoder_bias.embed.weight"),
-    ("decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-     "decoder_bias.embed.weight"),
+    (
+        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+        "encoder_bias.embed.weight",
+    ),
+    (
+        "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+        "decoder_bias.embed.weight",
+    ),
     *_attention(f"{_ENC}.0.SelfAttention", "encoder_layers.{i}.attn"),
     (f"{_ENC}.0.layer_norm.weight", "encoder_layers.{i}.norm_attn.weight"),
     *_feed_forward(f"{_ENC}.1", "encoder_layers.{i}.ff"),
@@ -54,8 +58,10 @@ def ul2_from_hf(hf_state: Mapping[str, torch.Tensor]) -> StateDict:
     """HF T5 state dict -> our ``UL2`` state dict. The model must have an untied LM head
     (``lm_head.weight`` present), as T5 v1.1 and UL2 do."""
     if "lm_head.weight" not in hf_state:
-        raise KeyError("lm_head.weight missing: only T5 v1.1 / UL2 checkpoints with an untied "
-                       "LM head are supported")
+        raise KeyError(
+            "lm_head.weight missing: only T5 v1.1 / UL2 checkpoints with an untied "
+            "LM head are supported"
+        )
     state = {k: v for k, v in hf_state.items() if k not in _TIED_COPIES}
     return rename(state, RULES, to_hf=False)
 
@@ -71,30 +77,47 @@ def ul2_config_from_hf(cfg: Mapping[str, Any]) -> UL2Config:
     """From a T5 ``config.json``; ``feed_forward_proj`` must be gated (v1.1 / UL2)."""
     feed_forward = cfg.get("feed_forward_proj", "relu")
     if feed_forward not in ("gated-gelu", "gated-silu"):
-        raise ValueError(f"feed_forward_proj={feed_forward!r}: only the gated T5 v1.1 / UL2 "
-                         f"variants (gated-gelu, gated-silu) are supported")
-    return UL2Config(vocab_size=cfg["vocab_size"], d_model=cfg["d_model"],
-                     num_heads=cfg["num_heads"], d_kv=cfg["d_kv"], d_ff=cfg["d_ff"],
-                     num_encoder_layers=cfg["num_layers"],
-                     num_decoder_layers=cfg.get("num_decoder_layers") or cfg["num_layers"],
-                     feed_forward=feed_forward,
-                     relative_attention_num_buckets=cfg.get("relative_attention_num_buckets", 32),
-                     relative_attention_max_distance=cfg.get("relative_attention_max_distance", 128),
-                     layer_norm_eps=cfg.get("layer_norm_epsilon", 1e-6),
-                     pad_id=cfg.get("pad_token_id", 0), eos_id=cfg.get("eos_token_id", 1))
+        raise ValueError(
+            f"feed_forward_proj={feed_forward!r}: only the gated T5 v1.1 / UL2 "
+            f"variants (gated-gelu, gated-silu) are supported"
+        )
+    return UL2Config(
+        vocab_size=cfg["vocab_size"],
+        d_model=cfg["d_model"],
+        num_heads=cfg["num_heads"],
+        d_kv=cfg["d_kv"],
+        d_ff=cfg["d_ff"],
+        num_encoder_layers=cfg["num_layers"],
+        num_decoder_layers=cfg.get("num_decoder_layers") or cfg["num_layers"],
+        feed_forward=feed_forward,
+        relative_attention_num_buckets=cfg.get("relative_attention_num_buckets", 32),
+        relative_attention_max_distance=cfg.get("relative_attention_max_distance", 128),
+        layer_norm_eps=cfg.get("layer_norm_epsilon", 1e-6),
+        pad_id=cfg.get("pad_token_id", 0),
+        eos_id=cfg.get("eos_token_id", 1),
+    )
 
 
 def hf_config(cfg: UL2Config) -> dict[str, Any]:
     """A T5 v1.1-style ``config.json`` (untied LM head, as published UL2/T5 v1.1 files)."""
     return {
-        "architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
-        "vocab_size": cfg.vocab_size, "d_model": cfg.d_model, "num_heads": cfg.num_heads,
-        "d_kv": cfg.d_kv, "d_ff": cfg.d_ff, "num_layers": cfg.num_encoder_layers,
-        "num_decoder_layers": cfg.num_decoder_layers, "feed_forward_proj": cfg.feed_forward,
+        "architectures": ["T5ForConditionalGeneration"],
+        "model_type": "t5",
+        "vocab_size": cfg.vocab_size,
+        "d_model": cfg.d_model,
+        "num_heads": cfg.num_heads,
+        "d_kv": cfg.d_kv,
+        "d_ff": cfg.d_ff,
+        "num_layers": cfg.num_encoder_layers,
+        "num_decoder_layers": cfg.num_decoder_layers,
+        "feed_forward_proj": cfg.feed_forward,
         "relative_attention_num_buckets": cfg.relative_attention_num_buckets,
         "relative_attention_max_distance": cfg.relative_attention_max_distance,
-        "layer_norm_epsilon": cfg.layer_norm_eps, "dropout_rate": 0.0,
-        "pad_token_id": cfg.pad_id, "eos_token_id": cfg.eos_id,
-        "decoder_start_token_id": cfg.pad_id, "tie_word_embeddings": False,
+        "layer_norm_epsilon": cfg.layer_norm_eps,
+        "dropout_rate": 0.0,
+        "pad_token_id": cfg.pad_id,
+        "eos_token_id": cfg.eos_id,
+        "decoder_start_token_id": cfg.pad_id,
+        "tie_word_embeddings": False,
         "is_encoder_decoder": True,
     }

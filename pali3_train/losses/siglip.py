@@ -12,8 +12,12 @@ import torch
 import torch.nn.functional as F
 
 
-def sigmoid_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
-                 logit_bias: torch.Tensor) -> torch.Tensor:
+def sigmoid_loss(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+) -> torch.Tensor:
     """image_emb, text_emb [n, E], L2-normalised, row i of each forming a pair;
     logit_scale = t' (log temperature), logit_bias = b -> scalar loss."""
     logits = image_emb @ text_emb.T * logit_scale.exp() + logit_bias

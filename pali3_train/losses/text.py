@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
-                        mask: torch.Tensor) -> torch.Tensor:
+def token_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """Mean over real target tokens. logits [B, T, V] (any float dtype; computed in fp32),
     targets [B, T] token ids, mask [B, T] True on real tokens -> scalar."""
     per_token = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")

@@ -6,5 +6,13 @@ from pali3_train.models.text import TextTransformer
 from pali3_train.models.ul2 import UL2
 from pali3_train.models.vit import MAPHead, VisionTransformer, resample_posemb
 
-__all__ = ["MAPHead", "PaLI3", "PaLI3Output", "SigLIP", "TextTransformer", "UL2",
-           "VisionTransformer", "resample_posemb"]
+__all__ = [
+    "MAPHead",
+    "PaLI3",
+    "PaLI3Output",
+    "SigLIP",
+    "TextTransformer",
+    "UL2",
+    "VisionTransformer",
+    "resample_posemb",
+]

@@ -18,8 +18,9 @@ class MultiHeadAttention(nn.Module):
     """q/k/v/out projections; ``scale=None`` means 1/sqrt(head_dim). T5 folds the scale into its
     initialisation and uses ``scale=1``."""
 
-    def __init__(self, dim: int, num_heads: int, head_dim: int, bias: bool,
-                 scale: float | None = None):
+    def __init__(
+        self, dim: int, num_heads: int, head_dim: int, bias: bool, scale: float | None = None
+    ):
         super().__init__()
         inner = num_heads * head_dim
         self.num_heads, self.head_dim, self.scale = num_heads, head_dim, scale
@@ -36,8 +37,9 @@ class MultiHeadAttention(nn.Module):
         """source [B, Lk, D] -> (k, v), each [B, H, Lk, hd]."""
         return self._split_heads(self.k_proj(source)), self._split_heads(self.v_proj(source))
 
-    def forward(self, x: torch.Tensor, kv: KV | None = None,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, kv: KV | None = None, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x [B, Lq, D]; kv from ``project_kv`` (default: self-attention over x);
         bias additive, broadcastable to [B, H, Lq, Lk]. Returns [B, Lq, D]."""
         k, v = self.project_kv(x) if kv is None else kv
@@ -49,4 +51,5 @@ class MultiHeadAttention(nn.Module):
 def padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Key mask [B, Lk] (True = attend) -> additive bias [B, 1, 1, Lk]."""
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
-        ~mask, torch.finfo(dtype).min)[:, None, None, :]
+        ~mask, torch.finfo(dtype).min
+    )[:, None, None, :]

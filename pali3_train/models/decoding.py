@@ -22,16 +22,23 @@ class Decoded(NamedTuple):
 
 
 @torch.no_grad()
-def beam_search(model: UL2, memory: torch.Tensor, memory_mask: torch.Tensor, max_len: int,
-                beam_size: int = 1, use_cache: bool = True) -> Decoded:
+def beam_search(
+    model: UL2,
+    memory: torch.Tensor,
+    memory_mask: torch.Tensor,
+    max_len: int,
+    beam_size: int = 1,
+    use_cache: bool = True,
+) -> Decoded:
     """memory [B, L, d_model] and memory_mask [B, L] from the encoder -> the best sequence per
     example."""
     if max_len < 1 or beam_size < 1:
         raise ValueError(f"max_len and beam_size must be >= 1, got {max_len} and {beam_size}")
     pad, eos = model.cfg.pad_id, model.cfg.eos_id
     batch, k = memory.shape[0], beam_size
-    state = model.start_decoding(memory.repeat_interleave(k, 0),
-                                 memory_mask.repeat_interleave(k, 0), use_cache)
+    state = model.start_decoding(
+        memory.repeat_interleave(k, 0), memory_mask.repeat_interleave(k, 0), use_cache
+    )
     seqs = torch.full((batch * k, 1), pad, dtype=torch.long, device=memory.device)
     # Only the first beam starts alive, so the first step does not pick k copies of one token.
     scores = torch.full((batch, k), float("-inf"), device=memory.device)
@@ -45,7 +52,9 @@ def beam_search(model: UL2, memory: torch.Tensor, memory_mask: torch.Tensor, max
         logp[finished] = float("-inf")
         logp[finished, pad] = 0.0
         vocab = logp.shape[-1]
-        scores, flat_choice = (scores.reshape(-1, 1) + logp).reshape(batch, k * vocab).topk(k, dim=-1)
+        scores, flat_choice = (
+            (scores.reshape(-1, 1) + logp).reshape(batch, k * vocab).topk(k, dim=-1)
+        )
         rows = (row_base + flat_choice // vocab).reshape(-1)
         tokens = (flat_choice % vocab).reshape(-1, 1)
         seqs = torch.cat([seqs[rows], tokens], dim=1)

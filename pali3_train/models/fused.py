@@ -23,8 +23,10 @@ def _load_apex() -> types.SimpleNamespace | None:
     """apex's functional fused norms, or None. (PyPI's unrelated `apex` has no `apex.normalization`
     and is treated as absent.)"""
     try:
-        from apex.normalization.fused_layer_norm import (fused_layer_norm_affine,
-                                                         fused_rms_norm_affine)
+        from apex.normalization.fused_layer_norm import (
+            fused_layer_norm_affine,
+            fused_rms_norm_affine,
+        )
     except (ImportError, OSError):
         return None
     return types.SimpleNamespace(layer_norm=fused_layer_norm_affine, rms_norm=fused_rms_norm_affine)
@@ -38,7 +40,9 @@ def norm_backend(x: torch.Tensor) -> str:
     return "apex" if _APEX is not None and x.is_cuda else "torch"
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
     if norm_backend(x) == "apex":
         return _APEX.layer_norm(x, weight, bias, weight.shape, eps)
     return F.layer_norm(x, weight.shape, weight, bias, eps)

@@ -33,8 +33,9 @@ class PaLI3(nn.Module):
         nn.init.xavier_uniform_(self.projection.weight)
         nn.init.zeros_(self.projection.bias)
 
-    def encode(self, images: torch.Tensor, prompt: torch.Tensor,
-               prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, images: torch.Tensor, prompt: torch.Tensor, prompt_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """images [B, 3, H, W], prompt [B, P], prompt_mask [B, P] ->
         (encoder output [B, N + P, d_model], its mask [B, N + P]); N visual tokens come first."""
         visual = self.projection(self.vit(images))
@@ -43,8 +44,14 @@ class PaLI3(nn.Module):
         mask = torch.cat([visual_mask, prompt_mask.bool()], dim=1)
         return self.ul2.encode(x, mask), mask
 
-    def forward(self, images: torch.Tensor, prompt: torch.Tensor, prompt_mask: torch.Tensor,
-                target: torch.Tensor, target_mask: torch.Tensor) -> PaLI3Output:
+    def forward(
+        self,
+        images: torch.Tensor,
+        prompt: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        target: torch.Tensor,
+        target_mask: torch.Tensor,
+    ) -> PaLI3Output:
         """target [B, T] (ending in EOS, right-padded), target_mask [B, T]."""
         memory, memory_mask = self.encode(images, prompt, prompt_mask)
         state = self.ul2.start_decoding(memory, memory_mask, use_cache=False)
@@ -52,8 +59,15 @@ class PaLI3(nn.Module):
         return PaLI3Output(token_cross_entropy(logits, target, target_mask.bool()), logits)
 
     @torch.no_grad()
-    def generate(self, images: torch.Tensor, prompt: torch.Tensor, prompt_mask: torch.Tensor,
-                 max_len: int, beam_size: int = 1, use_cache: bool = True) -> torch.Tensor:
+    def generate(
+        self,
+        images: torch.Tensor,
+        prompt: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        max_len: int,
+        beam_size: int = 1,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
         """-> tokens [B, <= max_len], PAD after EOS. beam_size=1 is greedy decoding."""
         memory, memory_mask = self.encode(images, prompt, prompt_mask)
         return beam_search(self.ul2, memory, memory_mask, max_len, beam_size, use_cache).tokens

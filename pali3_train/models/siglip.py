@@ -33,5 +33,7 @@ class SigLIP(nn.Module):
         """[B, L] -> L2-normalised [B, vit.width]."""
         return F.normalize(self.text(tokens), dim=-1)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.embed_images(images), self.embed_texts(tokens)

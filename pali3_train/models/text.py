@@ -26,13 +26,15 @@ class TextTransformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.token_embed.weight, std=self.cfg.width ** -0.5)
-        nn.init.normal_(self.pos_embed, std=self.cfg.width ** -0.5)
+        nn.init.normal_(self.token_embed.weight, std=self.cfg.width**-0.5)
+        nn.init.normal_(self.pos_embed, std=self.cfg.width**-0.5)
         init_linears(self)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         length = tokens.shape[1]
         if length > self.cfg.max_len:
-            raise ValueError(f"text of {length} tokens exceeds model.text.max_len={self.cfg.max_len}")
+            raise ValueError(
+                f"text of {length} tokens exceeds model.text.max_len={self.cfg.max_len}"
+            )
         x = self.encoder(self.token_embed(tokens) + self.pos_embed[:length])
         return self.head(x[:, -1])

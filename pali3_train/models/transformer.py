@@ -40,7 +40,9 @@ class Encoder(nn.Module):
 
     def __init__(self, dim: int, depth: int, num_heads: int, mlp_dim: int, eps: float):
         super().__init__()
-        self.blocks = nn.ModuleList(EncoderBlock(dim, num_heads, mlp_dim, eps) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            EncoderBlock(dim, num_heads, mlp_dim, eps) for _ in range(depth)
+        )
         self.norm = LayerNorm(dim, eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,9 @@ from pali3_train.models.attention import KV, MultiHeadAttention, padding_bias
 from pali3_train.models.fused import RMSNorm, gated_activation
 
 
-def relative_position_bucket(relative_position: torch.Tensor, bidirectional: bool,
-                             num_buckets: int, max_distance: int) -> torch.Tensor:
+def relative_position_bucket(
+    relative_position: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int
+) -> torch.Tensor:
     """T5's bucketing of (key position - query position): exact buckets for short distances,
     logarithmically wider ones up to ``max_distance``, one shared bucket beyond. The causal decoder
     only sees the past, so it spends all buckets on non-positive offsets."""
@@ -32,7 +33,9 @@ def relative_position_bucket(relative_position: torch.Tensor, bidirectional: boo
     else:
         distance = (-relative_position).clamp(min=0)
     max_exact = num_buckets // 2
-    log_ratio = torch.log(distance.clamp(min=1).float() / max_exact) / math.log(max_distance / max_exact)
+    log_ratio = torch.log(distance.clamp(min=1).float() / max_exact) / math.log(
+        max_distance / max_exact
+    )
     far = (max_exact + (log_ratio * (num_buckets - max_exact)).long()).clamp(max=num_buckets - 1)
     return bucket + torch.where(distance < max_exact, distance, far)
 
@@ -52,8 +55,9 @@ class RelativePositionBias(nn.Module):
         device = self.embed.weight.device
         q_pos = torch.arange(q_offset, q_offset + q_len, device=device)[:, None]
         k_pos = torch.arange(k_len, device=device)[None, :]
-        buckets = relative_position_bucket(k_pos - q_pos, self.bidirectional, self.num_buckets,
-                                           self.max_distance)
+        buckets = relative_position_bucket(
+            k_pos - q_pos, self.bidirectional, self.num_buckets, self.max_distance
+        )
         return self.embed(buckets).permute(2, 0, 1)[None]
 
 
@@ -97,8 +101,14 @@ class DecoderLayer(nn.Module):
         self.norm_ff = RMSNorm(cfg.d_model, cfg.layer_norm_eps)
         self.ff = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, self_bias: torch.Tensor, cross_kv: KV,
-                cross_bias: torch.Tensor, past_kv: KV | None) -> tuple[torch.Tensor, KV]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        self_bias: torch.Tensor,
+        cross_kv: KV,
+        cross_bias: torch.Tensor,
+        past_kv: KV | None,
+    ) -> tuple[torch.Tensor, KV]:
         """Returns the new hidden states and this layer's self-attention keys/values including
         ``past_kv`` (what a cache keeps for the next step)."""
         h = self.norm_self(x)
@@ -132,10 +142,14 @@ class UL2(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)  # shared by encoder and decoder
         self.encoder_bias = RelativePositionBias(cfg, bidirectional=True)
-        self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_encoder_layers))
+        self.encoder_layers = nn.ModuleList(
+            EncoderLayer(cfg) for _ in range(cfg.num_encoder_layers)
+        )
         self.encoder_norm = RMSNorm(cfg.d_model, cfg.layer_norm_eps)
         self.decoder_bias = RelativePositionBias(cfg, bidirectional=False)
-        self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_decoder_layers))
+        self.decoder_layers = nn.ModuleList(
+            DecoderLayer(cfg) for _ in range(cfg.num_decoder_layers)
+        )
         self.decoder_norm = RMSNorm(cfg.d_model, cfg.layer_norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters()
@@ -145,19 +159,19 @@ class UL2(nn.Module):
         absorbing the 1/sqrt(d_kv) that attention does not apply."""
         cfg = self.cfg
         nn.init.normal_(self.embed.weight, std=1.0)
-        nn.init.normal_(self.lm_head.weight, std=cfg.d_model ** -0.5)
+        nn.init.normal_(self.lm_head.weight, std=cfg.d_model**-0.5)
         for module in self.modules():
             if isinstance(module, MultiHeadAttention):
                 nn.init.normal_(module.q_proj.weight, std=(cfg.d_model * cfg.d_kv) ** -0.5)
                 for proj in (module.k_proj, module.v_proj):
-                    nn.init.normal_(proj.weight, std=cfg.d_model ** -0.5)
+                    nn.init.normal_(proj.weight, std=cfg.d_model**-0.5)
                 nn.init.normal_(module.out_proj.weight, std=(cfg.num_heads * cfg.d_kv) ** -0.5)
             elif isinstance(module, FeedForward):
-                nn.init.normal_(module.wi_gate.weight, std=cfg.d_model ** -0.5)
-                nn.init.normal_(module.wi_up.weight, std=cfg.d_model ** -0.5)
-                nn.init.normal_(module.wo.weight, std=cfg.d_ff ** -0.5)
+                nn.init.normal_(module.wi_gate.weight, std=cfg.d_model**-0.5)
+                nn.init.normal_(module.wi_up.weight, std=cfg.d_model**-0.5)
+                nn.init.normal_(module.wo.weight, std=cfg.d_ff**-0.5)
             elif isinstance(module, RelativePositionBias):
-                nn.init.normal_(module.embed.weight, std=cfg.d_model ** -0.5)
+                nn.init.normal_(module.embed.weight, std=cfg.d_model**-0.5)
 
     def encode(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x [B, L, d_model] embeddings, mask [B, L] (True = real) -> hidden [B, L, d_model]."""
@@ -167,13 +181,15 @@ class UL2(nn.Module):
             x = layer(x, bias)
         return self.encoder_norm(x)
 
-    def start_decoding(self, memory: torch.Tensor, memory_mask: torch.Tensor,
-                       use_cache: bool) -> DecoderState:
+    def start_decoding(
+        self, memory: torch.Tensor, memory_mask: torch.Tensor, use_cache: bool
+    ) -> DecoderState:
         """memory [B, L, d_model] = encoder output, memory_mask [B, L]."""
         return DecoderState(
             cross_kv=[layer.cross_attn.project_kv(memory) for layer in self.decoder_layers],
             cross_bias=padding_bias(memory_mask, memory.dtype),
-            self_kv=[] if use_cache else None)
+            self_kv=[] if use_cache else None,
+        )
 
     def decode(self, tokens: torch.Tensor, state: DecoderState) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, vocab]. With a cache, ``tokens`` continue the cached
@@ -190,13 +206,14 @@ class UL2(nn.Module):
             past = state.self_kv[i] if caching and state.length else None
             x, kv = layer(x, bias, state.cross_kv[i], state.cross_bias, past)
             if caching:
-                state.self_kv[i:i + 1] = [kv]
+                state.self_kv[i : i + 1] = [kv]
         if caching:
             state.length = k_len
         return self.lm_head(self.decoder_norm(x))
 
-    def forward(self, input_tokens: torch.Tensor, input_mask: torch.Tensor,
-                decoder_tokens: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_tokens: torch.Tensor, input_mask: torch.Tensor, decoder_tokens: torch.Tensor
+    ) -> torch.Tensor:
         """Text-only teacher forcing: [B, L], [B, L], [B, T] -> logits [B, T, vocab]."""
         memory = self.encode(self.embed(input_tokens), input_mask)
         return self.decode(decoder_tokens, self.start_decoding(memory, input_mask, use_cache=False))

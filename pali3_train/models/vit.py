@@ -46,14 +46,16 @@ class VisionTransformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.pos_embed, std=self.cfg.width ** -0.5)
+        nn.init.normal_(self.pos_embed, std=self.cfg.width**-0.5)
         init_linears(self)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         size = self.cfg.image_size_px
         if images.shape[-2:] != (size, size):
-            raise ValueError(f"expected {size}x{size} images (model.vit.image_size_px), "
-                             f"got {tuple(images.shape[-2:])}")
+            raise ValueError(
+                f"expected {size}x{size} images (model.vit.image_size_px), "
+                f"got {tuple(images.shape[-2:])}"
+            )
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # [B, N, width]
         return self.encoder(x + self.pos_embed)
 
@@ -65,8 +67,9 @@ class MAPHead(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.probe = nn.Parameter(torch.empty(1, 1, cfg.width))
-        self.attn = MultiHeadAttention(cfg.width, cfg.num_heads, cfg.width // cfg.num_heads,
-                                       bias=True)
+        self.attn = MultiHeadAttention(
+            cfg.width, cfg.num_heads, cfg.width // cfg.num_heads, bias=True
+        )
         self.norm = LayerNorm(cfg.width, cfg.layer_norm_eps)
         self.mlp = MLP(cfg.width, cfg.mlp_dim)
         self.reset_parameters()

@@ -6,8 +6,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pali3_train.config import (Config, ConfigError, ViTConfig, config_from_dict, dump_config,
-                                load_config)
+from pali3_train.config import (
+    Config,
+    ConfigError,
+    ViTConfig,
+    config_from_dict,
+    dump_config,
+    load_config,
+)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PRESETS = sorted((CONFIGS / "models").glob("*.yaml"))
@@ -27,9 +33,15 @@ def test_every_shipped_config_loads(path):
 def test_includes_compose_and_the_including_file_wins(tmp_path):
     _write(tmp_path, "model.yaml", {"model": {"vit": {"width": 96, "num_heads": 6}}})
     _write(tmp_path, "base.yaml", {"train": {"lr": 0.5, "steps": 10, "warmup_steps": 0}})
-    stage = _write(tmp_path, "stage.yaml", {"include": ["base.yaml", "model.yaml"],
-                                            "model": {"vit": {"depth": 3}},
-                                            "train": {"lr": 0.25}})
+    stage = _write(
+        tmp_path,
+        "stage.yaml",
+        {
+            "include": ["base.yaml", "model.yaml"],
+            "model": {"vit": {"depth": 3}},
+            "train": {"lr": 0.25},
+        },
+    )
     cfg = load_config(stage)
     assert (cfg.model.vit.width, cfg.model.vit.num_heads, cfg.model.vit.depth) == (96, 6, 3)
     assert (cfg.train.lr, cfg.train.steps) == (0.25, 10)
@@ -38,8 +50,10 @@ def test_includes_compose_and_the_including_file_wins(tmp_path):
 
 def test_command_line_overrides_apply_last_and_are_typed(tmp_path):
     stage = _write(tmp_path, "stage.yaml", {"train": {"lr": 0.5}})
-    cfg = load_config(stage, ["train.lr=1e-4", "train.adam_betas=[0.8, 0.95]",
-                              "parallel.activation_checkpointing=true"])
+    cfg = load_config(
+        stage,
+        ["train.lr=1e-4", "train.adam_betas=[0.8, 0.95]", "parallel.activation_checkpointing=true"],
+    )
     assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
     assert cfg.train.adam_betas == (0.8, 0.95)
     assert cfg.parallel.activation_checkpointing is True
@@ -55,44 +69,116 @@ def test_dump_and_reload_gives_an_equal_config(path, tmp_path):
 
 # (name, file contents, overrides, expected dotted field, words the message must contain)
 BAD = [
-    ("unknown key with suggestion", {"model": {"vit": {"widht": 64}}}, [],
-     "model.vit.widht", "did you mean 'width'"),
+    (
+        "unknown key with suggestion",
+        {"model": {"vit": {"widht": 64}}},
+        [],
+        "model.vit.widht",
+        "did you mean 'width'",
+    ),
     ("unknown section", {"trian": {"lr": 0.1}}, [], "trian", "did you mean 'train'"),
-    ("wrong type: string for int", {"model": {"vit": {"depth": "twelve"}}}, [],
-     "model.vit.depth", "must be an integer"),
-    ("wrong type: float for int", {"train": {"steps": 10.5}}, [], "train.steps",
-     "must be an integer"),
-    ("wrong type: bool for int", {"parallel": {"zero_stage": True}}, [], "parallel.zero_stage",
-     "must be an integer"),
-    ("wrong type: int for bool", {"parallel": {"activation_checkpointing": 1}}, [],
-     "parallel.activation_checkpointing", "true or false"),
+    (
+        "wrong type: string for int",
+        {"model": {"vit": {"depth": "twelve"}}},
+        [],
+        "model.vit.depth",
+        "must be an integer",
+    ),
+    (
+        "wrong type: float for int",
+        {"train": {"steps": 10.5}},
+        [],
+        "train.steps",
+        "must be an integer",
+    ),
+    (
+        "wrong type: bool for int",
+        {"parallel": {"zero_stage": True}},
+        [],
+        "parallel.zero_stage",
+        "must be an integer",
+    ),
+    (
+        "wrong type: int for bool",
+        {"parallel": {"activation_checkpointing": 1}},
+        [],
+        "parallel.activation_checkpointing",
+        "true or false",
+    ),
     ("section is not a mapping", {"train": 5}, [], "train", "must be a mapping"),
-    ("heads do not divide width", {"model": {"vit": {"width": 100, "num_heads": 16}}}, [],
-     "model.vit.num_heads", "does not divide width=100"),
-    ("patch does not divide image", {"model": {"vit": {"image_size_px": 224,
-                                                       "patch_size_px": 15}}}, [],
-     "model.vit.patch_size_px", "patch_size_px=15 does not divide image_size_px=224"),
+    (
+        "heads do not divide width",
+        {"model": {"vit": {"width": 100, "num_heads": 16}}},
+        [],
+        "model.vit.num_heads",
+        "does not divide width=100",
+    ),
+    (
+        "patch does not divide image",
+        {"model": {"vit": {"image_size_px": 224, "patch_size_px": 15}}},
+        [],
+        "model.vit.patch_size_px",
+        "patch_size_px=15 does not divide image_size_px=224",
+    ),
     ("negative lr", {"train": {"lr": -0.001}}, [], "train.lr", "must be > 0"),
     ("lr not a number", {"train": {"lr": "fast"}}, [], "train.lr", "must be a number"),
-    ("literal out of choices", {"model": {"ul2": {"feed_forward": "relu"}}}, [],
-     "model.ul2.feed_forward", "'gated-gelu', 'gated-silu'"),
-    ("zero stage out of range", {"parallel": {"zero_stage": 4}}, [], "parallel.zero_stage",
-     "one of 0, 1, 2, 3"),
-    ("micro batch does not divide global", {"train": {"global_batch_size": 10,
-                                                      "micro_batch_size": 4}}, [],
-     "train.micro_batch_size", "does not divide global_batch_size=10"),
-    ("warmup longer than training", {"train": {"steps": 10, "warmup_steps": 20}}, [],
-     "train.warmup_steps", "exceeds steps=10"),
-    ("beta out of range", {"train": {"adam_betas": [0.9, 1.5]}}, [], "train.adam_betas",
-     "[0, 1)"),
-    ("wrong tuple length", {"train": {"adam_betas": [0.9]}}, [], "train.adam_betas",
-     "must have 2 items"),
-    ("text heads do not divide width", {"model": {"text": {"width": 30, "num_heads": 4}}}, [],
-     "model.text.num_heads", "does not divide width=30"),
-    ("pad id outside vocabulary", {"model": {"ul2": {"vocab_size": 100, "pad_id": 100}}}, [],
-     "model.ul2.pad_id", "[0, vocab_size=100)"),
-    ("tensor parallel does not divide heads", {"parallel": {"tensor_parallel_size": 3}}, [],
-     "model.ul2.num_heads", "not divisible by parallel.tensor_parallel_size=3"),
+    (
+        "literal out of choices",
+        {"model": {"ul2": {"feed_forward": "relu"}}},
+        [],
+        "model.ul2.feed_forward",
+        "'gated-gelu', 'gated-silu'",
+    ),
+    (
+        "zero stage out of range",
+        {"parallel": {"zero_stage": 4}},
+        [],
+        "parallel.zero_stage",
+        "one of 0, 1, 2, 3",
+    ),
+    (
+        "micro batch does not divide global",
+        {"train": {"global_batch_size": 10, "micro_batch_size": 4}},
+        [],
+        "train.micro_batch_size",
+        "does not divide global_batch_size=10",
+    ),
+    (
+        "warmup longer than training",
+        {"train": {"steps": 10, "warmup_steps": 20}},
+        [],
+        "train.warmup_steps",
+        "exceeds steps=10",
+    ),
+    ("beta out of range", {"train": {"adam_betas": [0.9, 1.5]}}, [], "train.adam_betas", "[0, 1)"),
+    (
+        "wrong tuple length",
+        {"train": {"adam_betas": [0.9]}},
+        [],
+        "train.adam_betas",
+        "must have 2 items",
+    ),
+    (
+        "text heads do not divide width",
+        {"model": {"text": {"width": 30, "num_heads": 4}}},
+        [],
+        "model.text.num_heads",
+        "does not divide width=30",
+    ),
+    (
+        "pad id outside vocabulary",
+        {"model": {"ul2": {"vocab_size": 100, "pad_id": 100}}},
+        [],
+        "model.ul2.pad_id",
+        "[0, vocab_size=100)",
+    ),
+    (
+        "tensor parallel does not divide heads",
+        {"parallel": {"tensor_parallel_size": 3}},
+        [],
+        "model.ul2.num_heads",
+        "not divisible by parallel.tensor_parallel_size=3",
+    ),
     ("zero sized layer", {"model": {"ul2": {"d_ff": 0}}}, [], "model.ul2.d_ff", "must be > 0"),
 ]
 
@@ -116,11 +202,14 @@ def test_the_error_names_the_included_file_the_bad_value_came_from(tmp_path):
     assert info.value.source == str(model.resolve())
 
 
-@pytest.mark.parametrize("override,field,words", [
-    ("model.vit.depht=3", "model.vit.depht", "did you mean 'depth'"),
-    ("train.lr=-1", "train.lr", "must be > 0"),
-    ("model.vit=3", "model.vit", "must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "override,field,words",
+    [
+        ("model.vit.depht=3", "model.vit.depht", "did you mean 'depth'"),
+        ("train.lr=-1", "train.lr", "must be > 0"),
+        ("model.vit=3", "model.vit", "must be a mapping"),
+    ],
+)
 def test_bad_override_names_the_override(tmp_path, override, field, words):
     path = _write(tmp_path, "ok.yaml", {})
     with pytest.raises(ConfigError) as info:
@@ -129,12 +218,15 @@ def test_bad_override_names_the_override(tmp_path, override, field, words):
     assert info.value.field_path == field and words in str(info.value)
 
 
-@pytest.mark.parametrize("contents,words", [
-    ("model: [unclosed", "invalid YAML"),
-    ("- a\n- b\n", "top level must be a mapping"),
-    ("include: [missing.yaml]\n", "no such config file"),
-    ("include: [self.yaml]\n", "include cycle"),
-])
+@pytest.mark.parametrize(
+    "contents,words",
+    [
+        ("model: [unclosed", "invalid YAML"),
+        ("- a\n- b\n", "top level must be a mapping"),
+        ("include: [missing.yaml]\n", "no such config file"),
+        ("include: [self.yaml]\n", "include cycle"),
+    ],
+)
 def test_unreadable_files_are_refused(tmp_path, contents, words):
     path = _write(tmp_path, "self.yaml", contents)
     with pytest.raises(ConfigError, match=words.replace("[", r"\[")):

@@ -23,7 +23,7 @@ def _inputs(cfg, batch=4, length=7, seed=0):
     g = torch.Generator().manual_seed(seed)
     inputs = torch.randint(2, cfg.vocab_size, (batch, length), generator=g)
     for row in range(1, batch):
-        inputs[row, length - row:] = cfg.pad_id  # different prompt lengths in one batch
+        inputs[row, length - row :] = cfg.pad_id  # different prompt lengths in one batch
     return inputs
 
 
@@ -40,8 +40,14 @@ def test_greedy_matches_huggingface_generate(feed_forward):
     ours = beam_search(model, memory, mask, max_len=12, beam_size=1).tokens
     # HF's own cache is sized by the encoder's depth and breaks when the decoder is deeper
     # (transformers 5.23), so the reference decodes without a cache.
-    reference = hf.generate(input_ids=inputs, attention_mask=mask.long(), max_new_tokens=12,
-                            do_sample=False, num_beams=1, use_cache=False)[:, 1:]
+    reference = hf.generate(
+        input_ids=inputs,
+        attention_mask=mask.long(),
+        max_new_tokens=12,
+        do_sample=False,
+        num_beams=1,
+        use_cache=False,
+    )[:, 1:]
     assert (reference == cfg.eos_id).any(), "the test should exercise early EOS"
     assert ours.tolist() == reference.tolist()
 
@@ -64,9 +70,9 @@ def test_batched_decoding_equals_decoding_each_example_alone():
     memory, mask = _encode(model, inputs)
     batched = beam_search(model, memory, mask, max_len=8, beam_size=2).tokens
     for row in range(len(inputs)):
-        real = inputs[row:row + 1, :int(mask[row].sum())]
+        real = inputs[row : row + 1, : int(mask[row].sum())]
         single = beam_search(model, *_encode(model, real), max_len=8, beam_size=2).tokens
-        assert batched[row, :single.shape[1]].tolist() == single[0].tolist()
+        assert batched[row, : single.shape[1]].tolist() == single[0].tolist()
 
 
 def _sequence_logprob(model: UL2, memory, mask, tokens: list[int]) -> float:
@@ -80,9 +86,17 @@ def _sequence_logprob(model: UL2, memory, mask, tokens: list[int]) -> float:
 def test_wide_beam_finds_the_most_likely_sequence_by_exhaustive_search():
     """With a beam wide enough never to prune, beam search must return the exact argmax over all
     sequences that end in EOS or reach max_len."""
-    cfg = UL2Config(vocab_size=5, d_model=16, num_heads=2, d_kv=8, d_ff=24, num_encoder_layers=1,
-                    num_decoder_layers=2, relative_attention_num_buckets=8,
-                    relative_attention_max_distance=16)
+    cfg = UL2Config(
+        vocab_size=5,
+        d_model=16,
+        num_heads=2,
+        d_kv=8,
+        d_ff=24,
+        num_encoder_layers=1,
+        num_decoder_layers=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+    )
     model = UL2(cfg).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(3.0)  # peakier distributions: a wrong search would show
@@ -90,17 +104,18 @@ def test_wide_beam_finds_the_most_likely_sequence_by_exhaustive_search():
     max_len = 3
     candidates = []
     for length in range(1, max_len + 1):
-        for body in itertools.product([t for t in range(cfg.vocab_size) if t != cfg.eos_id],
-                                      repeat=length - 1):
+        for body in itertools.product(
+            [t for t in range(cfg.vocab_size) if t != cfg.eos_id], repeat=length - 1
+        ):
             candidates.append(list(body) + [cfg.eos_id])
             if length == max_len:
                 candidates += [list(body) + [t] for t in range(cfg.vocab_size) if t != cfg.eos_id]
     scored = [(_sequence_logprob(model, memory, mask, c), c) for c in candidates]
     best_score, best = max(scored)
 
-    result = beam_search(model, memory, mask, max_len=max_len, beam_size=cfg.vocab_size ** max_len)
+    result = beam_search(model, memory, mask, max_len=max_len, beam_size=cfg.vocab_size**max_len)
     found = result.tokens[0].tolist()
-    found = found[:found.index(cfg.eos_id) + 1] if cfg.eos_id in found else found
+    found = found[: found.index(cfg.eos_id) + 1] if cfg.eos_id in found else found
     assert found == best
     assert abs(result.scores.item() - best_score) < 1e-5
 

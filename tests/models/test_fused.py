@@ -44,7 +44,7 @@ def test_rms_norm_equals_t5s_formula():
 def test_gated_activation_equals_the_formula(kind):
     gate, up = torch.randn(5, 9), torch.randn(5, 9)
     if kind == "gated-gelu":
-        act = 0.5 * gate * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (gate + 0.044715 * gate ** 3)))
+        act = 0.5 * gate * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (gate + 0.044715 * gate**3)))
     else:
         act = gate * torch.sigmoid(gate)
     torch.testing.assert_close(fused.gated_activation(gate, up, kind), act * up)
@@ -55,12 +55,16 @@ def test_unknown_activation_is_refused():
         fused.gated_activation(torch.ones(1), torch.ones(1), "relu")
 
 
-@pytest.mark.skipif(fused._APEX is None or not torch.cuda.is_available(),
-                    reason="NVIDIA apex and a CUDA device are needed for the fused path")
+@pytest.mark.skipif(
+    fused._APEX is None or not torch.cuda.is_available(),
+    reason="NVIDIA apex and a CUDA device are needed for the fused path",
+)
 def test_apex_and_pytorch_paths_agree_on_gpu():
     x, w, b = _inputs("cuda")
     assert fused.norm_backend(x) == "apex"
-    torch.testing.assert_close(fused.layer_norm(x, w, b, 1e-6),
-                               torch.nn.functional.layer_norm(x, (32,), w, b, 1e-6))
-    torch.testing.assert_close(fused.rms_norm(x, w, 1e-6),
-                               torch.nn.functional.rms_norm(x, (32,), w, 1e-6))
+    torch.testing.assert_close(
+        fused.layer_norm(x, w, b, 1e-6), torch.nn.functional.layer_norm(x, (32,), w, b, 1e-6)
+    )
+    torch.testing.assert_close(
+        fused.rms_norm(x, w, 1e-6), torch.nn.functional.rms_norm(x, (32,), w, 1e-6)
+    )

@@ -17,8 +17,11 @@ def models():
     hf_vision, hf_text = hf_siglip(), hf_t5(cfg.ul2)
     model = PaLI3(cfg).eval()
     missing, unexpected = model.load_state_dict(
-        pali3_from_towers(siglip_from_hf(hf_vision.state_dict()), ul2_from_hf(hf_text.state_dict())),
-        strict=False)
+        pali3_from_towers(
+            siglip_from_hf(hf_vision.state_dict()), ul2_from_hf(hf_text.state_dict())
+        ),
+        strict=False,
+    )
     assert sorted(missing) == sorted(NEW_IN_PALI3) and not unexpected
     return cfg, hf_vision, hf_text, model
 
@@ -42,8 +45,9 @@ def test_loss_and_logits_match_huggingface_composition(models):
         visual = hf_vision.vision_model(pixel_values=images).last_hidden_state @ w.T + b
         embeds = torch.cat([visual, hf_text.shared(prompt)], dim=1)
         mask = torch.cat([torch.ones(visual.shape[:2], dtype=torch.long), prompt_mask.long()], 1)
-        reference = hf_text(inputs_embeds=embeds, attention_mask=mask,
-                            labels=target.masked_fill(~target_mask, -100))
+        reference = hf_text(
+            inputs_embeds=embeds, attention_mask=mask, labels=target.masked_fill(~target_mask, -100)
+        )
         ours = model(images, prompt, prompt_mask, target, target_mask)
     torch.testing.assert_close(ours.logits, reference.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours.loss, reference.loss, atol=1e-5, rtol=1e-5)
@@ -55,8 +59,8 @@ def test_visual_tokens_come_before_the_prompt(models):
     with torch.no_grad():
         _, mask = model.encode(images, prompt, prompt_mask)
     assert mask.shape == (3, VIT.num_patches + prompt.shape[1])
-    assert mask[:, :VIT.num_patches].all()
-    assert torch.equal(mask[:, VIT.num_patches:], prompt_mask)
+    assert mask[:, : VIT.num_patches].all()
+    assert torch.equal(mask[:, VIT.num_patches :], prompt_mask)
 
 
 def test_padding_neither_in_prompt_nor_target_changes_the_loss(models):
@@ -65,8 +69,13 @@ def test_padding_neither_in_prompt_nor_target_changes_the_loss(models):
     pad = torch.full((3, 3), cfg.ul2.pad_id)
     with torch.no_grad():
         base = model(images, prompt, prompt_mask, target, target_mask).loss
-        longer = model(images, torch.cat([prompt, pad], 1), torch.cat([prompt_mask, pad != pad], 1),
-                       torch.cat([target, pad], 1), torch.cat([target_mask, pad != pad], 1)).loss
+        longer = model(
+            images,
+            torch.cat([prompt, pad], 1),
+            torch.cat([prompt_mask, pad != pad], 1),
+            torch.cat([target, pad], 1),
+            torch.cat([target_mask, pad != pad], 1),
+        ).loss
     torch.testing.assert_close(base, longer, atol=1e-5, rtol=1e-5)
 
 
@@ -75,6 +84,7 @@ def test_generation_is_the_same_with_and_without_cache(models, beam_size):
     cfg, _, _, model = models
     images, prompt, prompt_mask, _, _ = _batch(cfg)
     cached = model.generate(images, prompt, prompt_mask, max_len=6, beam_size=beam_size)
-    uncached = model.generate(images, prompt, prompt_mask, max_len=6, beam_size=beam_size,
-                              use_cache=False)
+    uncached = model.generate(
+        images, prompt, prompt_mask, max_len=6, beam_size=beam_size, use_cache=False
+    )
     assert torch.equal(cached, uncached)

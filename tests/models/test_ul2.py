@@ -16,7 +16,7 @@ def _batch(cfg, lengths=(9, 5, 7), target_lengths=(6, 3, 5)):
     targets = torch.full((len(target_lengths), max(target_lengths)), cfg.pad_id)
     for row, (n, m) in enumerate(zip(lengths, target_lengths)):
         inputs[row, :n] = torch.randint(2, cfg.vocab_size, (n,))
-        targets[row, :m - 1] = torch.randint(2, cfg.vocab_size, (m - 1,))
+        targets[row, : m - 1] = torch.randint(2, cfg.vocab_size, (m - 1,))
         targets[row, m - 1] = cfg.eos_id
     return inputs, inputs != cfg.pad_id, targets, targets != cfg.pad_id
 
@@ -33,8 +33,9 @@ def test_logits_and_loss_match_huggingface(feed_forward):
         reference = hf(input_ids=inputs, attention_mask=input_mask.long(), labels=labels)
         logits = ours(inputs, input_mask, shift_right(targets, cfg.pad_id))
     torch.testing.assert_close(logits, reference.logits, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(token_cross_entropy(logits, targets, target_mask), reference.loss,
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        token_cross_entropy(logits, targets, target_mask), reference.loss, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_encoder_output_ignores_padding():
@@ -46,8 +47,12 @@ def test_encoder_output_ignores_padding():
     padded_mask = torch.cat([mask, torch.zeros(3, 4, dtype=torch.bool)], dim=1)
     decoder_in = shift_right(targets, cfg.pad_id)
     with torch.no_grad():
-        torch.testing.assert_close(model(inputs, mask, decoder_in),
-                                   model(padded, padded_mask, decoder_in), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            model(inputs, mask, decoder_in),
+            model(padded, padded_mask, decoder_in),
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
 
 def test_decoder_is_causal():
@@ -66,6 +71,7 @@ def test_decoder_is_causal():
 def _reference_bucket(rel: int, bidirectional: bool, num_buckets: int, max_distance: int) -> int:
     """T5's bucketing written out for one scalar, as the paper describes it."""
     import math
+
     bucket = 0
     if bidirectional:
         num_buckets //= 2
@@ -76,7 +82,9 @@ def _reference_bucket(rel: int, bidirectional: bool, num_buckets: int, max_dista
     exact = num_buckets // 2
     if n < exact:
         return bucket + n
-    large = exact + int(math.log(n / exact) / math.log(max_distance / exact) * (num_buckets - exact))
+    large = exact + int(
+        math.log(n / exact) / math.log(max_distance / exact) * (num_buckets - exact)
+    )
     return bucket + min(large, num_buckets - 1)
 
 

@@ -40,7 +40,7 @@ def test_map_head_pools_each_image_independently():
     tokens = torch.randn(4, VIT.num_patches, VIT.width)
     with torch.no_grad():
         batched = head(tokens)
-        single = torch.cat([head(tokens[i:i + 1]) for i in range(4)])
+        single = torch.cat([head(tokens[i : i + 1]) for i in range(4)])
     torch.testing.assert_close(batched, single, atol=1e-6, rtol=1e-6)
 
 
@@ -55,8 +55,9 @@ def test_resampling_a_linear_ramp_stays_linear(old_grid, new_grid):
     out as the same ramp evaluated at the new cell centres (clamped at the outer half cell,
     where bilinear interpolation has no neighbour to extrapolate from)."""
     a, b, c = 0.5, 2.0, -3.0
-    rows, cols = torch.meshgrid(torch.arange(old_grid.__float__()),
-                                torch.arange(old_grid.__float__()), indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(old_grid.__float__()), torch.arange(old_grid.__float__()), indexing="ij"
+    )
     ramp = (a + b * rows + c * cols).reshape(-1, 1).repeat(1, 2)
     out = resample_posemb(ramp.double(), new_grid)
 
