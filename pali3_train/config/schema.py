@@ -160,16 +160,68 @@ class ModelConfig:
 # ------------------------------------------------------------------------------------------ data
 
 
+TaskName = Literal["caption", "alt_text", "split_caption", "vqa", "ocr"]
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One entry of the task mixture: shards read with one task's prompt format.
+
+    ``shards`` is anything webdataset opens: a path, a brace pattern
+    (``shards-{000000..000127}.tar``) or a ``pipe:`` command that streams a tar (``pipe:aws s3 cp
+    s3://bucket/shard-000000.tar -``). ``prompt`` overrides the task's default template.
+    """
+
+    name: str
+    shards: str
+    task: TaskName
+    weight: float = 1.0
+    languages: tuple[str, ...] = ("en",)
+    prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        require(bool(self.name.strip()), "name", "must not be empty")
+        require(bool(self.shards.strip()), "shards", "must not be empty")
+        require(self.weight >= 0, "weight", f"must be >= 0, got {self.weight}")
+        require(len(self.languages) > 0, "languages", "must list at least one language")
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    """Tokenisation limits; the image resolution is model.vit.image_size_px."""
+    """The task mixture and how it is read; the image resolution is model.vit.image_size_px, so a
+    stage that raises the resolution changes only the model section."""
 
     tokenizer_path: str | None = None
     max_prompt_tokens: int = 64
     max_target_tokens: int = 64
+    sources: tuple[SourceConfig, ...] = ()
+    # Shards each DataLoader worker reads at once per source, drawing samples from them in turn:
+    # mixes samples within a source without a shuffle buffer, which could not be resumed exactly.
+    open_shards_per_source: int = 2
+    num_workers: int = 2
+    # Stop when more than this fraction of the samples a worker has read were unusable (checked
+    # once the worker has read ``skip_check_min_samples``), naming the shard with most skips.
+    max_skip_fraction: float = 0.05
+    skip_check_min_samples: int = 200
 
     def __post_init__(self) -> None:
-        _positive(self, "max_prompt_tokens", "max_target_tokens")
+        _positive(self, "max_prompt_tokens", "max_target_tokens", "open_shards_per_source")
+        _positive(self, "skip_check_min_samples")
+        require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        require(
+            0 <= self.max_skip_fraction <= 1,
+            "max_skip_fraction",
+            f"must be in [0, 1], got {self.max_skip_fraction}",
+        )
+        names = [s.name for s in self.sources]
+        for i, name in enumerate(names):
+            require(names.index(name) == i, f"sources[{i}].name", f"duplicate source {name!r}")
+        if self.sources:
+            require(
+                sum(s.weight for s in self.sources) > 0,
+                "sources",
+                "the total weight is 0: give at least one source a positive weight",
+            )
 
 
 # ------------------------------------------------------------------------------------- training

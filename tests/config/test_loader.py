@@ -180,6 +180,48 @@ BAD = [
         "not divisible by parallel.tensor_parallel_size=3",
     ),
     ("zero sized layer", {"model": {"ul2": {"d_ff": 0}}}, [], "model.ul2.d_ff", "must be > 0"),
+    (
+        "unknown task in the mixture",
+        {"data": {"sources": [{"name": "a", "shards": "a.tar", "task": "captioning"}]}},
+        [],
+        "data.sources[0].task",
+        "'caption', 'alt_text'",
+    ),
+    (
+        "mixture with zero total weight",
+        {"data": {"sources": [{"name": "a", "shards": "a.tar", "task": "ocr", "weight": 0}]}},
+        [],
+        "data.sources",
+        "total weight is 0",
+    ),
+    (
+        "source without shards",
+        {"data": {"sources": [{"name": "a", "task": "ocr"}]}},
+        [],
+        "data.sources[0].shards",
+        "missing (required)",
+    ),
+    (
+        "negative source weight",
+        {"data": {"sources": [{"name": "a", "shards": "a", "task": "vqa", "weight": -1}]}},
+        [],
+        "data.sources[0].weight",
+        "must be >= 0",
+    ),
+    (
+        "duplicate source names",
+        {
+            "data": {
+                "sources": [
+                    {"name": "a", "shards": "a.tar", "task": "vqa"},
+                    {"name": "a", "shards": "b.tar", "task": "ocr"},
+                ]
+            }
+        },
+        [],
+        "data.sources[1].name",
+        "duplicate source 'a'",
+    ),
 ]
 
 

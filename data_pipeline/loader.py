@@ -1,0 +1,130 @@
+"""The data pipeline a trainer holds: the mixture checked and resolved, read by DataLoader
+workers, with a state that a checkpoint can store and a run can resume from exactly.
+
+    pipeline = DataPipeline(cfg, dp_rank, dp_size, batch_size=8, mode="train")
+    for batch in pipeline: ...
+    checkpoint["data"] = pipeline.state_dict()      # plain JSON-able dict
+    pipeline.load_state_dict(checkpoint["data"])    # before iterating again
+
+Ranks that share a tensor-parallel group must see the same data: pass the *data-parallel* rank.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Iterator
+
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from data_pipeline import shards
+from data_pipeline.health import Health, total
+from data_pipeline.mixture import MixtureDataset, Mode, ResolvedSource
+from data_pipeline.tasks import template_error
+from data_pipeline.transforms import Batch
+from pali3_train.config import Config, ConfigError
+from pali3_train.config.schema import DataConfig
+
+# torchdata 0.11 calls a torch API that torch 2.13 deprecates; nothing for us to act on.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+
+
+def resolve_sources(data: DataConfig, where: str = "config") -> tuple[ResolvedSource, ...]:
+    """Expand every source's shard pattern and check what can be checked before training:
+    local shards exist, prompt templates fit their task, a tokenizer is named. Errors name the
+    field (``data.sources[2].shards``); ``where`` names the file they came from."""
+    if not data.sources:
+        raise ConfigError(where, "data.sources", "the mixture has no sources")
+    if not data.tokenizer_path:
+        raise ConfigError(where, "data.tokenizer_path", "must name a SentencePiece model")
+    resolved = []
+    for i, source in enumerate(data.sources):
+        urls = shards.expand(source.shards)
+        missing = shards.missing_local_shards(urls)
+        if missing:
+            what = "matches no file" if len(missing) == len(urls) else "has missing shards"
+            shown = ", ".join(missing[:3]) + (
+                f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            )
+            raise ConfigError(
+                where, f"data.sources[{i}].shards", f"{source.shards!r} {what}: {shown}"
+            )
+        if source.prompt is not None and (problem := template_error(source.task, source.prompt)):
+            raise ConfigError(where, f"data.sources[{i}].prompt", problem)
+        resolved.append(ResolvedSource(source, tuple(urls)))
+    return tuple(resolved)
+
+
+def _identity(batch: Batch) -> Batch:
+    return batch  # batches are assembled in the workers
+
+
+@dataclass
+class PipelineStats:
+    served: dict[str, int]  # source -> samples
+    skipped: dict[str, int]  # "source/reason" -> samples
+
+    @property
+    def samples(self) -> int:
+        return sum(self.served.values())
+
+
+class DataPipeline:
+    """The batches of one data-parallel rank: infinite and reshuffled each epoch in ``train``
+    mode; one pass in which every sample appears exactly once across ranks in ``epoch`` mode."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        dp_rank: int,
+        dp_size: int,
+        batch_size: int,
+        mode: Mode = "train",
+        pin_memory: bool = False,
+        where: str = "config",
+    ):
+        data = cfg.data
+        self.dataset = MixtureDataset(
+            sources=resolve_sources(data, where),
+            tokenizer_path=data.tokenizer_path,
+            image_size_px=cfg.model.vit.image_size_px,
+            max_prompt_tokens=data.max_prompt_tokens,
+            max_target_tokens=data.max_target_tokens,
+            batch_size=batch_size,
+            rank=dp_rank,
+            world_size=dp_size,
+            seed=cfg.train.seed,
+            mode=mode,
+            open_shards_per_source=data.open_shards_per_source,
+            max_skip_fraction=data.max_skip_fraction,
+            skip_check_min_samples=data.skip_check_min_samples,
+        )
+        self.loader = StatefulDataLoader(
+            self.dataset,
+            batch_size=None,
+            collate_fn=_identity,
+            num_workers=data.num_workers,
+            pin_memory=pin_memory,
+            prefetch_factor=2 if data.num_workers else None,
+        )
+        self._health: dict[int, dict] = {}  # global worker index -> its latest counters
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self.loader:
+            self._health[batch.worker] = batch.health
+            yield batch
+
+    def stats(self) -> PipelineStats:
+        """Samples served and skipped by this rank's workers up to the last batch consumed."""
+        health: Health = total(list(self._health.values()))
+        return PipelineStats(dict(health.served), dict(health.skipped))
+
+    def state_dict(self) -> dict:
+        return {
+            "loader": self.loader.state_dict(),
+            "health": {str(k): v for k, v in self._health.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state["loader"])
+        self._health = {int(k): v for k, v in state["health"].items()}

@@ -1,0 +1,99 @@
+"""From raw shard bytes to model inputs: image decode and resize, tokenisation, batching.
+
+Images leave the workers as uint8 and are normalised by ``normalize_images`` where the batch is
+consumed (on the accelerator): a quarter of the bytes through the worker queues, and the
+arithmetic runs where it is cheapest.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, fields, replace
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pali3_train.tokenizer import Tokenizer
+
+IMAGE_FIELDS = ("jpg", "jpeg", "png")
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str
+    source: str
+    image: torch.Tensor  # uint8 [3, S, S]
+    prompt: str
+    target: str
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch of one data-parallel rank. ``health`` is the producing worker's counters after
+    this batch (see ``health.Health``), so the consumer can report them without a side channel."""
+
+    images: torch.Tensor  # uint8 [B, 3, S, S]
+    prompt: torch.Tensor  # long [B, P], PAD-padded, EOS-terminated
+    prompt_mask: torch.Tensor  # bool [B, P]
+    target: torch.Tensor  # long [B, T]
+    target_mask: torch.Tensor  # bool [B, T]
+    keys: tuple[str, ...]
+    sources: tuple[str, ...]
+    worker: int  # global worker index: rank * workers_per_rank + worker id
+    health: dict
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:  # called by DataLoader(pin_memory=True)
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, fn) -> Batch:
+        tensors = {f.name: fn(getattr(self, f.name)) for f in fields(self)}
+        return replace(self, **{k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)})
+
+
+def decode_image(data: bytes, size_px: int) -> torch.Tensor:
+    """Encoded JPEG/PNG -> uint8 [3, size_px, size_px], squashed to a square like PaLI's
+    preprocessing (no crop: text at the borders stays visible for OCR)."""
+    with Image.open(io.BytesIO(data)) as img:
+        # A JPEG decodes straight to a smaller scale when it is much larger than needed.
+        img.draft("RGB", (size_px, size_px))
+        rgb = img.convert("RGB")
+    if rgb.size != (size_px, size_px):
+        rgb = rgb.resize((size_px, size_px), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
+
+
+def normalize_images(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> [-1, 1], the range SigLIP's ViT was trained on."""
+    return images.to(dtype) / 127.5 - 1.0
+
+
+def collate(
+    samples: Sequence[Sample],
+    tokenizer: Tokenizer,
+    max_prompt_tokens: int,
+    max_target_tokens: int,
+    worker: int,
+    health: dict,
+) -> Batch:
+    """Stack images and tokenise to fixed lengths, so every step has the same shapes."""
+    prompt, prompt_mask = tokenizer.batch_encode([s.prompt for s in samples], max_prompt_tokens)
+    target, target_mask = tokenizer.batch_encode([s.target for s in samples], max_target_tokens)
+    return Batch(
+        images=torch.stack([s.image for s in samples]),
+        prompt=prompt,
+        prompt_mask=prompt_mask,
+        target=target,
+        target_mask=target_mask,
+        keys=tuple(s.key for s in samples),
+        sources=tuple(s.source for s in samples),
+        worker=worker,
+        health=health,
+    )

@@ -1,0 +1,199 @@
+"""Turn a source of image-text examples into WebDataset tar shards plus a manifest.
+
+A source is either a folder of images with a JSONL of records, or a generator function
+(``module:function``) that yields ``Example`` objects. Each sample in a shard is
+``<key>.jpg`` or ``<key>.png`` (the original encoded bytes, never re-encoded) and ``<key>.json``
+(the record: one field per task, each keyed by language; see ``data_pipeline/tasks.py``).
+
+    python -m data_pipeline.write_shards --images photos/ --records records.jsonl \\
+        --out shards/photos --name photos --tasks caption,vqa --languages en,de
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import json
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Literal
+
+import webdataset as wds
+from PIL import Image
+
+from data_pipeline.manifest import Manifest, ShardInfo, file_sha256
+
+# webdataset splits a member name at its first dot into key and field, so keys must be dot-free.
+KEY_PATTERN = re.compile(r"^[\w-]+$")
+IMAGE_FORMATS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
+
+
+@dataclass(frozen=True)
+class Example:
+    key: str
+    image: bytes  # encoded JPEG or PNG
+    image_format: Literal["jpg", "png"]
+    record: dict  # task fields, e.g. {"caption": {"en": "a red square"}}
+
+
+def write_source(
+    examples: Iterable[Example],
+    out_dir: str | Path,
+    name: str,
+    tasks: Iterable[str],
+    languages: Iterable[str],
+    max_samples_per_shard: int = 10_000,
+    max_bytes_per_shard: float = 1e9,
+    tokenizer: str | None = None,
+) -> Manifest:
+    """Write ``examples`` as ``<out_dir>/<name>-NNNNNN.tar`` and ``<out_dir>/manifest.json``.
+
+    An example whose image does not decode is left out and counted in the manifest's
+    ``skipped``; a malformed or repeated key is an error, because keys are how samples are
+    traced (and deduplicated) across a training run.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob(f"{name}-*.tar"):
+        old.unlink()  # a shorter rewrite must not leave stale shards matching the pattern
+    shards: list[ShardInfo] = []
+    skipped: Counter[str] = Counter()
+    seen: set[str] = set()
+
+    def shard_done(path: str) -> None:
+        shards.append(
+            ShardInfo(Path(path).name, writer.count, Path(path).stat().st_size, file_sha256(path))
+        )
+
+    writer = wds.ShardWriter(
+        str(out_dir / f"{name}-%06d.tar"),
+        maxcount=max_samples_per_shard,
+        maxsize=max_bytes_per_shard,
+        post=shard_done,
+        verbose=0,
+    )
+    with writer:
+        for example in examples:
+            _check_key(example.key, seen)
+            if not _decodes(example.image):
+                skipped["corrupt_image"] += 1
+                print(f"{name}: skipping {example.key}: image does not decode", file=sys.stderr)
+                continue
+            writer.write(
+                {
+                    "__key__": example.key,
+                    example.image_format: example.image,
+                    "json": example.record,
+                }
+            )
+    last = len(shards) - 1
+    manifest = Manifest(
+        source=name,
+        tasks=tuple(tasks),
+        languages=tuple(languages),
+        shards=tuple(shards),
+        pattern=f"{name}-{{000000..{last:06d}}}.tar" if last > 0 else f"{name}-000000.tar",
+        skipped=dict(skipped),
+        tokenizer=tokenizer,
+    )
+    manifest.write(out_dir)
+    return manifest
+
+
+def _check_key(key: str, seen: set[str]) -> None:
+    if not KEY_PATTERN.match(key):
+        raise ValueError(f"sample key {key!r}: use letters, digits, '_' and '-' only")
+    if key in seen:
+        raise ValueError(f"sample key {key!r} appears twice")
+    seen.add(key)
+
+
+def _decodes(image: bytes) -> bool:
+    try:
+        with Image.open(io.BytesIO(image)) as img:
+            img.verify()
+        return True
+    except Exception:  # PIL raises many types for bad data
+        return False
+
+
+def examples_from_folder(images: str | Path, records: str | Path) -> Iterator[Example]:
+    """One example per JSONL line: ``{"image": "<path under images>", "key": optional, ...task
+    fields}``. Without ``key`` the image path (slashes and dots made '_') is the key, so a
+    rewrite of the same folder gives the same keys."""
+    images, records = Path(images), Path(records)
+    with open(records, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"{records}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: invalid JSON ({exc.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("image"), str):
+                raise ValueError(f'{where}: each line needs an "image" path')
+            path = images / record.pop("image")
+            image_format = IMAGE_FORMATS.get(path.suffix.lower())
+            if image_format is None:
+                raise ValueError(f"{where}: {path}: only .jpg, .jpeg and .png images are supported")
+            if not path.is_file():
+                raise ValueError(f"{where}: {path}: no such image")
+            key = record.pop("key", None) or re.sub(r"[^\w-]", "_", str(path.relative_to(images)))
+            yield Example(key, path.read_bytes(), image_format, record)
+
+
+def _generator(spec: str) -> Callable[..., Iterable[Example]]:
+    module, _, function = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError) as exc:
+        raise SystemExit(f"error: --generator {spec}: {exc}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--records", help="JSONL of records (with --images)")
+    source.add_argument("--generator", help="module:function yielding Example objects")
+    parser.add_argument("--images", help="folder the records' image paths are relative to")
+    parser.add_argument("--count", type=int, default=1000, help="examples to take from --generator")
+    parser.add_argument("--seed", type=int, default=0, help="seed for --generator")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--name", required=True, help="source name (shard file prefix)")
+    parser.add_argument("--tasks", required=True, help="comma-separated tasks the records serve")
+    parser.add_argument("--languages", default="en", help="comma-separated language codes")
+    parser.add_argument("--max-samples-per-shard", type=int, default=10_000)
+    parser.add_argument("--max-bytes-per-shard", type=float, default=1e9)
+    args = parser.parse_args(argv)
+
+    if args.records:
+        if not args.images:
+            parser.error("--records needs --images")
+        examples = examples_from_folder(args.images, args.records)
+    else:
+        examples = _generator(args.generator)(count=args.count, seed=args.seed)
+    try:
+        manifest = write_source(
+            examples,
+            args.out,
+            args.name,
+            args.tasks.split(","),
+            args.languages.split(","),
+            args.max_samples_per_shard,
+            args.max_bytes_per_shard,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(
+        f"wrote {manifest.samples} samples in {len(manifest.shards)} shards to {args.out} "
+        f"(pattern {manifest.pattern}; skipped {manifest.skipped or 'none'})"
+    )
+
+
+if __name__ == "__main__":
+    main()
