@@ -12,10 +12,11 @@ import itertools
 from pathlib import Path
 from typing import Callable, Iterator
 
-import webdataset as wds
+from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
-# (url, message) for an error that ended or interrupted reading a shard
+# (url, message): reading the shard failed somewhere
 ErrorCallback = Callable[[str, str], None]
 
 
@@ -34,19 +35,60 @@ def missing_local_shards(urls: list[str]) -> list[str]:
 
 
 def read_shard(url: str, skip: int, on_error: ErrorCallback) -> Iterator[dict]:
-    """Raw samples (``{"__key__", "__url__", "<field>": bytes}``) of one shard, starting after
-    the first ``skip`` samples. A missing or truncated shard yields what it can and reports the
-    error instead of raising; errors while skipping were reported when those samples were first
-    read, so they are not reported again."""
-    skipping = [skip > 0]
+    """Raw samples (``{"__key__", "__url__", "<field>": bytes}``) of one shard, from sample
+    ``skip`` on.
+
+    A shard that cannot be opened, breaks off, or ends without tar's end-of-archive blocks (a
+    cut download, which tar readers otherwise take for a normal end) yields what it can and is
+    reported once, when it is exhausted. Reporting at the end makes the count the same whether
+    or not a run was interrupted and resumed inside the shard.
+    """
+    problems: list[str] = []
 
     def handler(exc: Exception) -> bool:
-        if not skipping[0]:
-            on_error(url, f"{type(exc).__name__}: {exc.args[0] if exc.args else exc}")
+        problems.append(f"{type(exc).__name__}: {exc.args[0] if exc.args else exc}")
         return True  # keep going: the caller decides when there is too much damage
 
-    samples = wds.tariterators.tarfile_samples([{"url": url}], handler=handler)
-    for _ in itertools.islice(samples, skip):
-        pass
-    skipping[0] = False
-    yield from samples
+    try:
+        stream = _TailRecorder(gopen(url), url)
+    except Exception as exc:  # gopen raises OSError, ValueError, ... depending on the scheme
+        on_error(url, f"cannot open: {exc}")
+        return
+    try:
+        files = tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+        yield from itertools.islice(group_by_keys(files, handler=handler), skip, None)
+        if not problems and not stream.ends_like_a_tar():
+            problems.append("truncated: no end-of-archive marker")
+    finally:
+        try:
+            stream.close()  # a pipe: command that failed raises here
+        except Exception as exc:
+            problems.append(f"{type(exc).__name__}: {exc}")
+    if problems:
+        on_error(url, "; ".join(problems[:3]))
+
+
+class _TailRecorder:
+    """A read-only stream that remembers its last bytes, to check the tar ended properly."""
+
+    END_OF_ARCHIVE = bytes(1024)  # two zero blocks
+
+    def __init__(self, stream, url: str):
+        self.stream, self.url = stream, url
+        self.tail = b""
+
+    def __str__(self) -> str:  # webdataset puts the stream in its error messages
+        return self.url
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.stream.read(size)
+        self.tail = (self.tail + chunk)[-len(self.END_OF_ARCHIVE) :]
+        return chunk
+
+    def ends_like_a_tar(self) -> bool:
+        while self.read(1 << 16):  # tar stops reading at the first zero block
+            pass
+        return self.tail == self.END_OF_ARCHIVE
+
+    def close(self) -> None:
+        self.stream.close()

@@ -29,8 +29,9 @@ def _keys(pipeline: DataPipeline, batches: int | None = None) -> list[str]:
 
 
 def _epoch_on_rank(rank: int, world: int, port: int, corpus, workers: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     try:
         pipeline = DataPipeline(corpus.config(num_workers=workers), rank, world, 4, mode="epoch")
         keys = _keys(pipeline)
@@ -53,8 +54,12 @@ def test_an_epoch_serves_every_sample_exactly_once_across_ranks_and_workers(
     corpus, tmp_path, world, workers
 ):
     out = tmp_path / "keys.json"
-    mp.start_processes(_epoch_on_rank, (world, _free_port(), corpus, workers, str(out)),
-                       nprocs=world, start_method="fork")
+    mp.start_processes(
+        _epoch_on_rank,
+        (world, _free_port(), corpus, workers, str(out)),
+        nprocs=world,
+        start_method="fork",
+    )
     per_rank = json.loads(out.read_text())
     everything = [k for keys in per_rank for k in keys]
     assert all(per_rank), "every rank got data"

@@ -1,0 +1,91 @@
+"""A small three-source corpus of real shards for the data pipeline tests.
+
+Shard counts (5, 5, 4 with uneven last shards) are chosen not to divide the 2x2 and 3x1
+rank x worker layouts the tests use, so that exactly-once is tested where it is hard.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from data_pipeline.manifest import Manifest
+from data_pipeline.write_shards import Example, write_source
+from pali3_train.config import Config, config_from_dict
+from pali3_train.tokenizer import train_tokenizer
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "grey": (128,) * 3}
+# name -> (samples, samples per shard)
+SOURCES = {"alpha": (23, 5), "beta": (17, 4), "gamma": (11, 3)}
+TASKS = {"alpha": "caption", "beta": "vqa", "gamma": "split_caption"}
+
+
+def example(source: str, index: int, size_px: int = 12) -> Example:
+    colour = list(COLOURS)[index % len(COLOURS)]
+    buffer = io.BytesIO()
+    Image.new("RGB", (size_px, size_px), COLOURS[colour]).save(buffer, format="PNG")
+    record = {
+        "caption": {"en": f"a {colour} square number {index}", "de": f"ein Quadrat {index}"},
+        "alt_text": {"en": f"the {colour} square {index} of {source}"},
+        "vqa": {"en": [["what colour is it?", colour], ["which number?", str(index)]]},
+    }
+    return Example(f"{source}-{index:05d}", buffer.getvalue(), "png", record)
+
+
+@dataclass(frozen=True)
+class Corpus:
+    root: Path
+    tokenizer: Path
+    manifests: dict[str, Manifest]
+
+    def keys(self) -> set[str]:
+        return {f"{name}-{i:05d}" for name, (count, _) in SOURCES.items() for i in range(count)}
+
+    def sources(self, **weights: float) -> list[dict]:
+        return [
+            {
+                "name": name,
+                "shards": str(self.root / name / m.pattern),
+                "task": TASKS[name],
+                "weight": weights.get(name, 1.0),
+                "languages": ["en", "de"],
+            }
+            for name, m in self.manifests.items()
+        ]
+
+    def config(self, sources: list[dict] | None = None, seed: int = 7, **data: object) -> Config:
+        return config_from_dict(
+            {
+                "model": {"vit": {"image_size_px": 16, "patch_size_px": 8}},
+                "data": {
+                    "tokenizer_path": str(self.tokenizer),
+                    "sources": self.sources() if sources is None else sources,
+                    "max_prompt_tokens": 12,
+                    "max_target_tokens": 12,
+                    **data,
+                },
+                "train": {"seed": seed},
+            }
+        )
+
+
+def write_corpus(root: Path) -> Corpus:
+    texts = []
+    manifests = {}
+    for name, (count, per_shard) in SOURCES.items():
+        examples = [example(name, i) for i in range(count)]
+        manifests[name] = write_source(
+            examples, root / name, name, [TASKS[name]], ["en", "de"], per_shard
+        )
+        for e in examples:
+            texts += [*e.record["caption"].values(), *e.record["alt_text"].values()]
+            texts += [text for pair in e.record["vqa"]["en"] for text in pair]
+    texts += [f"{task} in {lang}:" for task in ("Caption", "Answer") for lang in ("EN", "DE")]
+    texts += [f"Generate the alt_text in {lang} at 0:" for lang in ("EN", "DE")]
+    tokenizer = train_tokenizer(
+        texts=texts, vocab_size=200, model_type="bpe", model_path=root / "tok.model"
+    )
+    return Corpus(root, Path(tokenizer.source), manifests)

@@ -1,0 +1,102 @@
+"""Damaged shards: every kind of damage is skipped, counted by source and reason, and the run
+goes on; too much damage stops it, naming the worst shard."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+
+from data_pipeline.health import DataQualityError
+from data_pipeline.loader import DataPipeline
+from tests.data_pipeline.corpus import Corpus, example
+
+GOOD = 8  # samples per damaged shard before damage
+
+
+def _write(path: Path, samples: list[dict]) -> None:
+    with wds.TarWriter(str(path)) as tar:
+        for sample in samples:
+            tar.write(sample)
+
+
+def _good(source: str, index: int) -> dict:
+    e = example(source, index)
+    return {"__key__": e.key, "png": e.image, "json": json.dumps(e.record).encode()}
+
+
+def _truncate_before_sample(path: Path, index: int) -> None:
+    """Cut the file at the header of sample ``index``'s first member, as a broken download
+    would: tar readers see a clean end there unless they check the end-of-archive blocks."""
+    with tarfile.open(path) as tar:
+        cut = [m.offset for m in tar.getmembers() if m.name.startswith(f"cats-{index:05d}.")][0]
+    path.write_bytes(path.read_bytes()[:cut])
+
+
+@pytest.fixture
+def damaged(corpus: Corpus, tmp_path: Path) -> list[dict]:
+    """Source ``cats``: shard 0 with one of each bad-sample kind, shard 1 cut short after 5
+    samples, shard 2 intact. Source ``remote``: a pipe: shard that works and one that fails."""
+    shard0 = [_good("cats", i) for i in range(GOOD)]
+    shard0[1]["png"] = b"\x89PNG not really"  # corrupt image
+    shard0[3]["json"] = b'{"caption": '  # invalid JSON
+    shard0[5]["json"] = json.dumps({"vqa": {}}).encode()  # no caption field
+    del shard0[6]["png"]  # no image member
+    _write(tmp_path / "cats-0.tar", shard0)
+    _write(tmp_path / "cats-1.tar", [_good("cats", GOOD + i) for i in range(GOOD)])
+    _truncate_before_sample(tmp_path / "cats-1.tar", GOOD + 5)
+    _write(tmp_path / "cats-2.tar", [_good("cats", 2 * GOOD + i) for i in range(GOOD)])
+    _write(tmp_path / "remote-0.tar", [_good("remote", i) for i in range(GOOD)])
+    return [
+        {"name": "cats", "shards": str(tmp_path / "cats-{0..2}.tar"), "task": "caption"},
+        {
+            "name": "remote",
+            "shards": f"pipe:cat {tmp_path / 'remote-0.tar'}::pipe:cat {tmp_path / 'gone.tar'}",
+            "task": "caption",
+        },
+        *Corpus.sources(corpus)[:1],
+    ]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_each_kind_of_damage_is_skipped_and_counted(corpus, damaged, workers):
+    cfg = corpus.config(damaged, num_workers=workers, max_skip_fraction=0.5)
+    pipeline = DataPipeline(cfg, 0, 1, 4, mode="epoch")
+    keys = [k for batch in pipeline for k in batch.keys]
+
+    bad_in_shard0 = {f"cats-{i:05d}" for i in (1, 3, 5, 6)}
+    lost_in_shard1 = {f"cats-{i:05d}" for i in range(GOOD + 5, 2 * GOOD)}
+    cats = {f"cats-{i:05d}" for i in range(3 * GOOD)} - bad_in_shard0 - lost_in_shard1
+    alpha = {k for k in corpus.keys() if k.startswith("alpha")}
+    remote = {f"remote-{i:05d}" for i in range(GOOD)}
+    assert sorted(keys) == sorted(cats | alpha | remote), "the run went on past every damage"
+
+    stats = pipeline.stats()
+    assert stats.skipped == {
+        "cats/corrupt_image": 1,
+        "cats/invalid_json": 1,
+        "cats/missing_field": 2,
+        "cats/unreadable_shard": 1,
+        "remote/unreadable_shard": 1,
+    }
+    assert stats.served == {"cats": len(cats), "alpha": len(alpha), "remote": GOOD}
+
+
+def test_skips_are_logged_with_shard_and_key(corpus, damaged, caplog):
+    cfg = corpus.config(damaged, num_workers=0, max_skip_fraction=0.5)
+    list(DataPipeline(cfg, 0, 1, 4, mode="epoch"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "data_pipeline.health"]
+    assert any("'cats-00001'" in m and "cats-0.tar" in m and "corrupt_image" in m for m in lines)
+    assert any("gone.tar" in m and "unreadable_shard" in m for m in lines)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_too_much_damage_stops_the_run_naming_the_worst_shard(corpus, damaged, workers):
+    cfg = corpus.config(
+        damaged[:1], num_workers=workers, max_skip_fraction=0.1, skip_check_min_samples=8
+    )
+    with pytest.raises(DataQualityError, match=r"worst shard \S*cats-0.tar with \d+ skips"):
+        list(DataPipeline(cfg, 0, 1, 4, mode="epoch"))
