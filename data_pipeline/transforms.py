@@ -54,8 +54,8 @@ class Batch:
         return self._map(torch.Tensor.pin_memory)
 
     def _map(self, fn) -> Batch:
-        tensors = {f.name: fn(getattr(self, f.name)) for f in fields(self)}
-        return replace(self, **{k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)})
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{k: fn(v) for k, v in values.items() if isinstance(v, torch.Tensor)})
 
 
 def decode_image(data: bytes, size_px: int) -> torch.Tensor:

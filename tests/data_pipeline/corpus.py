@@ -7,6 +7,7 @@ rank x worker layouts the tests use, so that exactly-once is tested where it is 
 from __future__ import annotations
 
 import io
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,14 @@ def example(source: str, index: int, size_px: int = 12) -> Example:
         "vqa": {"en": [["what colour is it?", colour], ["which number?", str(index)]]},
     }
     return Example(f"{source}-{index:05d}", buffer.getvalue(), "png", record)
+
+
+def cut_before(path: Path, key: str) -> None:
+    """Cut a shard at the header of ``key``'s first member, as a broken download would: tar
+    readers see a clean end there unless they check for the end-of-archive blocks."""
+    with tarfile.open(path) as tar:
+        cut = next(m.offset for m in tar.getmembers() if m.name.startswith(f"{key}."))
+    path.write_bytes(path.read_bytes()[:cut])
 
 
 @dataclass(frozen=True)

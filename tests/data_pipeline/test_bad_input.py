@@ -4,7 +4,6 @@ goes on; too much damage stops it, naming the worst shard."""
 from __future__ import annotations
 
 import json
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import webdataset as wds
 
 from data_pipeline.health import DataQualityError
 from data_pipeline.loader import DataPipeline
-from tests.data_pipeline.corpus import Corpus, example
+from tests.data_pipeline.corpus import Corpus, cut_before, example
 
 GOOD = 8  # samples per damaged shard before damage
 
@@ -28,14 +27,6 @@ def _good(source: str, index: int) -> dict:
     return {"__key__": e.key, "png": e.image, "json": json.dumps(e.record).encode()}
 
 
-def _truncate_before_sample(path: Path, index: int) -> None:
-    """Cut the file at the header of sample ``index``'s first member, as a broken download
-    would: tar readers see a clean end there unless they check the end-of-archive blocks."""
-    with tarfile.open(path) as tar:
-        cut = [m.offset for m in tar.getmembers() if m.name.startswith(f"cats-{index:05d}.")][0]
-    path.write_bytes(path.read_bytes()[:cut])
-
-
 @pytest.fixture
 def damaged(corpus: Corpus, tmp_path: Path) -> list[dict]:
     """Source ``cats``: shard 0 with one of each bad-sample kind, shard 1 cut short after 5
@@ -47,7 +38,7 @@ def damaged(corpus: Corpus, tmp_path: Path) -> list[dict]:
     del shard0[6]["png"]  # no image member
     _write(tmp_path / "cats-0.tar", shard0)
     _write(tmp_path / "cats-1.tar", [_good("cats", GOOD + i) for i in range(GOOD)])
-    _truncate_before_sample(tmp_path / "cats-1.tar", GOOD + 5)
+    cut_before(tmp_path / "cats-1.tar", f"cats-{GOOD + 5:05d}")
     _write(tmp_path / "cats-2.tar", [_good("cats", 2 * GOOD + i) for i in range(GOOD)])
     _write(tmp_path / "remote-0.tar", [_good("remote", i) for i in range(GOOD)])
     return [
