@@ -32,7 +32,7 @@ class Manifest:
     # Brace pattern over the shard files, ready for a mixture's ``shards:`` field.
     pattern: str
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> examples not written
-    tokenizer: str | None = None
+    tokenizer: str | None = None  # relative to the manifest's folder, or absolute
 
     @property
     def samples(self) -> int:

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from pali3_train.tokenizer import Tokenizer
@@ -64,10 +65,13 @@ def decode_image(data: bytes, size_px: int) -> torch.Tensor:
     with Image.open(io.BytesIO(data)) as img:
         # A JPEG decodes straight to a smaller scale when it is much larger than needed.
         img.draft("RGB", (size_px, size_px))
-        rgb = img.convert("RGB")
-    if rgb.size != (size_px, size_px):
-        rgb = rgb.resize((size_px, size_px), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
+        pixels = torch.from_numpy(np.array(img.convert("RGB")))  # [H, W, 3]
+    if pixels.shape[:2] == (size_px, size_px):
+        return pixels.permute(2, 0, 1).contiguous()
+    # torch's antialiased bilinear resize on uint8 (channels-last) is ~4x faster than PIL's.
+    channels_last = pixels.permute(2, 0, 1)[None]
+    resized = F.interpolate(channels_last, (size_px, size_px), mode="bilinear", antialias=True)
+    return resized[0].contiguous()
 
 
 def normalize_images(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

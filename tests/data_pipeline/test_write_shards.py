@@ -148,7 +148,7 @@ def test_the_command_line_writes_shards_from_a_folder(tmp_path):
         "1",
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    assert "wrote 2 samples in 2 shards" in result.stdout
+    assert "wrote 2 samples in 2 shard(s)" in result.stdout
     manifest = Manifest.read(out / "manifest.json")
     assert (manifest.source, manifest.tasks, manifest.samples) == ("pets", ("caption",), 2)
     assert [s["__key__"] for s in _read_back(str(out / manifest.pattern))] == [

@@ -1,0 +1,509 @@
+"""A small WebLI-style corpus made on the spot: drawn shapes, rendered words, handwritten digits.
+
+The training system needs shards, a tokenizer and a task mixture to run end to end, but WebLI
+cannot be shipped and CI has no network, so this module draws them from what code can make or
+installed packages ship: scenes of coloured shapes with captions, alt-texts and questions in four
+languages; words in Latin, Cyrillic and Greek script rendered with matplotlib's DejaVu Sans for
+OCR; and scikit-learn's scanned handwritten digits. Every text is a function of the image content
+alone, so a model can learn it, and everything follows from one seed, so two builds are identical.
+
+    python -m data_pipeline.demo_corpus --out runs/demo_corpus --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from data_pipeline.manifest import Manifest
+from data_pipeline.tasks import TASKS, format_example
+from data_pipeline.write_shards import Example, write_source
+from pali3_train.config import SourceConfig
+from pali3_train.tokenizer import Tokenizer, train_tokenizer
+
+EUROPEAN = ("en", "de", "fr", "es")
+OCR_LANGUAGES = ("en", "de", "ru", "el")
+
+# --- scenes ---------------------------------------------------------------------------------
+
+BACKGROUND = (200, 200, 200)
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 150, 50),
+    "blue": (40, 70, 220),
+    "yellow": (240, 200, 20),
+    "purple": (140, 50, 180),
+}
+SHAPES = ("circle", "square", "triangle")
+PLACES = ("top left", "top right", "bottom left", "bottom right")  # the four quadrants
+
+
+@dataclass(frozen=True)
+class Shape:
+    colour: str  # a key of COLOURS
+    shape: str  # one of SHAPES
+    place: str  # one of PLACES
+
+
+@dataclass(frozen=True)
+class SceneWords:
+    """One language's words for scenes. ``a`` and ``the`` hold a noun-phrase template per shape,
+    because German adjective endings follow the noun's gender."""
+
+    colours: dict[str, str]
+    shapes: dict[str, str]
+    places: dict[str, str]
+    a: dict[str, str]
+    the: dict[str, str]
+    at: str
+    join: str
+    alt_text: str
+    how_many: str
+    which_colour: str
+    which_shape: str
+    where: str
+
+    def phrase(self, templates: dict[str, str], item: Shape) -> str:
+        return templates[item.shape].format(
+            colour=self.colours[item.colour], shape=self.shapes[item.shape]
+        )
+
+
+def _words(colours: str, shapes: str, places: tuple[str, ...]) -> dict:
+    return {
+        "colours": dict(zip(COLOURS, colours.split())),
+        "shapes": dict(zip(SHAPES, shapes.split())),
+        "places": dict(zip(PLACES, places)),
+    }
+
+
+def _every_shape(template: str) -> dict[str, str]:
+    return dict.fromkeys(SHAPES, template)
+
+
+SCENE_WORDS = {
+    "en": SceneWords(
+        **_words("red green blue yellow purple", "circle square triangle", PLACES),
+        a=_every_shape("a {colour} {shape}"),
+        the=_every_shape("the {colour} {shape}"),
+        at="{thing} at the {place}",
+        join=" and ",
+        alt_text="{things} on a grey background",
+        how_many="how many shapes are there?",
+        which_colour="what colour is the shape at the {place}?",
+        which_shape="what shape is at the {place}?",
+        where="where is {thing}?",
+    ),
+    "de": SceneWords(
+        **_words(
+            "rot grün blau gelb violett",
+            "Kreis Quadrat Dreieck",
+            ("oben links", "oben rechts", "unten links", "unten rechts"),
+        ),
+        a=_every_shape("ein {colour}es {shape}") | {"circle": "ein {colour}er {shape}"},
+        the=_every_shape("das {colour}e {shape}") | {"circle": "der {colour}e {shape}"},
+        at="{thing} {place}",
+        join=" und ",
+        alt_text="{things} auf grauem Hintergrund",
+        how_many="wie viele Formen gibt es?",
+        which_colour="welche Farbe hat die Form {place}?",
+        which_shape="welche Form ist {place}?",
+        where="wo ist {thing}?",
+    ),
+    "fr": SceneWords(
+        **_words(
+            "rouge vert bleu jaune violet",
+            "cercle carré triangle",
+            ("en haut à gauche", "en haut à droite", "en bas à gauche", "en bas à droite"),
+        ),
+        a=_every_shape("un {shape} {colour}"),
+        the=_every_shape("le {shape} {colour}"),
+        at="{thing} {place}",
+        join=" et ",
+        alt_text="{things} sur fond gris",
+        how_many="combien de formes y a-t-il ?",
+        which_colour="de quelle couleur est la forme {place} ?",
+        which_shape="quelle forme est {place} ?",
+        where="où est {thing} ?",
+    ),
+    "es": SceneWords(
+        **_words(
+            "rojo verde azul amarillo morado",
+            "círculo cuadrado triángulo",
+            (
+                "arriba a la izquierda",
+                "arriba a la derecha",
+                "abajo a la izquierda",
+                "abajo a la derecha",
+            ),
+        ),
+        a=_every_shape("un {shape} {colour}"),
+        the=_every_shape("el {shape} {colour}"),
+        at="{thing} {place}",
+        join=" y ",
+        alt_text="{things} sobre fondo gris",
+        how_many="¿cuántas formas hay?",
+        which_colour="¿de qué color es la forma {place}?",
+        which_shape="¿qué forma hay {place}?",
+        where="¿dónde está {thing}?",
+    ),
+}
+
+
+def scenes(count: int, seed: int = 0, image_size_px: int = 64) -> Iterator[Example]:
+    """1 or 2 shapes, each in its own quadrant and no two alike in both colour and shape (so every
+    question has one answer), as PNG. Texts name the shapes in reading order of their quadrants."""
+    rng = np.random.default_rng(seed)
+    kinds = [(colour, shape) for colour in COLOURS for shape in SHAPES]
+    for i in range(count):
+        places = sorted(rng.choice(len(PLACES), size=int(rng.integers(1, 3)), replace=False))
+        chosen = rng.choice(len(kinds), size=len(places), replace=False)
+        shapes = [Shape(*kinds[k], PLACES[p]) for k, p in zip(chosen, places)]
+        image = draw_scene(shapes, image_size_px, rng)
+        yield Example(f"scenes-{i:09d}", _encode(image, "png"), "png", scene_record(shapes))
+
+
+def draw_scene(shapes: list[Shape], size: int, rng: np.random.Generator) -> Image.Image:
+    """Each shape's side is 50-80% of its quadrant's, at a random offset inside it; drawn without
+    anti-aliasing, so every pixel is either BACKGROUND or one of COLOURS."""
+    image = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    half = size // 2
+    for item in shapes:
+        side = int(rng.integers(half // 2, half * 4 // 5 + 1))
+        left = half * item.place.endswith("right") + int(rng.integers(1, half - side))
+        top = half * item.place.startswith("bottom") + int(rng.integers(1, half - side))
+        right, bottom = left + side - 1, top + side - 1
+        fill = COLOURS[item.colour]
+        if item.shape == "circle":
+            draw.ellipse((left, top, right, bottom), fill=fill)
+        elif item.shape == "square":
+            draw.rectangle((left, top, right, bottom), fill=fill)
+        else:
+            draw.polygon([((left + right) / 2, top), (left, bottom), (right, bottom)], fill=fill)
+    return image
+
+
+def scene_record(shapes: list[Shape]) -> dict:
+    record: dict = {"caption": {}, "alt_text": {}, "vqa": {}}
+    for lang, words in SCENE_WORDS.items():
+        located = [
+            words.at.format(thing=words.phrase(words.a, s), place=words.places[s.place])
+            for s in shapes
+        ]
+        things = words.join.join(words.phrase(words.a, s) for s in shapes)
+        record["caption"][lang] = words.join.join(located)
+        record["alt_text"][lang] = words.alt_text.format(things=things)
+        record["vqa"][lang] = [[words.how_many, str(len(shapes))]]
+        for s in shapes:
+            place = words.places[s.place]
+            record["vqa"][lang] += [
+                [words.which_colour.format(place=place), words.colours[s.colour]],
+                [words.which_shape.format(place=place), words.shapes[s.shape]],
+                [words.where.format(thing=words.phrase(words.the, s)), place],
+            ]
+    return record
+
+
+# --- rendered text --------------------------------------------------------------------------
+
+OCR_WORDS = {
+    "en": "cat dog house tree water light open stop exit coffee book train music garden bread sun",
+    "de": "Haus Baum Straße Brücke Käse Tür Größe Grüße Bäckerei Ausgang offen Zug Fluss Vogel "
+    "Bär Schule",
+    "ru": "дом кот мир вода хлеб улица выход книга солнце река поезд школа чай лес море город",
+    "el": "σπίτι γάτα νερό ήλιος δρόμος έξοδος βιβλίο θάλασσα ψωμί τρένο σχολείο καφές πόλη "
+    "δέντρο μουσική φως",
+}
+FONT = "fonts/ttf/DejaVuSans.ttf"  # under matplotlib's data path; covers Latin, Cyrillic, Greek
+
+
+def text_images(count: int, seed: int = 0, image_size_px: int = 64) -> Iterator[Example]:
+    """1-3 distinct words of one language (en, de, ru, el), one per line, dark on a light
+    background, as PNG; the ``ocr`` target joins the lines with spaces."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        lang = OCR_LANGUAGES[int(rng.integers(len(OCR_LANGUAGES)))]
+        vocabulary = OCR_WORDS[lang].split()
+        chosen = rng.choice(len(vocabulary), size=int(rng.integers(1, 4)), replace=False)
+        words = [vocabulary[k] for k in chosen]
+        image = draw_text(words, image_size_px, rng)
+        record = {"ocr": {lang: " ".join(words)}}
+        yield Example(f"text-{i:09d}", _encode(image, "png"), "png", record)
+
+
+def draw_text(lines: list[str], size: int, rng: np.random.Generator) -> Image.Image:
+    """``lines`` centred in the largest DejaVu Sans size that fits 90% of the image."""
+    background = tuple(int(v) for v in rng.integers(190, 256, 3))
+    ink = tuple(int(v) for v in rng.integers(0, 90, 3))
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    font = _fitting_font(lines, int(size * 0.9))
+    line_height = sum(font.getmetrics())
+    top = (size - line_height * len(lines)) // 2
+    for row, line in enumerate(lines):
+        left = (size - font.getlength(line)) / 2
+        draw.text((left, top + row * line_height), line, font=font, fill=ink)
+    return image
+
+
+def _fitting_font(lines: list[str], room: int) -> ImageFont.FreeTypeFont:
+    for points in range(room // 2, 1, -1):
+        font = _font(points)
+        fits_height = sum(font.getmetrics()) * len(lines) <= room
+        if fits_height and max(font.getlength(line) for line in lines) <= room:
+            return font
+    raise ValueError(f"{lines} cannot be drawn legibly in {room} pixels")
+
+
+@lru_cache(maxsize=None)
+def _font(points: int) -> ImageFont.FreeTypeFont:
+    import matplotlib  # only for the path of the DejaVu Sans it ships
+
+    return ImageFont.truetype(str(Path(matplotlib.get_data_path(), FONT)), points)
+
+
+# --- handwritten digits ---------------------------------------------------------------------
+
+NUMBER_WORDS = {
+    "en": "zero one two three four five six seven eight nine",
+    "de": "null eins zwei drei vier fünf sechs sieben acht neun",
+    "fr": "zéro un deux trois quatre cinq six sept huit neuf",
+    "es": "cero uno dos tres cuatro cinco seis siete ocho nueve",
+}
+DIGIT_TEXTS = {  # caption, alt_text, "which digit?", "even or odd?", (even, odd)
+    "en": (
+        "a handwritten digit {word}",
+        "a scan of the handwritten digit {word}",
+        "which digit is this?",
+        "is the digit even or odd?",
+        ("even", "odd"),
+    ),
+    "de": (
+        "eine handgeschriebene Ziffer {word}",
+        "ein Scan der handgeschriebenen Ziffer {word}",
+        "welche Ziffer ist das?",
+        "ist die Ziffer gerade oder ungerade?",
+        ("gerade", "ungerade"),
+    ),
+    "fr": (
+        "un chiffre {word} écrit à la main",
+        "un scan du chiffre {word} écrit à la main",
+        "quel est ce chiffre ?",
+        "ce chiffre est-il pair ou impair ?",
+        ("pair", "impair"),
+    ),
+    "es": (
+        "un dígito {word} escrito a mano",
+        "un escaneo del dígito {word} escrito a mano",
+        "¿qué dígito es este?",
+        "¿el dígito es par o impar?",
+        ("par", "impar"),
+    ),
+}
+
+
+def digits(count: int, seed: int = 0, image_size_px: int = 64) -> Iterator[Example]:
+    """scikit-learn's 1797 scanned 8x8 digits (UCI), dark ink on white, upscaled bilinearly to
+    ``image_size_px``, as JPEG. Each pass over them is a fresh permutation; the key ends with the
+    index into ``load_digits()`` so a sample can be traced to its scan."""
+    images, labels = _sklearn_digits()
+    rng = np.random.default_rng(seed)
+    passes = range(-(-count // len(images)))  # ceil(count / 1797)
+    order = [int(k) for _ in passes for k in rng.permutation(len(images))]
+    for i, index in enumerate(order[:count]):
+        ink = Image.fromarray(images[index]).resize((image_size_px,) * 2, Image.Resampling.BILINEAR)
+        yield Example(
+            f"digits-{i:09d}-{index:04d}",
+            _encode(ink.convert("RGB"), "jpg"),
+            "jpg",
+            digit_record(int(labels[index])),
+        )
+
+
+@lru_cache(maxsize=1)
+def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """(images [1797, 8, 8] uint8 with 255 = paper, labels [1797])."""
+    from sklearn.datasets import load_digits  # slow to import; only the digits need it
+
+    data = load_digits()
+    return (255 - data.images * 255 / 16).round().astype(np.uint8), data.target
+
+
+def digit_record(label: int) -> dict:
+    record: dict = {"caption": {}, "alt_text": {}, "vqa": {}}
+    for lang, (caption, alt_text, which, parity, answers) in DIGIT_TEXTS.items():
+        word = NUMBER_WORDS[lang].split()[label]
+        record["caption"][lang] = caption.format(word=word)
+        record["alt_text"][lang] = alt_text.format(word=word)
+        record["vqa"][lang] = [[which, str(label)], [parity, answers[label % 2]]]
+    return record
+
+
+def _encode(image: Image.Image, image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    if image_format == "jpg":
+        image.save(buffer, format="JPEG", quality=90)
+    else:
+        image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# --- the corpus -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DemoSource:
+    generator: Callable[[int, int, int], Iterator[Example]]
+    languages: tuple[str, ...]
+    weights: dict[str, float]  # task -> default mixture weight; the keys are the tasks served
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(self.weights)
+
+
+SOURCES = {
+    "scenes": DemoSource(
+        scenes, EUROPEAN, {"caption": 1.0, "alt_text": 0.5, "split_caption": 0.5, "vqa": 1.0}
+    ),
+    "text": DemoSource(text_images, OCR_LANGUAGES, {"ocr": 1.0}),
+    "digits": DemoSource(digits, EUROPEAN, {"caption": 0.5, "alt_text": 0.25, "vqa": 0.5}),
+}
+
+
+@dataclass(frozen=True)
+class DemoCorpus:
+    """A built corpus: where it is, its tokenizer, and each source's manifest."""
+
+    out_dir: Path
+    tokenizer_path: Path
+    manifests: dict[str, Manifest]  # source name -> its manifest, shards in out_dir/<name>
+
+    def sources(self, tasks_weights: dict[str, float] | None = None) -> tuple[SourceConfig, ...]:
+        """One mixture entry per (source, task), named ``<source>_<task>``. ``tasks_weights``
+        overrides default weights by entry name ("scenes_vqa") or by task ("vqa": every source
+        serving it); the entry name wins."""
+        weights = tasks_weights or {}
+
+        def weight(name: str, task: str) -> float:
+            return weights.get(f"{name}_{task}", weights.get(task, SOURCES[name].weights[task]))
+
+        entries = tuple(
+            SourceConfig(
+                name=f"{name}_{task}",
+                shards=str(self.out_dir / name / manifest.pattern),
+                task=task,
+                weight=weight(name, task),
+                languages=manifest.languages,
+            )
+            for name, manifest in self.manifests.items()
+            for task in manifest.tasks
+        )
+        unknown = set(weights) - {e.name for e in entries} - {e.task for e in entries}
+        if unknown:
+            raise ValueError(f"tasks_weights: no demo source or task named {sorted(unknown)}")
+        return entries
+
+
+def build_demo_corpus(
+    out_dir: str | Path,
+    seed: int = 0,
+    samples_per_source: int = 512,
+    samples_per_shard: int = 64,
+    image_size_px: int = 64,
+    vocab_size: int = 1000,
+) -> DemoCorpus:
+    """Generate every source, train a BPE tokenizer on all their prompts and targets
+    (``out_dir/tokenizer.model``), then write each source's shards to ``out_dir/<name>``."""
+    out_dir = Path(out_dir).resolve()
+    examples = {
+        name: list(source.generator(samples_per_source, seed, image_size_px))
+        for name, source in SOURCES.items()
+    }
+    tokenizer_path = out_dir / "tokenizer.model"
+    # BPE: on a corpus this small a unigram model stays near character level.
+    train_tokenizer(
+        texts=corpus_text(examples, seed),
+        vocab_size=vocab_size,
+        model_path=tokenizer_path,
+        model_type="bpe",
+    )
+    manifests = {
+        name: write_source(
+            examples[name],
+            out_dir / name,
+            name,
+            tasks=source.tasks,
+            languages=source.languages,
+            max_samples_per_shard=samples_per_shard,
+            tokenizer=f"../{tokenizer_path.name}",  # relative: the corpus can be moved
+        )
+        for name, source in SOURCES.items()
+    }
+    return DemoCorpus(out_dir, tokenizer_path, manifests)
+
+
+def corpus_text(examples: dict[str, list[Example]], seed: int = 0) -> Iterator[str]:
+    """Every text in the records, and for each record the prompt of every task and language its
+    source serves, as the mixture would render it."""
+    rng = np.random.default_rng(seed)
+    for name, source in SOURCES.items():
+        for example in examples[name]:
+            yield from _strings(example.record)
+            for task in source.tasks:
+                field = example.record[TASKS[task].record_field]
+                for lang in field:
+                    yield format_example(task, example.record, [lang], rng)[0]
+
+
+def _strings(value: object) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samples-per-source", type=int, default=512)
+    parser.add_argument("--samples-per-shard", type=int, default=64)
+    parser.add_argument("--image-size-px", type=int, default=64)
+    parser.add_argument("--vocab-size", type=int, default=1000, help="upper bound")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    corpus = build_demo_corpus(
+        args.out,
+        args.seed,
+        args.samples_per_source,
+        args.samples_per_shard,
+        args.image_size_px,
+        args.vocab_size,
+    )
+    for name, manifest in corpus.manifests.items():
+        print(
+            f"{name}: {manifest.samples} samples in {len(manifest.shards)} shards "
+            f"({', '.join(manifest.tasks)}; {', '.join(manifest.languages)}) "
+            f"-> {corpus.out_dir / name / manifest.pattern}"
+        )
+    vocab = Tokenizer.load(corpus.tokenizer_path).vocab_size
+    print(f"tokenizer: {corpus.tokenizer_path} ({vocab} pieces)")
+    print(f"built in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
