@@ -1,69 +1,30 @@
-"""`make demo` for now: build the tiny SigLIP and PaLI-3 models from a config, train each for a
-few steps on procedurally drawn shapes, and print parameter counts, losses and a decoded caption.
+"""`make demo` for now: generate the demo corpus, then train the tiny SigLIP on its captions and
+the tiny PaLI-3 on its task mixture, both fed by the real data pipeline, and print parameter
+counts, losses and decoded answers.
 
-It exercises the whole model stack end to end on CPU in seconds; the staged curriculum replaces it
-as the training engine lands.
+It exercises the model stack and the data path end to end on CPU in seconds; the staged
+curriculum replaces it as the training engine lands.
 """
 
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from data_pipeline.demo_corpus import build_demo_corpus
+from data_pipeline.loader import DataPipeline
+from data_pipeline.transforms import Batch, normalize_images
 from pali3_train.config import Config, load_config_or_exit
 from pali3_train.losses.siglip import sigmoid_loss
 from pali3_train.models import PaLI3, SigLIP
 from pali3_train.params import format_table, parameter_table
-from pali3_train.tokenizer import Tokenizer, train_tokenizer
-
-COLOURS = {
-    "red": (1.0, 0.1, 0.1),
-    "green": (0.1, 0.9, 0.1),
-    "blue": (0.1, 0.2, 1.0),
-    "yellow": (1.0, 0.9, 0.1),
-}
-PLACES = ("top left", "top right", "bottom left", "bottom right")
-PROMPT = "<caption> describe the image"
-
-
-def draw_scene(size: int, colour: str, place: str) -> torch.Tensor:
-    """A square of ``colour`` in one quadrant on a grey background, in [-1, 1] like SigLIP's
-    inputs: [3, size, size]."""
-    image = torch.full((3, size, size), 0.5)
-    half, margin = size // 2, size // 8
-    top = margin if place.startswith("top") else half + margin
-    left = margin if place.endswith("left") else half + margin
-    image[:, top : top + half - 2 * margin, left : left + half - 2 * margin] = torch.tensor(
-        COLOURS[colour]
-    )[:, None, None]
-    return image * 2 - 1
-
-
-def make_batch(cfg: Config, tokenizer: Tokenizer, rng: random.Random, batch_size: int):
-    scenes = [(rng.choice(list(COLOURS)), rng.choice(PLACES)) for _ in range(batch_size)]
-    images = torch.stack([draw_scene(cfg.model.vit.image_size_px, c, p) for c, p in scenes])
-    captions = [f"a {c} square at {p}" for c, p in scenes]
-    prompt, prompt_mask = tokenizer.batch_encode([PROMPT] * batch_size, cfg.data.max_prompt_tokens)
-    target, target_mask = tokenizer.batch_encode(captions, cfg.data.max_target_tokens)
-    return images, prompt, prompt_mask, target, target_mask, captions
-
-
-def build_tokenizer(workdir: Path, vocab_size: int) -> Tokenizer:
-    sentences = [f"a {c} square at {p}" for c in COLOURS for p in PLACES] + [PROMPT]
-    # BPE, because on a corpus this small a unigram model stays near character level.
-    return train_tokenizer(
-        texts=sentences * 20,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        model_path=workdir / "smoke.model",
-        special_symbols=["<caption>"],
-    )
+from pali3_train.tokenizer import Tokenizer
 
 
 def train(name: str, model: torch.nn.Module, loss_fn, cfg: Config) -> list[float]:
@@ -93,36 +54,62 @@ def train(name: str, model: torch.nn.Module, loss_fn, cfg: Config) -> list[float
 
 def run(cfg: Config) -> dict[str, list[float]]:
     torch.manual_seed(cfg.train.seed)
-    rng = random.Random(cfg.train.seed)
     print(format_table(parameter_table(cfg.model), compare_with_paper=False))
     with tempfile.TemporaryDirectory() as workdir:
-        tokenizer = build_tokenizer(Path(workdir), cfg.model.ul2.vocab_size)
-    batch = cfg.train.micro_batch_size
+        corpus = build_demo_corpus(
+            workdir,
+            cfg.train.seed,
+            samples_per_source=256,
+            samples_per_shard=32,
+            image_size_px=cfg.model.vit.image_size_px,
+            vocab_size=cfg.model.ul2.vocab_size,
+        )
+        tokenizer = Tokenizer.load(corpus.tokenizer_path)
+        data = replace(cfg.data, tokenizer_path=str(corpus.tokenizer_path))
+        batch = cfg.train.micro_batch_size
 
-    print("\nstage-0 model (SigLIP, sigmoid loss):")
-    siglip = SigLIP(cfg.model)
+        print("\nstage-0 model (SigLIP, sigmoid loss) on the demo captions:")
+        captions_only = corpus.sources(
+            dict.fromkeys(("alt_text", "split_caption", "vqa", "ocr"), 0)
+        )
+        siglip_data = replace(data, sources=captions_only, max_target_tokens=cfg.model.text.max_len)
+        captions = iter(DataPipeline(replace(cfg, data=siglip_data), 0, 1, batch))
+        siglip = SigLIP(cfg.model)
 
-    def siglip_loss(step: int) -> torch.Tensor:
-        images, *_, captions = make_batch(cfg, tokenizer, rng, batch)
-        tokens, _ = tokenizer.batch_encode(captions, cfg.model.text.max_len)
-        return sigmoid_loss(*siglip(images, tokens), siglip.logit_scale, siglip.logit_bias)
+        def siglip_loss(step: int) -> torch.Tensor:
+            b = next(captions)
+            embeddings = siglip(normalize_images(b.images), b.target)
+            return sigmoid_loss(*embeddings, siglip.logit_scale, siglip.logit_bias)
 
-    contrastive = train("siglip", siglip, siglip_loss, cfg)
+        contrastive = train("siglip", siglip, siglip_loss, cfg)
 
-    print("\nPaLI-3 (captioning, token cross-entropy):")
-    pali3 = PaLI3(cfg.model)
-    captioning = train(
-        "pali3", pali3, lambda step: pali3(*make_batch(cfg, tokenizer, rng, batch)[:5]).loss, cfg
-    )
+        print("\nPaLI-3 on the demo task mixture (token cross-entropy):")
+        mixture = iter(
+            DataPipeline(replace(cfg, data=replace(data, sources=corpus.sources())), 0, 1, batch)
+        )
+        pali3 = PaLI3(cfg.model)
 
-    images, prompt, prompt_mask, _, _, captions = make_batch(cfg, tokenizer, rng, 2)
-    pali3.eval()
-    decoded = tokenizer.batch_decode(
-        pali3.generate(images, prompt, prompt_mask, cfg.data.max_target_tokens, beam_size=2)
-    )
-    for truth, guess in zip(captions, decoded):
-        print(f"  truth: {truth!r:34} decoded: {guess!r}")
+        def pali3_loss(step: int) -> torch.Tensor:
+            b = next(mixture)
+            return pali3(
+                normalize_images(b.images), b.prompt, b.prompt_mask, b.target, b.target_mask
+            ).loss
+
+        captioning = train("pali3", pali3, pali3_loss, cfg)
+        show_predictions(pali3, next(mixture), tokenizer, cfg.data.max_target_tokens)
     return {"siglip": contrastive, "pali3": captioning}
+
+
+def show_predictions(pali3: PaLI3, b: Batch, tokenizer: Tokenizer, max_len: int) -> None:
+    pali3.eval()
+    with torch.no_grad():
+        tokens = pali3.generate(normalize_images(b.images), b.prompt, b.prompt_mask, max_len, 2)
+    for prompt, truth, guess in zip(
+        tokenizer.batch_decode(b.prompt),
+        tokenizer.batch_decode(b.target),
+        tokenizer.batch_decode(tokens),
+    ):
+        print(f"  {prompt!r:48} truth: {truth!r:36} decoded: {guess!r}")
 
 
 def plot_losses(losses: dict[str, list[float]], path: Path) -> None:

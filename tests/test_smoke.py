@@ -1,4 +1,5 @@
-"""`make demo`'s entry point runs end to end and both models learn on the generated scenes."""
+"""`make demo`'s entry point runs end to end and both models learn on the demo corpus, fed by the
+data pipeline."""
 
 from pathlib import Path
 
@@ -10,11 +11,12 @@ from pali3_train.smoke import main, run
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smoke_tiny.yaml"
 
 
-def test_both_models_learn_on_generated_scenes():
-    cfg = load_config(CONFIG, ["train.steps=25"])
+def test_both_models_learn_on_the_demo_corpus():
+    cfg = load_config(CONFIG, ["train.steps=50"])
     losses = run(cfg)
     for name, curve in losses.items():
-        assert curve[-1] < 0.6 * curve[0], (name, curve[0], curve[-1])
+        recent = sum(curve[-5:]) / 5
+        assert recent < 0.6 * curve[0], (name, curve[0], recent)
 
 
 def test_main_prints_losses_and_writes_the_loss_plot(tmp_path, capsys):

@@ -16,7 +16,9 @@ from pali3_train.config import (
 )
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-PRESETS = sorted((CONFIGS / "models").glob("*.yaml"))
+PRESETS = sorted((CONFIGS / "models").glob("*.yaml")) + sorted(
+    (CONFIGS / "mixtures").glob("*.yaml")
+)
 
 
 def _write(directory: Path, name: str, data) -> Path:

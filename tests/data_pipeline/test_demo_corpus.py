@@ -9,6 +9,7 @@ import re
 import tarfile
 import unicodedata
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +34,11 @@ from data_pipeline.demo_corpus import (
 from data_pipeline.loader import resolve_sources
 from data_pipeline.manifest import Manifest
 from data_pipeline.tasks import TASKS, format_example
+from pali3_train.config import load_config
 from pali3_train.config.schema import DataConfig
 from pali3_train.tokenizer import UNK_ID, Tokenizer
 
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SAMPLES, PER_SHARD = 40, 16  # 3 shards per source, the last one short
 
 
@@ -276,3 +279,14 @@ def test_cli_builds_and_summarises(tmp_path, capsys):
         assert f"{name}: 12 samples in 1 shards" in out
         assert Manifest.read(tmp_path / name).samples == 12
     assert f"tokenizer: {tmp_path.resolve() / 'tokenizer.model'}" in out
+
+
+def test_the_shipped_demo_mixture_is_what_a_default_build_gives(tmp_path):
+    shipped = load_config(CONFIGS / "mixtures" / "demo.yaml").data
+    corpus = build_demo_corpus(tmp_path, samples_per_source=512, samples_per_shard=64)
+    relocated = [
+        replace(s, shards=s.shards.replace("runs/demo_corpus", str(tmp_path)))
+        for s in shipped.sources
+    ]
+    assert tuple(relocated) == corpus.sources()
+    assert shipped.tokenizer_path == "runs/demo_corpus/tokenizer.model"
