@@ -91,3 +91,10 @@ def test_too_much_damage_stops_the_run_naming_the_worst_shard(corpus, damaged, w
     )
     with pytest.raises(DataQualityError, match=r"worst shard \S*cats-0.tar with \d+ skips"):
         list(DataPipeline(cfg, 0, 1, 4, mode="epoch"))
+
+
+def test_a_training_source_with_nothing_readable_stops_instead_of_spinning(corpus, tmp_path):
+    dead = {"name": "dead", "shards": f"pipe:cat {tmp_path / 'gone-{0..2}.tar'}", "task": "ocr"}
+    cfg = corpus.config([dead], num_workers=0, max_skip_fraction=1.0)
+    with pytest.raises(DataQualityError, match="source dead: no readable sample in"):
+        next(iter(DataPipeline(cfg, 0, 1, 4, mode="train")))
