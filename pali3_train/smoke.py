@@ -24,6 +24,7 @@ from pali3_train.config import Config, load_config_or_exit
 from pali3_train.losses.siglip import sigmoid_loss
 from pali3_train.models import PaLI3, SigLIP
 from pali3_train.params import format_table, parameter_table
+from pali3_train.plots import plot_curves
 from pali3_train.tokenizer import Tokenizer
 
 
@@ -112,23 +113,6 @@ def show_predictions(pali3: PaLI3, b: Batch, tokenizer: Tokenizer, max_len: int)
         print(f"  {prompt!r:48} truth: {truth!r:36} decoded: {guess!r}")
 
 
-def plot_losses(losses: dict[str, list[float]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on CPU boxes and CI
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(losses), figsize=(5 * len(losses), 3.5))
-    for ax, (name, curve) in zip(axes, losses.items()):
-        ax.plot(range(1, len(curve) + 1), curve)
-        ax.set(title=name, xlabel="step", ylabel="loss", yscale="log")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pali3_train.smoke", description=__doc__)
     parser.add_argument("--config", default="configs/smoke_tiny.yaml")
@@ -138,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     losses = run(load_config_or_exit(args.config, args.set))
     for name, curve in losses.items():
         print(f"{name}: loss {curve[0]:.4f} -> {curve[-1]:.4f}")
-    plot_losses(losses, Path(args.plot))
+    plot_curves({k: (range(1, len(v) + 1), v) for k, v in losses.items()}, Path(args.plot))
     print(f"loss curves: {args.plot}")
     return 0
 

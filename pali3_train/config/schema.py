@@ -241,9 +241,14 @@ class TrainConfig:
     adam_eps: float = 1e-8
     grad_clip_norm: float = 1.0
     precision: Literal["fp32", "bf16"] = "fp32"
+    # A micro-batch whose loss is NaN/inf on any rank is dropped (no backward) and counted; this
+    # many in a row stop the run, since by then the weights or the data are broken.
+    max_bad_losses_in_a_row: int = 5
+    log_every_steps: int = 1
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "global_batch_size", "micro_batch_size", "lr", "adam_eps")
+        _positive(self, "max_bad_losses_in_a_row", "log_every_steps")
         for name in ("warmup_steps", "weight_decay", "grad_clip_norm"):
             require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         require(
@@ -291,7 +296,7 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    dir: str = "runs/checkpoints"
+    dir: str | None = None  # null: <run_dir>/checkpoints
     every_steps: int = 1000
     keep_last: int = 3
 
@@ -300,13 +305,32 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class StageConfig:
+    """What a curriculum stage changes besides data and model size: which modules are frozen
+    (by attribute path, e.g. ``vit``) and which exported weights it starts from."""
+
+    freeze: tuple[str, ...] = ()
+    # A safetensors file exported by the previous stage (``python -m pali3_train.engine.export``);
+    # keys it lacks keep their initialisation, e.g. the projection when stage 1 starts from SigLIP.
+    init_from: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
+    # Everything a run writes goes below this folder: checkpoints, the local MLflow store,
+    # metrics.jsonl, the resolved config and the loss curve.
+    run_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or f"{self.run_dir}/checkpoints"
 
     def __post_init__(self) -> None:
         tp = self.parallel.tensor_parallel_size

@@ -1,0 +1,188 @@
+"""Atomic, verifiable, resumable checkpoints around DeepSpeed's own.
+
+A checkpoint is a folder ``step_00000100/`` holding DeepSpeed's state (``engine/``: model,
+optimizer and scheduler shards), one ``rank00000.json`` per rank (RNG states, data-pipeline
+state), ``meta.json`` (step, samples seen, MLflow run id, resolved config) and, written last,
+``COMPLETE.json`` listing every file with its size. Everything is written into a hidden
+temporary folder that is renamed into place only once complete; the ``latest`` pointer moves
+after that. A crash at any moment therefore leaves the previous checkpoint whole and findable,
+and a checkpoint missing a file or truncated is recognised as such (``verify``).
+
+Nothing here unpickles: rank states and metadata are JSON; DeepSpeed's files are read by
+DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE.json"
+LATEST = "latest"
+ENGINE_TAG = "engine"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names its folder and what is wrong."""
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+# ----------------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict:
+    """Every RNG a training step may draw from, as JSON-able data."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": [list(s) if isinstance(s, tuple) else s for s in random.getstate()],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+# ------------------------------------------------------------------------------------- saving
+
+
+def save(engine, root: Path, step: int, meta: dict, rank_state: dict, keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the finished checkpoint folder."""
+    rank = dist.get_rank()
+    final, tmp = root / step_name(step), root / f".tmp-{step_name(step)}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash during an earlier save
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
+    _write_json(tmp / f"rank{rank:05d}.json", rank_state)
+    dist.barrier()
+    if rank == 0:
+        _write_json(tmp / "meta.json", {**meta, "step": step, "world_size": dist.get_world_size()})
+        _write_json(tmp / COMPLETE, {"files": _sizes(tmp)})
+        shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step replaces it
+        os.replace(tmp, final)
+        _point_latest(root, final.name)
+        _prune(root, keep_last)
+    dist.barrier()
+    return final
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sizes(folder: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(folder)): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != COMPLETE
+    }
+
+
+def _point_latest(root: Path, name: str) -> None:
+    tmp = root / f".{LATEST}.tmp"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, root / LATEST)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    complete = [p for p in sorted(root.glob("step_*")) if (p / COMPLETE).is_file()]
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------ finding
+
+
+def verify(path: Path) -> None:
+    """Raise ``CheckpointError`` unless every file the checkpoint listed is there, whole."""
+    listing = path / COMPLETE
+    if not listing.is_file():
+        raise CheckpointError(f"{path}: incomplete checkpoint (no {COMPLETE})")
+    try:
+        expected = json.loads(listing.read_text())["files"]
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path}: unreadable {COMPLETE} ({exc})") from None
+    for name, size in expected.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{path}: missing {name}")
+        if file.stat().st_size != size:
+            raise CheckpointError(
+                f"{path}: {name} has {file.stat().st_size} bytes, expected {size}"
+            )
+
+
+def find_latest(root: Path) -> Path | None:
+    """The newest usable checkpoint under ``root``: the ``latest`` pointer's if it verifies,
+    otherwise the newest one that does (each one skipped is logged with why)."""
+    pointer = root / LATEST
+    candidates = sorted(root.glob("step_*"), reverse=True)
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        candidates = [named] + [c for c in candidates if c != named]
+    for candidate in candidates:
+        try:
+            verify(candidate)
+            return candidate
+        except CheckpointError as exc:
+            log.warning("skipping checkpoint: %s", exc)
+    return None
+
+
+def resolve(resume: str, root: Path) -> Path | None:
+    """``--resume``: ``auto`` (latest usable under root, or none), ``none``, or a folder, which
+    must verify (an explicit request for a broken checkpoint is an error, not a fresh start)."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return find_latest(root) if root.is_dir() else None
+    path = Path(resume)
+    verify(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def load(engine, path: Path) -> tuple[dict, dict]:
+    """Collective. Restores DeepSpeed's state in ``engine``; returns (meta, this rank's state)."""
+    meta = json.loads((path / "meta.json").read_text())
+    if meta["world_size"] != dist.get_world_size():
+        raise CheckpointError(
+            f"{path}: saved by {meta['world_size']} ranks, this run has {dist.get_world_size()}; "
+            "resuming on another world size needs the checkpoint converted first"
+        )
+    loaded, _ = engine.load_checkpoint(str(path), tag=ENGINE_TAG)
+    if loaded is None:
+        raise CheckpointError(f"{path}: DeepSpeed could not load {ENGINE_TAG}/")
+    rank_state = json.loads((path / f"rank{dist.get_rank():05d}.json").read_text())
+    return meta, rank_state

@@ -1,0 +1,400 @@
+"""The training loop: build -> parallelize -> DeepSpeed -> loop {data, forward, backward, step,
+log, checkpoint}.
+
+One loop serves every stage; what differs is data (the config's mixture), which model the stage
+trains and what is frozen (``stage`` section), and the objective (``OBJECTIVES``). Every rank runs
+the same code and takes the same path at every decision (a dropped micro-batch, a save, a stop),
+each decided collectively, because DeepSpeed's ZeRO-3 deadlocks otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+from data_pipeline.loader import DataPipeline
+from data_pipeline.transforms import Batch, normalize_images
+from pali3_train.config import Config, dump_config, to_dict
+from pali3_train.convert.safetensors_io import load_weights
+from pali3_train.engine import checkpoint
+from pali3_train.engine.deepspeed_config import accumulation_steps, deepspeed_config
+from pali3_train.engine.distributed import DistEnv, all_ranks_agree
+from pali3_train.engine.optim import freeze, make_optimizer, make_scheduler
+from pali3_train.engine.tracking import flatten_config, open_tracker
+from pali3_train.losses.siglip import sigmoid_loss
+from pali3_train.models import PaLI3, SigLIP
+from pali3_train.parallel import (
+    DeepSpeedMPU,
+    ParallelDims,
+    apply_activation_checkpointing,
+    dp_rank,
+    dp_size,
+    parallelize,
+)
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_PREEMPTED, EXIT_FAILED = 0, 75, 1  # 75 = EX_TEMPFAIL: saved, requeue me
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per device
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (too many bad losses, out of memory); the message says why."""
+
+
+# ------------------------------------------------------------------------------ what a stage is
+
+
+def _pali3_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    images = normalize_images(batch.images, next(model.parameters()).dtype)
+    return model(images, batch.prompt, batch.prompt_mask, batch.target, batch.target_mask).loss
+
+
+def _siglip_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Stage 0 on this rank's batch; the chunked loss over all ranks' texts replaces it."""
+    images = normalize_images(batch.images, next(model.parameters()).dtype)
+    image_emb, text_emb = model(images, batch.target)
+    return sigmoid_loss(image_emb, text_emb, model.logit_scale, model.logit_bias)
+
+
+Objective = Callable[[nn.Module, Batch], torch.Tensor]
+OBJECTIVES: dict[str, tuple[type[nn.Module], Objective]] = {
+    "0": (SigLIP, _siglip_loss),
+    "1": (PaLI3, _pali3_loss),
+    "2": (PaLI3, _pali3_loss),
+    "transfer": (PaLI3, _pali3_loss),
+}
+
+
+def build_model(cfg: Config, stage: str, dims: ParallelDims) -> nn.Module:
+    """The stage's model, whole on every rank (same seed), with the previous stage's weights,
+    frozen parts, then tensor parallelism and activation checkpointing applied from outside."""
+    torch.manual_seed(cfg.train.seed)
+    model = OBJECTIVES[stage][0](cfg.model)
+    if cfg.stage.init_from:
+        _load_init(model, cfg.stage.init_from)
+    freeze(model, cfg.stage.freeze)
+    model = parallelize(model, dims)
+    if cfg.parallel.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    return model
+
+
+def _load_init(model: nn.Module, path: str) -> None:
+    missing, unexpected = model.load_state_dict(load_weights(path), strict=False)
+    if unexpected:
+        raise TrainingError(
+            f"stage.init_from: {path} has weights this model lacks: {sorted(unexpected)[:5]}"
+        )
+    if missing:
+        log.info(
+            "stage.init_from: %d tensors keep their initialisation: %s",
+            len(missing),
+            sorted(missing)[:8],
+        )
+
+
+# --------------------------------------------------------------------------------- the trainer
+
+
+@dataclass
+class Progress:
+    """What a checkpoint needs beyond DeepSpeed's and the data pipeline's state."""
+
+    step: int = 0  # optimizer steps done
+    samples: int = 0  # samples consumed, all ranks
+    bad_losses: int = 0  # micro-batches dropped for a NaN/inf loss, all time
+    mlflow_run_id: str | None = None
+    bad_in_a_row: int = field(default=0, repr=False)
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: Config,
+        stage: str,
+        env: DistEnv,
+        device: torch.device,
+        dims: ParallelDims,
+        resume: str = "auto",
+    ):
+        self.cfg, self.stage, self.env, self.device, self.dims = cfg, stage, env, device, dims
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_root = Path(cfg.checkpoint_dir)
+        self.accum = accumulation_steps(cfg, dims.dp)
+        self.objective = OBJECTIVES[stage][1]
+        self.progress = Progress()
+        self.stop_requested = False
+
+        model = build_model(cfg, stage, dims).to(device)
+        self.data = DataPipeline(cfg, dp_rank(), dp_size(), cfg.train.micro_batch_size)
+        self.flops_per_micro_batch = self._count_flops(model)
+        optimizer = make_optimizer(model, cfg.train)
+        self.engine, *_ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=make_scheduler(optimizer, cfg.train),
+            config=deepspeed_config(cfg, dims.dp),
+            mpu=DeepSpeedMPU(),
+            dist_init_required=False,
+        )
+        restored = checkpoint.resolve(resume, self.ckpt_root)
+        if restored is not None:
+            self._restore(restored)
+        self._saved_step = self.progress.step if restored is not None else -1
+        self.tracker = open_tracker(
+            cfg.tracking, self.run_dir, is_main=env.is_main, run_id=self.progress.mlflow_run_id
+        )
+        self.progress.mlflow_run_id = self.tracker.run_id
+        if env.is_main:
+            self._start_tracking(restored)
+
+    # ------------------------------------------------------------------------------ start-up
+
+    def _count_flops(self, model: nn.Module) -> float:
+        """FLOPs of one micro-batch's forward and backward on this rank, counted by running one
+        (frozen parts cost no weight gradients, and the counter sees that)."""
+        batch = next(iter(self.data)).to(self.device)
+        with FlopCounterMode(display=False) as counter:
+            self.objective(model, batch).backward()
+        model.zero_grad(set_to_none=True)
+        self.data = DataPipeline(self.cfg, dp_rank(), dp_size(), self.cfg.train.micro_batch_size)
+        return float(counter.get_total_flops())
+
+    def _restore(self, path: Path) -> None:
+        meta, rank_state = checkpoint.load(self.engine, path)
+        self.progress = Progress(
+            meta["step"], meta["samples"], meta["bad_losses"], meta["mlflow_run_id"]
+        )
+        self.data.load_state_dict(rank_state["data"])
+        checkpoint.set_rng_state(rank_state["rng"])
+        if self.env.is_main:
+            log.info("resumed from %s at step %d", path, self.progress.step)
+
+    def _start_tracking(self, restored: Path | None) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+        if restored is None:
+            self.tracker.log_params(flatten_config(self.cfg))
+        self.tracker.set_tags(
+            {
+                "stage": self.stage,
+                "world_size": str(self.env.world_size),
+                "tensor_parallel": str(self.dims.tp),
+                "git_commit": _git_commit(),
+            }
+        )
+        self.tracker.log_artifact(self.run_dir / "config.yaml")
+
+    # --------------------------------------------------------------------------------- loop
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._request_stop)
+        batches = iter(self.data)
+        bar = tqdm(
+            total=self.cfg.train.steps,
+            initial=self.progress.step,
+            unit="step",
+            disable=not self.env.is_main,
+            mininterval=1 if sys.stderr.isatty() else 30,
+            dynamic_ncols=True,
+        )
+        status = "FINISHED"
+        try:
+            while self.progress.step < self.cfg.train.steps:
+                metrics = self.train_step(batches)
+                self._log(metrics, bar)
+                if self.progress.step % self.cfg.checkpoint.every_steps == 0:
+                    self.save()
+                if all_ranks_agree(self.stop_requested, self.device):
+                    self.save()
+                    status = "KILLED"
+                    return EXIT_PREEMPTED
+            self.save()  # the final state, unless the last step already saved it
+            return EXIT_OK
+        except BaseException:
+            status = "FAILED"
+            raise
+        finally:
+            bar.close()
+            if self.env.is_main:
+                self._finish_tracking()
+            self.tracker.close(status)
+
+    def _request_stop(self, signum: int, frame) -> None:
+        self.stop_requested = True  # acted on after the current step, on every rank at once
+
+    def train_step(self, batches) -> dict[str, float]:
+        """One optimizer step: ``accum`` micro-batches with a finite loss on every rank."""
+        start, losses, tokens, good = time.perf_counter(), [], 0, 0
+        while good < self.accum:
+            batch = next(batches).to(self.device)
+            try:
+                loss = self.objective(self.engine, batch)
+            except torch.OutOfMemoryError as exc:
+                raise TrainingError(self._oom_message(exc)) from None
+            if all_ranks_agree(not torch.isfinite(loss).item(), self.device):
+                self._drop_bad_loss()
+                continue
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.detach())
+            tokens += int(batch.prompt_mask.sum() + batch.target_mask.sum())
+            good += 1
+        self.progress.bad_in_a_row = 0
+        self.progress.step += 1
+        self.progress.samples += self.cfg.train.global_batch_size
+        return self._step_metrics(torch.stack(losses).mean(), tokens, time.perf_counter() - start)
+
+    def _drop_bad_loss(self) -> None:
+        self.progress.bad_losses += 1
+        self.progress.bad_in_a_row += 1
+        log.warning(
+            "step %d: non-finite loss, micro-batch dropped (%d in a row)",
+            self.progress.step + 1,
+            self.progress.bad_in_a_row,
+        )
+        if self.progress.bad_in_a_row >= self.cfg.train.max_bad_losses_in_a_row:
+            raise TrainingError(
+                f"{self.progress.bad_in_a_row} non-finite losses in a row at step "
+                f"{self.progress.step + 1} (train.max_bad_losses_in_a_row): lower train.lr or "
+                "check the data"
+            )
+
+    def _oom_message(self, exc: Exception) -> str:
+        return (
+            f"out of memory at step {self.progress.step + 1} with micro_batch_size="
+            f"{self.cfg.train.micro_batch_size} ({exc}); lower train.micro_batch_size (the "
+            "accumulation grows to keep the global batch), or set "
+            "parallel.activation_checkpointing: true or a higher parallel.zero_stage"
+        )
+
+    def _step_metrics(self, loss: torch.Tensor, tokens: int, seconds: float) -> dict[str, float]:
+        stats = torch.stack([loss.float(), torch.tensor(float(tokens))]).to(self.device)
+        dist.all_reduce(stats)  # loss: mean over ranks; tokens: sum (TP peers count twice)
+        world = self.env.world_size
+        flops = self.flops_per_micro_batch * self.accum * world / seconds
+        metrics = {
+            "loss": stats[0].item() / world,
+            "lr": self.engine.get_lr()[0],
+            "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+            "samples_per_s": self.cfg.train.global_batch_size / seconds,
+            "tokens_per_s": stats[1].item() / self.dims.tp / seconds,
+            "step_time_s": seconds,
+            "memory_gib": _peak_memory_gib(self.device),
+            "tflops_per_device": flops / world / 1e12,
+            "bad_losses": float(self.progress.bad_losses),
+        }
+        peak = _peak_flops(self.device)
+        if peak:
+            metrics["mfu"] = flops / (peak * world)
+        return metrics
+
+    # --------------------------------------------------------------------------- reporting
+
+    def _log(self, metrics: dict[str, float], bar: tqdm) -> None:
+        step = self.progress.step
+        if not self.env.is_main or step % self.cfg.train.log_every_steps:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.tracker.log_metrics(metrics, step)
+        bar.set_postfix(
+            loss=f"{metrics['loss']:.4f}",
+            lr=f"{metrics['lr']:.2e}",
+            samples_s=f"{metrics['samples_per_s']:.0f}",
+            refresh=False,
+        )
+        bar.update(step - bar.n)
+
+    def _finish_tracking(self) -> None:
+        curve = self.run_dir / "loss.png"
+        if plot_loss_curve(self.run_dir / "metrics.jsonl", curve):
+            self.tracker.log_artifact(curve)
+
+    def save(self) -> None:
+        if self.progress.step == self._saved_step:
+            return
+        self._saved_step = self.progress.step
+        meta = {
+            "samples": self.progress.samples,
+            "bad_losses": self.progress.bad_losses,
+            "mlflow_run_id": self.progress.mlflow_run_id,
+            "stage": self.stage,
+            "config": to_dict(self.cfg),
+        }
+        rank_state = {"rng": checkpoint.rng_state(), "data": self.data.state_dict()}
+        checkpoint.save(
+            self.engine,
+            self.ckpt_root,
+            self.progress.step,
+            meta,
+            rank_state,
+            self.cfg.checkpoint.keep_last,
+        )
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def read_metrics(path: Path) -> dict[int, dict]:
+    """metrics.jsonl -> {step: metrics}; a resumed run appends, so the last line of a step wins."""
+    if not path.is_file():
+        return {}
+    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return {row["step"]: row for row in rows}
+
+
+def plot_loss_curve(metrics: Path, out: Path) -> bool:
+    rows = read_metrics(metrics)
+    if not rows:
+        return False
+    from pali3_train.plots import plot_curves
+
+    steps = sorted(rows)
+    plot_curves({"loss": (steps, [rows[s]["loss"] for s in steps])}, out)
+    return True
+
+
+def _peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def _git_commit() -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).parent,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

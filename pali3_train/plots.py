@@ -1,0 +1,24 @@
+"""Loss curves as PNG: what people would rather look at than read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+
+def plot_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path: Path) -> None:
+    """One panel per curve, ``{name: (steps, values)}``, log-scaled values."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on CPU boxes, CI and cluster nodes
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
+    for ax, (name, (steps, values)) in zip(axes[0], curves.items()):
+        ax.plot(list(steps), list(values))
+        ax.set(title=name, xlabel="step", ylabel="loss", yscale="log")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
