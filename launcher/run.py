@@ -78,9 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is first imported
-    from pali3_train.parallel import ParallelDims, destroy_model_parallel, init_model_parallel
-
     from pali3_train.engine.trainer import EXIT_FAILED, Trainer, TrainingError
+    from pali3_train.parallel import ParallelDims, destroy_model_parallel, init_model_parallel
 
     device = init_distributed(env)
     dims = ParallelDims(env.world_size, cfg.parallel.tensor_parallel_size)

@@ -68,7 +68,8 @@ def _siglip_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Stage 0 on this rank's batch; the chunked loss over all ranks' texts replaces it."""
     images = normalize_images(batch.images, next(model.parameters()).dtype)
     image_emb, text_emb = model(images, batch.target)
-    return sigmoid_loss(image_emb, text_emb, model.logit_scale, model.logit_bias)
+    siglip = getattr(model, "module", model)  # the temperature and bias live in DeepSpeed's module
+    return sigmoid_loss(image_emb, text_emb, siglip.logit_scale, siglip.logit_bias)
 
 
 Objective = Callable[[nn.Module, Batch], torch.Tensor]
@@ -242,6 +243,7 @@ class Trainer:
     def train_step(self, batches) -> dict[str, float]:
         """One optimizer step: ``accum`` micro-batches with a finite loss on every rank."""
         start, losses, tokens, good = time.perf_counter(), [], 0, 0
+        lr = self.engine.get_lr()[0]  # the scheduler moves on at the step's last micro-batch
         while good < self.accum:
             batch = next(batches).to(self.device)
             try:
@@ -259,7 +261,8 @@ class Trainer:
         self.progress.bad_in_a_row = 0
         self.progress.step += 1
         self.progress.samples += self.cfg.train.global_batch_size
-        return self._step_metrics(torch.stack(losses).mean(), tokens, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        return self._step_metrics(torch.stack(losses).mean(), tokens, lr, seconds)
 
     def _drop_bad_loss(self) -> None:
         self.progress.bad_losses += 1
@@ -284,14 +287,16 @@ class Trainer:
             "parallel.activation_checkpointing: true or a higher parallel.zero_stage"
         )
 
-    def _step_metrics(self, loss: torch.Tensor, tokens: int, seconds: float) -> dict[str, float]:
+    def _step_metrics(
+        self, loss: torch.Tensor, tokens: int, lr: float, seconds: float
+    ) -> dict[str, float]:
         stats = torch.stack([loss.float(), torch.tensor(float(tokens))]).to(self.device)
         dist.all_reduce(stats)  # loss: mean over ranks; tokens: sum (TP peers count twice)
         world = self.env.world_size
         flops = self.flops_per_micro_batch * self.accum * world / seconds
         metrics = {
             "loss": stats[0].item() / world,
-            "lr": self.engine.get_lr()[0],
+            "lr": lr,
             "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
             "samples_per_s": self.cfg.train.global_batch_size / seconds,
             "tokens_per_s": stats[1].item() / self.dims.tp / seconds,

@@ -1,0 +1,95 @@
+"""Real runs of `launcher/run.py` under torchrun on CPU, on a small generated demo corpus."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from data_pipeline.demo_corpus import build_demo_corpus
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    return build_demo_corpus(
+        tmp_path_factory.mktemp("demo"),
+        samples_per_source=96,
+        samples_per_shard=16,
+        image_size_px=32,
+        vocab_size=1024,
+    )
+
+
+def stage_config(demo, run_dir: Path, **sections) -> Path:
+    """A stage-1 config for the tiny model on ``demo``, written beside ``run_dir``."""
+    data = {
+        "tokenizer_path": str(demo.tokenizer_path),
+        "sources": [dataclasses.asdict(s) for s in demo.sources()],
+        "max_prompt_tokens": 16,
+        "max_target_tokens": 16,
+        "num_workers": 0,
+    }
+    config = {
+        "include": [str(ROOT / "configs" / "base.yaml"), str(ROOT / "configs/models/tiny.yaml")],
+        "run_dir": str(run_dir),
+        "data": data,
+        "train": {
+            "steps": 6,
+            "global_batch_size": 8,
+            "micro_batch_size": 4,
+            "lr": 1e-3,
+            "warmup_steps": 1,
+        },
+        "parallel": {"zero_stage": 2},
+        "tracking": {"backend": "none"},
+        "checkpoint": {"every_steps": 2, "keep_last": 5},
+        "stage": {"freeze": ["vit"]},
+    }
+    for section, values in sections.items():
+        config[section] = (
+            {**config.get(section, {}), **values} if isinstance(values, dict) else values
+        )
+    path = run_dir.with_suffix(".yaml")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def launch_command(config: Path, nproc: int, *args: str, stage: str = "1") -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(ROOT / "launcher" / "run.py"),
+        "--stage",
+        stage,
+        "--config",
+        str(config),
+        *args,
+    ]
+
+
+def launch_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    return env
+
+
+def launch(config: Path, nproc: int, *args: str, stage: str = "1", timeout: int = 300):
+    return subprocess.run(
+        launch_command(config, nproc, *args, stage=stage),
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )

@@ -1,0 +1,159 @@
+"""`launcher/run.py` end to end with real processes: refusal before start, a stage-1 run with
+its checkpoints and metrics, resume after SIGKILL to the same losses, SIGTERM, broken
+checkpoints."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pali3_train.config import load_config
+from pali3_train.engine.checkpoint import find_latest, verify
+from pali3_train.engine.trainer import read_metrics
+from pali3_train.models import PaLI3
+from tests.engine.conftest import ROOT, launch, launch_command, launch_env, stage_config
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {step: row["loss"] for step, row in read_metrics(run_dir / "metrics.jsonl").items()}
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.2)
+
+
+def test_a_bad_layout_is_refused_on_every_rank_before_any_work(demo, tmp_path):
+    config = stage_config(demo, tmp_path / "run", parallel={"tensor_parallel_size": 4})
+    result = launch(config, 2, timeout=120)
+    assert result.returncode != 0
+    message = "parallel.tensor_parallel_size: 4 does not divide the world size 2"
+    assert result.stderr.count(message) == 2, result.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_config_exits_2_with_one_line(demo, tmp_path):
+    config = stage_config(demo, tmp_path / "run", train={"global_batch_size": 6})
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "launcher/run.py"), "--stage", "1", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=launch_env(),
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "train.micro_batch_size: micro_batch_size=4 does not divide global_batch_size=6" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def reference(demo, tmp_path_factory):
+    """An uninterrupted 2-process ZeRO-2 run of 6 steps, checkpointing every 2."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    result = launch(stage_config(demo, run_dir), 2)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return run_dir
+
+
+def test_a_stage1_run_logs_every_step_and_leaves_verified_checkpoints(reference):
+    losses = _losses(reference)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    assert losses[6] < losses[1]
+    ckpts = reference / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == [
+        "step_00000002",
+        "step_00000004",
+        "step_00000006",
+    ]
+    for path in ckpts.glob("step_*"):
+        verify(path)
+    assert find_latest(ckpts) == ckpts / "step_00000006"
+    assert (reference / "config.yaml").is_file()
+
+
+def test_the_frozen_vit_is_unchanged_and_the_rest_trained(reference):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    cfg = load_config(reference / "config.yaml")
+    torch.manual_seed(cfg.train.seed)
+    initial = PaLI3(cfg.model).state_dict()
+    trained = get_fp32_state_dict_from_zero_checkpoint(
+        str(reference / "checkpoints/step_00000006"), tag="engine"
+    )
+    vit = [k for k in initial if k.startswith("vit.")]
+    assert vit and all(torch.equal(trained[k], initial[k]) for k in vit)
+    assert not torch.equal(trained["projection.weight"], initial["projection.weight"])
+    assert not torch.equal(trained["ul2.lm_head.weight"], initial["ul2.lm_head.weight"])
+
+
+def test_a_run_killed_mid_way_resumes_to_the_same_losses(demo, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    config = stage_config(demo, run_dir)
+    process = subprocess.Popen(
+        launch_command(config, 2),
+        env=launch_env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    _wait_for(run_dir / "checkpoints" / "step_00000004" / "COMPLETE.json", process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+    result = launch(config, 2, "--resume", "auto")
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert "resumed from" in result.stderr
+    expected, got = _losses(reference), _losses(run_dir)
+    assert sorted(got) == sorted(expected)
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), step
+
+
+def test_sigterm_saves_and_exits_with_the_requeue_code(demo, tmp_path):
+    run_dir = tmp_path / "run"
+    config = stage_config(demo, run_dir, train={"steps": 500}, checkpoint={"every_steps": 1000})
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "launcher/run.py"), "--stage", "1", "--config", str(config)],
+        env=launch_env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for(run_dir / "metrics.jsonl", process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 75, stderr[-3000:]
+    latest = find_latest(run_dir / "checkpoints")
+    assert latest is not None and int(latest.name.split("_")[1]) == max(_losses(run_dir))
+
+
+def test_a_broken_checkpoint_is_skipped_by_auto_and_refused_by_name(demo, reference, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    broken = run_dir / "checkpoints" / "step_00000006"
+    victim = max((p for p in broken.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[:100])
+    config = stage_config(demo, run_dir, train={"steps": 7})
+
+    refused = launch(config, 2, "--resume", str(broken), timeout=120)
+    assert refused.returncode != 0 and "has 100 bytes, expected" in refused.stderr
+
+    result = launch(config, 2, "--resume", "auto")
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert "skipping checkpoint" in result.stderr
+    assert "resumed from" in result.stderr and "step_00000004" in result.stderr

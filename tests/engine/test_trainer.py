@@ -1,0 +1,88 @@
+"""The trainer in this process (one real gloo rank): frozen modules cost no optimizer state,
+bad losses are dropped and counted, out-of-memory is reported with advice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from pali3_train.config import load_config
+from pali3_train.engine.distributed import DistEnv, init_distributed
+from pali3_train.engine.trainer import Trainer, TrainingError
+from pali3_train.parallel import ParallelDims, destroy_model_parallel, init_model_parallel
+from tests.engine.conftest import stage_config
+
+
+@pytest.fixture
+def make_trainer(demo, tmp_path, monkeypatch):
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    env = DistEnv(0, 1, 0)
+    device = init_distributed(env)
+    dims = ParallelDims(1, 1)
+    init_model_parallel(dims)
+
+    def make(**sections) -> Trainer:
+        cfg = load_config(stage_config(demo, tmp_path / "run", **sections))
+        return Trainer(cfg, "1", env, device, dims, resume="none")
+
+    yield make
+    destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_frozen_modules_take_no_gradient_and_no_optimizer_state(make_trainer):
+    trainer = make_trainer(train={"steps": 2})
+    model = trainer.engine.module
+    vit_before = {k: v.clone() for k, v in model.vit.state_dict().items()}
+    assert trainer.run() == 0
+    assert all(torch.equal(v, model.vit.state_dict()[k]) for k, v in vit_before.items())
+    assert all(p.grad is None for p in model.vit.parameters())
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    vit = sum(p.numel() for p in model.vit.parameters())
+    state = sum(s["exp_avg"].numel() for s in trainer.engine.optimizer.optimizer.state.values())
+    assert trainable <= state < trainable + 64, (trainable, state)  # ZeRO pads its flat buffer
+    assert vit > 0 and state + vit > trainable + vit - 64
+
+
+def test_non_finite_losses_are_dropped_counted_and_the_run_goes_on(make_trainer):
+    trainer = make_trainer(train={"steps": 3})
+    real, calls = trainer.objective, []
+
+    def sometimes_nan(model, batch):
+        calls.append(1)
+        loss = real(model, batch)
+        return loss * float("nan") if len(calls) in (2, 3) else loss
+
+    trainer.objective = sometimes_nan
+    assert trainer.run() == 0
+    assert trainer.progress.bad_losses == 2 and trainer.progress.step == 3
+    assert len(calls) == 3 * trainer.accum + 2  # the dropped ones were replaced
+
+
+def test_too_many_bad_losses_in_a_row_stop_the_run(make_trainer):
+    trainer = make_trainer(train={"steps": 3, "max_bad_losses_in_a_row": 3})
+    trainer.objective = lambda model, batch: torch.tensor(float("inf"), requires_grad=True)
+    with pytest.raises(TrainingError, match="3 non-finite losses in a row at step 1"):
+        trainer.run()
+
+
+def test_out_of_memory_is_reported_with_what_to_change(make_trainer):
+    trainer = make_trainer()
+
+    def oom(model, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    trainer.objective = oom
+    with pytest.raises(TrainingError, match="out of memory at step 1 with micro_batch_size=4"):
+        trainer.run()
