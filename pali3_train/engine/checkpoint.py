@@ -19,6 +19,8 @@ import logging
 import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 COMPLETE = "COMPLETE.json"
 LATEST = "latest"
 ENGINE_TAG = "engine"
+UNIVERSAL_TAG = "universal"
 
 
 class CheckpointError(RuntimeError):
@@ -173,16 +176,54 @@ def resolve(resume: str, root: Path) -> Path | None:
 # ------------------------------------------------------------------------------------ loading
 
 
-def load(engine, path: Path) -> tuple[dict, dict]:
-    """Collective. Restores DeepSpeed's state in ``engine``; returns (meta, this rank's state)."""
+def saved_world_size(path: Path) -> int:
+    return json.loads((path / "meta.json").read_text())["world_size"]
+
+
+def convert_to_universal(path: Path) -> None:
+    """Collective. DeepSpeed's ZeRO shards belong to the data-parallel size that wrote them; its
+    universal format (one file per parameter and optimizer state) loads onto any. Rank 0
+    converts once per checkpoint, into ``universal/``, atomically like the rest."""
+    if dist.get_rank() == 0 and not (path / UNIVERSAL_TAG).is_dir():
+        tmp = path / f".tmp-{UNIVERSAL_TAG}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        command = [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(path / ENGINE_TAG),
+            "--output_folder",
+            str(tmp),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+            "--inject_missing_state",
+        ]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode:
+            raise CheckpointError(
+                f"{path}: conversion to DeepSpeed's universal format failed:\n"
+                f"{result.stderr[-2000:]}"
+            )
+        os.replace(tmp, path / UNIVERSAL_TAG)
+    dist.barrier()
+
+
+def load_options(reshard: bool) -> dict:
+    """DeepSpeed config entries for loading; the universal format is chosen at engine creation."""
+    return {"checkpoint": {"load_universal": True}} if reshard else {}
+
+
+def load(engine, path: Path, reshard: bool = False) -> tuple[dict, dict | None]:
+    """Collective. Restores DeepSpeed's state in ``engine``; returns (meta, this rank's state),
+    the latter None when resharding onto another world size (it belonged to the old ranks)."""
     meta = json.loads((path / "meta.json").read_text())
-    if meta["world_size"] != dist.get_world_size():
-        raise CheckpointError(
-            f"{path}: saved by {meta['world_size']} ranks, this run has {dist.get_world_size()}; "
-            "resuming on another world size needs the checkpoint converted first"
-        )
-    loaded, _ = engine.load_checkpoint(str(path), tag=ENGINE_TAG)
+    loaded, _ = engine.load_checkpoint(str(path), tag=UNIVERSAL_TAG if reshard else ENGINE_TAG)
     if loaded is None:
-        raise CheckpointError(f"{path}: DeepSpeed could not load {ENGINE_TAG}/")
+        raise CheckpointError(f"{path}: DeepSpeed could not load its state")
+    if reshard:
+        return meta, None
     rank_state = json.loads((path / f"rank{dist.get_rank():05d}.json").read_text())
     return meta, rank_state

@@ -51,8 +51,11 @@ def init_distributed(env: DistEnv) -> torch.device:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     # DeepSpeed reads these itself; srun and plain python do not set them.
-    for name, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size),
-                        ("LOCAL_RANK", env.local_rank)):
+    for name, value in (
+        ("RANK", env.rank),
+        ("WORLD_SIZE", env.world_size),
+        ("LOCAL_RANK", env.local_rank),
+    ):
         os.environ.setdefault(name, str(value))
     dist.init_process_group(backend, rank=env.rank, world_size=env.world_size)
     return device

@@ -15,7 +15,7 @@ import resource
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -29,7 +29,8 @@ from tqdm import tqdm
 from data_pipeline.loader import DataPipeline
 from data_pipeline.transforms import Batch, normalize_images
 from pali3_train.config import Config, dump_config, to_dict
-from pali3_train.convert.safetensors_io import load_weights
+from pali3_train.convert.rename import add_prefix, strip_prefix
+from pali3_train.convert.safetensors_io import load_weights, read_metadata
 from pali3_train.engine import checkpoint
 from pali3_train.engine.deepspeed_config import accumulation_steps, deepspeed_config
 from pali3_train.engine.distributed import DistEnv, all_ranks_agree
@@ -96,7 +97,12 @@ def build_model(cfg: Config, stage: str, dims: ParallelDims) -> nn.Module:
 
 
 def _load_init(model: nn.Module, path: str) -> None:
-    missing, unexpected = model.load_state_dict(load_weights(path), strict=False)
+    """Weights exported by an earlier stage. A SigLIP file (stage 0) gives PaLI-3 its ViT: the
+    image tower; its MAP head and text tower have no place in PaLI-3."""
+    state = load_weights(path)
+    if isinstance(model, PaLI3) and read_metadata(path).get("kind") == "siglip":
+        state = add_prefix(strip_prefix(state, "image."), "vit.")
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise TrainingError(
             f"stage.init_from: {path} has weights this model lacks: {sorted(unexpected)[:5]}"
@@ -141,6 +147,10 @@ class Trainer:
         self.progress = Progress()
         self.stop_requested = False
 
+        restored = checkpoint.resolve(resume, self.ckpt_root)
+        reshard = restored is not None and checkpoint.saved_world_size(restored) != env.world_size
+        if reshard:
+            checkpoint.convert_to_universal(restored)  # before the engine exists: its config says
         model = build_model(cfg, stage, dims).to(device)
         self.data = DataPipeline(cfg, dp_rank(), dp_size(), cfg.train.micro_batch_size)
         self.flops_per_micro_batch = self._count_flops(model)
@@ -149,13 +159,12 @@ class Trainer:
             model=model,
             optimizer=optimizer,
             lr_scheduler=make_scheduler(optimizer, cfg.train),
-            config=deepspeed_config(cfg, dims.dp),
+            config=deepspeed_config(cfg, dims.dp) | checkpoint.load_options(reshard),
             mpu=DeepSpeedMPU(),
             dist_init_required=False,
         )
-        restored = checkpoint.resolve(resume, self.ckpt_root)
         if restored is not None:
-            self._restore(restored)
+            self._restore(restored, reshard)
         self._saved_step = self.progress.step if restored is not None else -1
         self.tracker = open_tracker(
             cfg.tracking, self.run_dir, is_main=env.is_main, run_id=self.progress.mlflow_run_id
@@ -176,13 +185,28 @@ class Trainer:
         self.data = DataPipeline(self.cfg, dp_rank(), dp_size(), self.cfg.train.micro_batch_size)
         return float(counter.get_total_flops())
 
-    def _restore(self, path: Path) -> None:
-        meta, rank_state = checkpoint.load(self.engine, path)
+    def _restore(self, path: Path, reshard: bool) -> None:
+        meta, rank_state = checkpoint.load(self.engine, path, reshard)
         self.progress = Progress(
             meta["step"], meta["samples"], meta["bad_losses"], meta["mlflow_run_id"]
         )
-        self.data.load_state_dict(rank_state["data"])
-        checkpoint.set_rng_state(rank_state["rng"])
+        if reshard:
+            # Data and RNG states belong to the old layout's ranks: start a fresh, step-seeded
+            # stream rather than replay the data from the beginning.
+            cfg = replace(
+                self.cfg, train=replace(self.cfg.train, seed=self.cfg.train.seed + meta["step"])
+            )
+            self.data = DataPipeline(cfg, dp_rank(), dp_size(), cfg.train.micro_batch_size)
+            log.warning(
+                "resharded %s from %d to %d ranks: model and optimizer state restored, "
+                "the data order restarts",
+                path,
+                meta["world_size"],
+                self.env.world_size,
+            )
+        else:
+            self.data.load_state_dict(rank_state["data"])
+            checkpoint.set_rng_state(rank_state["rng"])
         if self.env.is_main:
             log.info("resumed from %s at step %d", path, self.progress.step)
 
@@ -339,7 +363,7 @@ class Trainer:
         meta = {
             "samples": self.progress.samples,
             "bad_losses": self.progress.bad_losses,
-            "mlflow_run_id": self.progress.mlflow_run_id,
+            "mlflow_run_id": self.tracker.run_id,  # may change once an offline server returns
             "stage": self.stage,
             "config": to_dict(self.cfg),
         }

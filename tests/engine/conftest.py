@@ -93,3 +93,12 @@ def launch(config: Path, nproc: int, *args: str, stage: str = "1", timeout: int 
         timeout=timeout,
         cwd=ROOT,
     )
+
+
+@pytest.fixture(scope="session")
+def reference(demo, tmp_path_factory):
+    """An uninterrupted 2-process ZeRO-2 run of 6 steps, checkpointing every 2."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    result = launch(stage_config(demo, run_dir), 2)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return run_dir

@@ -52,17 +52,11 @@ def test_a_bad_config_exits_2_with_one_line(demo, tmp_path):
         timeout=120,
     )
     assert result.returncode == 2
-    assert "train.micro_batch_size: micro_batch_size=4 does not divide global_batch_size=6" in result.stderr
+    assert (
+        "train.micro_batch_size: micro_batch_size=4 does not divide global_batch_size=6"
+        in result.stderr
+    )
     assert len(result.stderr.strip().splitlines()) == 1
-
-
-@pytest.fixture(scope="module")
-def reference(demo, tmp_path_factory):
-    """An uninterrupted 2-process ZeRO-2 run of 6 steps, checkpointing every 2."""
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    result = launch(stage_config(demo, run_dir), 2)
-    assert result.returncode == 0, result.stderr[-5000:]
-    return run_dir
 
 
 def test_a_stage1_run_logs_every_step_and_leaves_verified_checkpoints(reference):

@@ -190,5 +190,8 @@ def test_four_processes_match_one_unsharded_process(tmp_path, tp, zero):
             want = full[name]
             if tp > 1 and name in split:
                 want = want.chunk(tp, dim=split[name])[result["tp_rank"]]
-            torch.testing.assert_close(local, want, atol=1e-5, rtol=0, msg=lambda m: f"{name} rank {rank}: {m}")
+            where = f"{name} on rank {rank}"
+            torch.testing.assert_close(
+                local, want, atol=1e-5, rtol=0, msg=lambda m, w=where: f"{w}: {m}"
+            )
     assert losses[-1] < losses[0]

@@ -1,0 +1,1 @@
+"""Training engine: the step loop, checkpoints and experiment tracking."""
