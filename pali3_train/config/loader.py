@@ -207,7 +207,9 @@ def _build(cls: type, data: Any, prefix: str, origins: Origins, default_source: 
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if required and f.name not in kwargs:
             dotted = f"{prefix}.{f.name}" if prefix else f.name
-            raise ConfigError(_source(origins, prefix, default_source), dotted, "missing (required)")
+            raise ConfigError(
+                _source(origins, prefix, default_source), dotted, "missing (required)"
+            )
     try:
         return cls(**kwargs)
     except FieldError as exc:

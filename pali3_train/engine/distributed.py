@@ -49,7 +49,7 @@ def init_distributed(env: DistEnv) -> torch.device:
         device, backend = torch.device("cpu"), "gloo"
     if env.world_size == 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     # DeepSpeed reads these itself; srun and plain python do not set them.
     for name, value in (
         ("RANK", env.rank),
@@ -61,7 +61,7 @@ def init_distributed(env: DistEnv) -> torch.device:
     return device
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

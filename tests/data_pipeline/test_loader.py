@@ -4,7 +4,6 @@ deterministic training order, mixture weights, exact resume, and refused mixture
 from __future__ import annotations
 
 import json
-import socket
 from collections import Counter
 from itertools import islice
 from pathlib import Path
@@ -18,6 +17,7 @@ from data_pipeline.health import Health
 from data_pipeline.loader import DataPipeline, resolve_sources
 from data_pipeline.mixture import SourceStream, WorkerLayout
 from pali3_train.config import ConfigError
+from pali3_train.engine.distributed import free_port
 from pali3_train.tokenizer import Tokenizer
 
 
@@ -43,12 +43,6 @@ def _epoch_on_rank(rank: int, world: int, port: int, corpus, workers: int, out: 
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("world,workers", [(2, 2), (3, 1)])
 def test_an_epoch_serves_every_sample_exactly_once_across_ranks_and_workers(
     corpus, tmp_path, world, workers
@@ -56,9 +50,9 @@ def test_an_epoch_serves_every_sample_exactly_once_across_ranks_and_workers(
     out = tmp_path / "keys.json"
     mp.start_processes(
         _epoch_on_rank,
-        (world, _free_port(), corpus, workers, str(out)),
+        (world, free_port(), corpus, workers, str(out)),
         nprocs=world,
-        start_method="fork",
+        start_method="spawn",
     )
     per_rank = json.loads(out.read_text())
     everything = [k for keys in per_rank for k in keys]

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from data_pipeline.demo_corpus import build_demo_corpus
+from pali3_train.engine.distributed import DistEnv, free_port, init_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -102,3 +107,59 @@ def reference(demo, tmp_path_factory):
     result = launch(stage_config(demo, run_dir), 2)
     assert result.returncode == 0, result.stderr[-5000:]
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real tracking server on a free port; yields its URI."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server_log = open(root / "server.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server",
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+         "--default-artifact-root", str(root / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # quicker stop
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited: {(root / 'server.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server not up in 60 s: {(root / 'server.log').read_text()}")
+            time.sleep(0.2)
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and its workers
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        server_log.close()
+
+
+@pytest.fixture
+def one_rank(monkeypatch):
+    """This process as a one-rank world (real gloo group, megatron state): (env, device, dims)."""
+    from pali3_train.parallel import ParallelDims, destroy_model_parallel, init_model_parallel
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    env = DistEnv(0, 1, 0)
+    device = init_distributed(env)
+    dims = ParallelDims(1, 1)
+    init_model_parallel(dims)
+    yield env, device, dims
+    destroy_model_parallel()
+    torch.distributed.destroy_process_group()

@@ -4,19 +4,16 @@ as the next stage's start; a checkpoint resumed on another data-parallel size ho
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from pali3_train.config import load_config
 from pali3_train.convert.safetensors_io import load_weights, read_metadata, save_weights
-from pali3_train.engine.distributed import DistEnv, init_distributed
 from pali3_train.engine.export import export
 from pali3_train.engine.trainer import Trainer, build_model
 from pali3_train.models import PaLI3, SigLIP
-from pali3_train.parallel import ParallelDims, destroy_model_parallel, init_model_parallel
+from pali3_train.parallel import ParallelDims
 from tests.engine.conftest import launch, stage_config
 
 
@@ -73,22 +70,6 @@ def test_weights_with_no_place_in_the_model_are_refused(demo, tmp_path):
     cfg = load_config(stage_config(demo, tmp_path / "b", stage={"init_from": str(weights)}))
     with pytest.raises(Exception, match="has weights this model lacks: \\['something.else'\\]"):
         build_model(cfg, "1", ParallelDims(1, 1))
-
-
-@pytest.fixture
-def one_rank(monkeypatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(port))
-    env = DistEnv(0, 1, 0)
-    device = init_distributed(env)
-    dims = ParallelDims(1, 1)
-    init_model_parallel(dims)
-    yield env, device, dims
-    destroy_model_parallel()
-    dist.destroy_process_group()
 
 
 def test_a_two_rank_checkpoint_resumes_on_one_rank_with_its_weights(demo, reference, one_rank):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import deepspeed
@@ -19,6 +18,7 @@ import torch.multiprocessing as mp
 from data_pipeline.transforms import Batch
 from pali3_train.config import config_from_dict, load_config
 from pali3_train.engine.deepspeed_config import accumulation_steps, deepspeed_config
+from pali3_train.engine.distributed import free_port
 from pali3_train.engine.optim import freeze, make_optimizer, make_scheduler
 from pali3_train.engine.trainer import OBJECTIVES, build_model
 from pali3_train.models import PaLI3
@@ -163,20 +163,14 @@ def _tp_slices(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return dims
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("tp,zero", [(2, 3), (1, 2)], ids=["tp2-dp2-zero3", "tp1-dp4-zero2"])
 def test_four_processes_match_one_unsharded_process(tmp_path, tp, zero):
     world = 4
     mp.start_processes(
         _train_rank,
-        (world, _free_port(), tp, zero, str(tmp_path)),
+        (world, free_port(), tp, zero, str(tmp_path)),
         nprocs=world,
-        start_method="fork",
+        start_method="spawn",
     )
     cfg = _config(tp, zero)
     losses, full = _reference(cfg)

@@ -4,13 +4,9 @@ an outage neither stops training nor loses metrics."""
 
 import logging
 import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -20,55 +16,10 @@ from mlflow import MlflowClient
 
 from pali3_train.config import Config, DataConfig, SourceConfig, TrackingConfig
 from pali3_train.engine import tracking
+from pali3_train.engine.distributed import free_port
 from pali3_train.engine.tracking import NullTracker, flatten_config, open_tracker
 
 LOGGER = "pali3_train.engine.tracking"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real tracking server on a free port; yields its URI."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server_log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server",
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--default-artifact-root", str(root / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # quicker stop
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited: {(root / 'server.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=1) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not up in 60 s: {(root / 'server.log').read_text()}")
-            time.sleep(0.2)
-        yield uri
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and its workers
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        server_log.close()
 
 
 class Switch:
@@ -77,7 +28,7 @@ class Switch:
 
     def __init__(self, target_uri: str):
         self.target = ("127.0.0.1", int(target_uri.rsplit(":", 1)[1]))
-        self.port = _free_port()
+        self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []
@@ -315,7 +266,7 @@ def _fallback_client(run_dir: Path) -> MlflowClient:
 
 
 def test_unreachable_server_falls_back_to_the_run_dir_quickly(tmp_path, caplog):
-    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     cfg = _cfg(uri)
     start = time.monotonic()
     with caplog.at_level(logging.WARNING, logger=LOGGER):

@@ -5,39 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from pali3_train.config import load_config
-from pali3_train.engine.distributed import DistEnv, init_distributed
 from pali3_train.engine.trainer import Trainer, TrainingError
-from pali3_train.parallel import ParallelDims, destroy_model_parallel, init_model_parallel
 from tests.engine.conftest import stage_config
 
 
 @pytest.fixture
-def make_trainer(demo, tmp_path, monkeypatch):
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
-    env = DistEnv(0, 1, 0)
-    device = init_distributed(env)
-    dims = ParallelDims(1, 1)
-    init_model_parallel(dims)
-
+def make_trainer(demo, tmp_path, one_rank):
     def make(**sections) -> Trainer:
         cfg = load_config(stage_config(demo, tmp_path / "run", **sections))
-        return Trainer(cfg, "1", env, device, dims, resume="none")
+        return Trainer(cfg, "1", *one_rank, resume="none")
 
-    yield make
-    destroy_model_parallel()
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return make
 
 
 def test_frozen_modules_take_no_gradient_and_no_optimizer_state(make_trainer):
