@@ -151,3 +151,45 @@ def test_a_broken_checkpoint_is_skipped_by_auto_and_refused_by_name(demo, refere
     assert result.returncode == 0, result.stderr[-5000:]
     assert "skipping checkpoint" in result.stderr
     assert "resumed from" in result.stderr and "step_00000004" in result.stderr
+
+
+def test_the_deepspeed_launcher_runs_stage1(demo, tmp_path):
+    run_dir = tmp_path / "run"
+    config = stage_config(demo, run_dir, train={"steps": 2})
+    deepspeed_cli = Path(sys.executable).parent / "deepspeed"
+    command = [str(deepspeed_cli), "--num_gpus", "2", str(ROOT / "launcher/run.py"),
+               "--stage", "1", "--config", str(config)]  # fmt: skip
+    result = subprocess.run(command, env=launch_env(), cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert sorted(_losses(run_dir)) == [1, 2]
+    assert find_latest(run_dir / "checkpoints") == run_dir / "checkpoints" / "step_00000002"
+
+
+def test_runs_are_tracked_in_mlflow_and_a_resumed_run_continues_the_same_run(
+    demo, mlflow_server, tmp_path
+):
+    from mlflow import MlflowClient
+
+    run_dir = tmp_path / "run"
+    tracking = {"backend": "mlflow", "tracking_uri": mlflow_server, "experiment": "engine-test"}
+    first = launch(stage_config(demo, run_dir, tracking=tracking, train={"steps": 4}), 2)
+    assert first.returncode == 0, first.stderr[-5000:]
+    resumed = launch(stage_config(demo, run_dir, tracking=tracking, train={"steps": 6}), 2)
+    assert resumed.returncode == 0, resumed.stderr[-5000:]
+
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("engine-test")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.params["train.steps"] == "4" and run.data.params["model.vit.width"] == "64"
+    assert run.data.tags["stage"] == "1" and run.data.tags["world_size"] == "2"
+    assert len(run.data.tags["git_commit"]) in (40, 7) or run.data.tags["git_commit"] == "unknown"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted({m.step for m in history}) == [1, 2, 3, 4, 5, 6]
+    expected = _losses(run_dir)
+    assert all(m.value == pytest.approx(expected[m.step]) for m in history)
+    for metric in ("lr", "grad_norm", "samples_per_s", "tokens_per_s", "step_time_s",
+                   "memory_gib", "tflops_per_device"):  # fmt: skip
+        assert len(client.get_metric_history(run.info.run_id, metric)) >= 6, metric
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "loss.png"} <= artifacts
