@@ -68,9 +68,6 @@ def siglip_from_hf(hf_state: Mapping[str, torch.Tensor]) -> StateDict:
         if fused is not None:
             for proj, part in zip(_QKV, fused.chunk(3)):
                 state[f"vision_model.head.attention.{proj}.{kind}"] = part
-    for name in _SCALARS:
-        if name in state:
-            state[name] = state[name].reshape(())
     return rename(state, RULES, to_hf=False)
 
 
@@ -81,9 +78,6 @@ def siglip_to_hf(state: Mapping[str, torch.Tensor]) -> StateDict:
         parts = [hf.pop(f"vision_model.head.attention.{proj}.{kind}", None) for proj in _QKV]
         if all(p is not None for p in parts):
             hf[_IN_PROJ + kind] = torch.cat(parts)
-    for name in _SCALARS:
-        if name in hf:
-            hf[name] = hf[name].reshape(1)
     return hf
 
 

@@ -22,8 +22,9 @@ class SigLIP(nn.Module):
         self.text = TextTransformer(cfg.text, embed_dim=cfg.vit.width)
         # t' = log 10 and b = -10, the paper's initialisation: with many more negatives than
         # positives, a strongly negative bias keeps the initial loss from being dominated by them.
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
-        self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+        # Shape [1], as in HF's SigLIP: DeepSpeed's ZeRO cannot flatten 0-dim parameters.
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(10.0)]))
+        self.logit_bias = nn.Parameter(torch.tensor([-10.0]))
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> L2-normalised [B, width]."""

@@ -193,3 +193,26 @@ def test_runs_are_tracked_in_mlflow_and_a_resumed_run_continues_the_same_run(
         assert len(client.get_metric_history(run.info.run_id, metric)) >= 6, metric
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "loss.png"} <= artifacts
+
+
+def test_activation_checkpointing_under_zero3_with_a_frozen_vit_changes_no_loss(demo, tmp_path):
+    losses = {}
+    for checkpointing in (False, True):
+        run_dir = tmp_path / f"ac-{checkpointing}"
+        parallel = {"zero_stage": 3, "activation_checkpointing": checkpointing}
+        result = launch(stage_config(demo, run_dir, parallel=parallel, train={"steps": 3}), 1)
+        assert result.returncode == 0, result.stderr[-5000:]
+        losses[checkpointing] = _losses(run_dir)
+    assert sorted(losses[True]) == [1, 2, 3]
+    for step, loss in losses[False].items():
+        assert losses[True][step] == pytest.approx(loss, abs=1e-6)
+
+
+def test_stage0_trains_siglip_on_the_captions(demo, tmp_path):
+    run_dir = tmp_path / "run"
+    config = stage_config(demo, run_dir, train={"steps": 3}, stage={"freeze": []})
+    result = launch(config, 2, stage="0")
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert sorted(_losses(run_dir)) == [1, 2, 3]
+    meta = (run_dir / "checkpoints" / "step_00000003" / "meta.json").read_text()
+    assert '"stage": "0"' in meta
