@@ -115,6 +115,21 @@ def _load_init(model: nn.Module, path: str) -> None:
         )
 
 
+def make_engine(cfg: Config, model: nn.Module, dims: ParallelDims, extra: dict | None = None):
+    """DeepSpeed around ``model``: AdamW over its trainable parameters, the schedule, ZeRO over
+    the data-parallel group only (the mpu adapter), the JSON generated from ``cfg``."""
+    optimizer = make_optimizer(model, cfg.train)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=make_scheduler(optimizer, cfg.train),
+        config=deepspeed_config(cfg, dims.dp) | (extra or {}),
+        mpu=DeepSpeedMPU(),
+        dist_init_required=False,
+    )
+    return engine
+
+
 # --------------------------------------------------------------------------------- the trainer
 
 
@@ -154,15 +169,7 @@ class Trainer:
         model = build_model(cfg, stage, dims).to(device)
         self.data = DataPipeline(cfg, dp_rank(), dp_size(), cfg.train.micro_batch_size)
         self.flops_per_micro_batch = self._count_flops(model)
-        optimizer = make_optimizer(model, cfg.train)
-        self.engine, *_ = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            lr_scheduler=make_scheduler(optimizer, cfg.train),
-            config=deepspeed_config(cfg, dims.dp) | checkpoint.load_options(reshard),
-            mpu=DeepSpeedMPU(),
-            dist_init_required=False,
-        )
+        self.engine = make_engine(cfg, model, dims, checkpoint.load_options(reshard))
         if restored is not None:
             self._restore(restored, reshard)
         self._saved_step = self.progress.step if restored is not None else -1

@@ -17,14 +17,13 @@ import torch.multiprocessing as mp
 
 from data_pipeline.transforms import Batch
 from pali3_train.config import config_from_dict, load_config
-from pali3_train.engine.deepspeed_config import accumulation_steps, deepspeed_config
+from pali3_train.engine.deepspeed_config import accumulation_steps
 from pali3_train.engine.distributed import free_port
 from pali3_train.engine.optim import freeze, make_optimizer, make_scheduler
-from pali3_train.engine.trainer import OBJECTIVES, build_model
+from pali3_train.engine.trainer import OBJECTIVES, build_model, make_engine
 from pali3_train.models import PaLI3
 from pali3_train.parallel import (
     TP_PLAN,
-    DeepSpeedMPU,
     ParallelDims,
     Shard,
     destroy_model_parallel,
@@ -99,16 +98,7 @@ def _train_rank(rank: int, world: int, port: int, tp: int, zero: int, out: str) 
     init_model_parallel(dims)
     cfg = _config(tp, zero)
     accum = accumulation_steps(cfg, dims.dp)
-    model = build_model(cfg, "1", dims)
-    optimizer = make_optimizer(model, cfg.train)
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=make_scheduler(optimizer, cfg.train),
-        config=deepspeed_config(cfg, dims.dp),
-        mpu=DeepSpeedMPU(),
-        dist_init_required=False,
-    )
+    engine = make_engine(cfg, build_model(cfg, "1", dims), dims)
     losses = []
     for step in range(STEPS):
         total = torch.zeros(1)
