@@ -20,7 +20,7 @@ from pali3_train.models.vit import VisionTransformer
 
 class PaLI3Output(NamedTuple):
     loss: torch.Tensor  # scalar, mean over real target tokens
-    logits: torch.Tensor  # [B, T, vocab]
+    logits: torch.Tensor  # [B, T, vocab]; under tensor parallelism this rank's [B, T, vocab / tp]
 
 
 class PaLI3(nn.Module):
@@ -30,6 +30,9 @@ class PaLI3(nn.Module):
         self.vit = VisionTransformer(cfg.vit)
         self.projection = nn.Linear(cfg.vit.width, cfg.ul2.d_model)
         self.ul2 = UL2(cfg.ul2)
+        # (logits, target, mask) -> mean over real target tokens. A vocabulary-sharded LM head
+        # needs a collective loss: pali3_train.parallel swaps one in; the model stays unaware.
+        self.token_loss = token_cross_entropy
         nn.init.xavier_uniform_(self.projection.weight)
         nn.init.zeros_(self.projection.bias)
 
@@ -56,7 +59,7 @@ class PaLI3(nn.Module):
         memory, memory_mask = self.encode(images, prompt, prompt_mask)
         state = self.ul2.start_decoding(memory, memory_mask, use_cache=False)
         logits = self.ul2.decode(shift_right(target, self.cfg.ul2.pad_id), state)
-        return PaLI3Output(token_cross_entropy(logits, target, target_mask.bool()), logits)
+        return PaLI3Output(self.token_loss(logits, target, target_mask.bool()), logits)
 
     @torch.no_grad()
     def generate(

@@ -1,0 +1,263 @@
+"""Tensor parallelism applied from outside the models: swap their layers for megatron-core's.
+
+The models stay plain PyTorch. ``parallelize`` walks a model built whole (same seed on every rank)
+and, following ``TP_PLAN``, replaces each listed child by a megatron-core tensor-parallel layer
+holding this rank's slice of the original weights, so the parallel model computes the same
+function as the unsharded one. Attention is split by heads (q/k/v column-parallel, out row-parallel,
+the relative position bias keeps this rank's heads), feed-forwards by hidden units, and UL2's
+vocabulary by contiguous slices (embedding and LM head). Under TP the LM head yields this rank's
+vocabulary shard of the logits, [B, T, vocab / tp], and PaLI-3's loss becomes megatron-core's
+vocabulary-parallel cross-entropy. Text generation under TP is not supported (it needs full logits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import Enum
+
+import torch
+from megatron.core import ModelParallelConfig, parallel_state, tensor_parallel
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from torch import nn
+
+from pali3_train.models.attention import MultiHeadAttention
+from pali3_train.models.pali3 import PaLI3
+from pali3_train.models.transformer import MLP
+from pali3_train.models.ul2 import UL2, FeedForward, RelativePositionBias
+from pali3_train.parallel.dims import ParallelDims, tp_rank
+
+
+class Shard(Enum):
+    COLUMN = "column"  # Linear: output features split; the output stays sharded (no gather)
+    ROW = "row"  # Linear: input features split (takes a COLUMN output); output all-reduced
+    VOCAB = "vocab"  # Embedding: rows (token ids) split; looked-up vectors all-reduced
+    HEADS = "heads"  # Embedding [buckets, heads]: columns (attention heads) split; no collective
+
+
+# Owner module type -> {child attribute: how it is split}. Consecutive COLUMN/ROW pairs need one
+# all-reduce forward (ROW) and one backward (COLUMN's input gradient) per block.
+TP_PLAN: dict[type[nn.Module], dict[str, Shard]] = {
+    MultiHeadAttention: {
+        "q_proj": Shard.COLUMN,
+        "k_proj": Shard.COLUMN,
+        "v_proj": Shard.COLUMN,
+        "out_proj": Shard.ROW,
+    },
+    MLP: {"fc1": Shard.COLUMN, "fc2": Shard.ROW},  # SigLIP ViT/text blocks and the MAP head
+    FeedForward: {"wi_gate": Shard.COLUMN, "wi_up": Shard.COLUMN, "wo": Shard.ROW},  # UL2
+    RelativePositionBias: {"embed": Shard.HEADS},
+    UL2: {"embed": Shard.VOCAB, "lm_head": Shard.COLUMN},  # lm_head: logits for this vocab slice
+}
+
+
+# ------------------------------------------------------------------------------- entry point
+
+
+def parallelize(model: nn.Module, dims: ParallelDims) -> nn.Module:
+    """Apply ``TP_PLAN`` to ``model`` in place and return it. ``tp == 1`` leaves it untouched.
+    For ``tp > 1``: call ``init_model_parallel(dims)`` first, and parallelize the whole model
+    before DeepSpeed sees it (the full weights are read here). Frozen parameters stay frozen."""
+    if dims.tp == 1:
+        return model
+    targets = _plan_targets(model)
+    for path, owner, name, shard in targets:  # all checks first: fail before changing anything
+        _check_divisible(path, owner, getattr(owner, name), shard, dims.tp)
+    if not parallel_state.model_parallel_is_initialized() or (
+        parallel_state.get_tensor_model_parallel_world_size() != dims.tp
+    ):
+        raise RuntimeError("parallelize needs init_model_parallel(dims) first, with these dims")
+    configs: dict[torch.dtype, ModelParallelConfig] = {}
+    for _, owner, name, shard in targets:
+        child = getattr(owner, name)
+        dtype = child.weight.dtype
+        config = configs.setdefault(dtype, _megatron_config(dims, dtype))
+        setattr(owner, name, _SWAPS[shard](child, config, dims))
+    for module in model.modules():
+        if isinstance(module, MultiHeadAttention):
+            module.num_heads //= dims.tp  # this rank's heads, for anyone who reads the attribute
+        if isinstance(module, PaLI3):
+            module.token_loss = vocab_parallel_token_cross_entropy
+            module.generate = _generation_unsupported  # would pick ids from a vocab shard
+    return model
+
+
+def _generation_unsupported(*args, **kwargs) -> torch.Tensor:
+    raise NotImplementedError(
+        "text generation under tensor parallelism is not supported: decoding needs the full "
+        "logits and the LM head yields this rank's vocabulary shard"
+    )
+
+
+def _plan_targets(model: nn.Module) -> list[tuple[str, nn.Module, str, Shard]]:
+    """(dotted path, owner, child name, shard) for every child named by ``TP_PLAN``."""
+    targets = []
+    for path, owner in model.named_modules():
+        for name, shard in TP_PLAN.get(type(owner), {}).items():
+            child = getattr(owner, name)
+            expected = nn.Embedding if shard in (Shard.VOCAB, Shard.HEADS) else nn.Linear
+            if type(child) is not expected:
+                raise TypeError(
+                    f"{path}.{name}: expected {expected.__name__}, found "
+                    f"{type(child).__name__} (is the model parallelized already?)"
+                )
+            targets.append((f"{path}.{name}".lstrip("."), owner, name, shard))
+    return targets
+
+
+def _check_divisible(path: str, owner: nn.Module, child: nn.Module, shard: Shard, tp: int) -> None:
+    what, size = _split_size(owner, child, shard)
+    if size % tp:
+        raise ValueError(f"{path}: {what} ({size}) not divisible by tensor parallel size {tp}")
+
+
+def _split_size(owner: nn.Module, child: nn.Module, shard: Shard) -> tuple[str, int]:
+    if isinstance(owner, MultiHeadAttention):  # a rank must hold whole heads
+        return "attention heads", owner.num_heads
+    if shard is Shard.COLUMN:
+        return "output features", child.out_features
+    if shard is Shard.ROW:
+        return "input features", child.in_features
+    if shard is Shard.VOCAB:
+        return "vocabulary size", child.num_embeddings
+    return "attention heads", child.embedding_dim
+
+
+def _megatron_config(dims: ParallelDims, dtype: torch.dtype) -> ModelParallelConfig:
+    # Weights are allocated on the CPU and copied in from the unsharded model (no initialisation,
+    # no RNG); no sequence parallelism. (megatron-core 0.16 ignores the old async-allreduce flag:
+    # the input-gradient all-reduce is always issued async and waited on, which gloo supports.)
+    return ModelParallelConfig(
+        tensor_model_parallel_size=dims.tp,
+        sequence_parallel=False,
+        use_cpu_initialization=True,
+        perform_initialization=False,
+        params_dtype=dtype,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def _weights_are_copied(_: torch.Tensor) -> None:
+    raise AssertionError("parallelize copies weights in; megatron must not initialise them")
+
+
+# ---------------------------------------------------------------------------- swapped layers
+
+
+class _TensorOnly:
+    """Mixin for megatron's linears: return the output tensor alone (megatron returns (output,
+    bias) so that callers can fuse the bias) and keep nn.Linear's state-dict keys."""
+
+    # megatron adds an empty `_extra_state` entry for TransformerEngine compatibility; dropping
+    # the getter keeps `weight`/`bias` only. Loading still accepts (and ignores) the entry.
+    get_extra_state = nn.Module.get_extra_state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, bias = super().forward(x)
+        # The bias is added here, not inside megatron's autograd function: that function skips
+        # the bias gradient whenever the weight is frozen, even if the bias is not.
+        return out if bias is None else out + bias
+
+
+class ColumnParallelLinear(_TensorOnly, tensor_parallel.ColumnParallelLinear):
+    """x [..., in] -> this rank's slice of the output features [..., out / tp]."""
+
+
+class RowParallelLinear(_TensorOnly, tensor_parallel.RowParallelLinear):
+    """This rank's slice of the input features [..., in / tp] -> full output [..., out]."""
+
+
+def _column(linear: nn.Linear, config: ModelParallelConfig, dims: ParallelDims) -> nn.Module:
+    return _split_linear(ColumnParallelLinear, linear, config, dims, gather_output=False)
+
+
+def _row(linear: nn.Linear, config: ModelParallelConfig, dims: ParallelDims) -> nn.Module:
+    return _split_linear(RowParallelLinear, linear, config, dims, input_is_parallel=True)
+
+
+def _split_linear(
+    cls: type, linear: nn.Linear, config: ModelParallelConfig, dims: ParallelDims, **kwargs
+) -> nn.Module:
+    """A column-parallel layer splits the weight's output rows (dim 0) and the bias with them; a
+    row-parallel one splits the input columns (dim 1) and keeps the bias whole (added once,
+    after the all-reduce)."""
+    layer = cls(
+        linear.in_features,
+        linear.out_features,
+        config=config,
+        init_method=_weights_are_copied,
+        bias=linear.bias is not None,
+        skip_bias_add=True,
+        **kwargs,
+    )
+    column = cls is ColumnParallelLinear
+    _copy_shard(layer.weight, linear.weight, dim=0 if column else 1, tp=dims.tp)
+    if linear.bias is not None:
+        if column:
+            _copy_shard(layer.bias, linear.bias, dim=0, tp=dims.tp)
+        else:
+            _copy_full(layer.bias, linear.bias)
+    return layer.to(linear.weight.device)
+
+
+def _vocab(embed: nn.Embedding, config: ModelParallelConfig, dims: ParallelDims) -> nn.Module:
+    layer = tensor_parallel.VocabParallelEmbedding(
+        embed.num_embeddings, embed.embedding_dim, init_method=_weights_are_copied, config=config
+    )
+    _copy_shard(layer.weight, embed.weight, dim=0, tp=dims.tp)
+    return layer.to(embed.weight.device)
+
+
+def _heads(embed: nn.Embedding, config: ModelParallelConfig, dims: ParallelDims) -> nn.Module:
+    # A plain embedding with fewer columns: each rank looks up the biases of its own heads only.
+    # skip_init: no random initialisation (it would advance the RNG differently from the
+    # unsharded model's), the weights are copied in.
+    layer = torch.nn.utils.skip_init(
+        nn.Embedding,
+        embed.num_embeddings,
+        embed.embedding_dim // dims.tp,
+        device=embed.weight.device,
+        dtype=embed.weight.dtype,
+    )
+    _copy_shard(layer.weight, embed.weight, dim=1, tp=dims.tp)
+    return layer
+
+
+_SWAPS: dict[Shard, Callable[[nn.Module, ModelParallelConfig, ParallelDims], nn.Module]] = {
+    Shard.COLUMN: _column,
+    Shard.ROW: _row,
+    Shard.VOCAB: _vocab,
+    Shard.HEADS: _heads,
+}
+
+
+def _copy_shard(param: nn.Parameter, full: torch.Tensor, dim: int, tp: int) -> None:
+    """Copy this rank's contiguous slice of ``full`` along ``dim`` and tag ``param`` the way
+    megatron-core and DeepSpeed recognise a TP-sharded parameter (gradient norms count it on
+    every rank; replicated parameters only on TP rank 0)."""
+    _copy_full(param, full.chunk(tp, dim)[tp_rank()])
+    if not hasattr(param, "tensor_model_parallel"):  # megatron tags only some of its own
+        set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=1)
+
+
+def _copy_full(param: nn.Parameter, full: torch.Tensor) -> None:
+    with torch.no_grad():
+        param.copy_(full)
+    param.requires_grad_(full.requires_grad)  # frozen stays frozen
+
+
+# ------------------------------------------------------------------------------------- loss
+
+
+def vocab_parallel_token_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """``token_cross_entropy`` for vocabulary-sharded logits: logits [B, T, vocab / tp] (this TP
+    rank's contiguous vocabulary slice), targets [B, T] global ids, mask [B, T] True on real
+    tokens -> the mean over real tokens, the same scalar on every rank of the TP group."""
+    # megatron's kernel turns its input into softmax probabilities in place when it is already
+    # fp32 (`.float()` is then a no-op): give it a copy, so the caller's logits stay logits.
+    per_token = tensor_parallel.vocab_parallel_cross_entropy(
+        logits.to(torch.float32, copy=True), targets
+    )
+    weights = mask.to(per_token.dtype)
+    return (per_token * weights).sum() / weights.sum().clamp(min=1.0)
