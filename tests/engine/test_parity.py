@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from data_pipeline.transforms import Batch
 from pali3_train.config import config_from_dict, load_config
 from pali3_train.engine.deepspeed_config import accumulation_steps
-from pali3_train.engine.distributed import free_port
+from pali3_train.engine.distributed import DistEnv, free_port, init_distributed
 from pali3_train.engine.optim import freeze, make_optimizer, make_scheduler
 from pali3_train.engine.trainer import OBJECTIVES, build_model, make_engine
 from pali3_train.models import PaLI3
@@ -85,15 +85,9 @@ def _micro_batch(step: int, index: int, cfg) -> Batch:
 
 
 def _train_rank(rank: int, world: int, port: int, tp: int, zero: int, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_distributed(DistEnv(rank, world, rank))
     dims = ParallelDims(world, tp)
     init_model_parallel(dims)
     cfg = _config(tp, zero)
