@@ -50,6 +50,13 @@ def check_before_start(cfg: Config, env: DistEnv, args: argparse.Namespace) -> N
         )
     accumulation_steps(cfg, env.world_size // tp, args.config)
     resolve_sources(cfg.data, args.config)
+    if args.stage == "0" and cfg.data.max_target_tokens > cfg.model.text.max_len:
+        raise ConfigError(
+            args.config,
+            "data.max_target_tokens",
+            f"{cfg.data.max_target_tokens} exceeds the text tower's "
+            f"model.text.max_len={cfg.model.text.max_len} (stage 0 encodes targets)",
+        )
     vocab = Tokenizer.load(cfg.data.tokenizer_path).vocab_size
     if vocab > cfg.model.ul2.vocab_size:
         raise ConfigError(

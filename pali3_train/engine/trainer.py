@@ -36,12 +36,13 @@ from pali3_train.engine.deepspeed_config import accumulation_steps, deepspeed_co
 from pali3_train.engine.distributed import DistEnv, all_ranks_agree
 from pali3_train.engine.optim import freeze, make_optimizer, make_scheduler
 from pali3_train.engine.tracking import flatten_config, open_tracker
-from pali3_train.losses.siglip import sigmoid_loss
+from pali3_train.losses.siglip_ring import ring_sigmoid_loss
 from pali3_train.models import PaLI3, SigLIP
 from pali3_train.parallel import (
     DeepSpeedMPU,
     ParallelDims,
     apply_activation_checkpointing,
+    dp_group,
     dp_rank,
     dp_size,
     parallelize,
@@ -65,17 +66,27 @@ def _pali3_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     return model(images, batch.prompt, batch.prompt_mask, batch.target, batch.target_mask).loss
 
 
+class ContrastiveSigLIP(SigLIP):
+    """Stage 0's model: SigLIP whose forward returns the sigmoid loss of every image of the
+    data-parallel batch against every text, chunked around the data-parallel ring
+    (tensor-parallel peers hold the same pairs and stay out of it). The loss is computed inside
+    forward so that ZeRO-3 gathers the temperature and bias like every other weight; the state
+    dict is SigLIP's."""
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        image_emb, text_emb = self.embed_images(images), self.embed_texts(tokens)
+        return ring_sigmoid_loss(
+            image_emb, text_emb, self.logit_scale, self.logit_bias, group=dp_group()
+        )
+
+
 def _siglip_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Stage 0 on this rank's batch; the chunked loss over all ranks' texts replaces it."""
-    images = normalize_images(batch.images, next(model.parameters()).dtype)
-    image_emb, text_emb = model(images, batch.target)
-    siglip = getattr(model, "module", model)  # the temperature and bias live in DeepSpeed's module
-    return sigmoid_loss(image_emb, text_emb, siglip.logit_scale, siglip.logit_bias)
+    return model(normalize_images(batch.images, next(model.parameters()).dtype), batch.target)
 
 
 Objective = Callable[[nn.Module, Batch], torch.Tensor]
 OBJECTIVES: dict[str, tuple[type[nn.Module], Objective]] = {
-    "0": (SigLIP, _siglip_loss),
+    "0": (ContrastiveSigLIP, _siglip_loss),
     "1": (PaLI3, _pali3_loss),
     "2": (PaLI3, _pali3_loss),
     "transfer": (PaLI3, _pali3_loss),
@@ -339,6 +350,11 @@ class Trainer:
         peak = _peak_flops(self.device)
         if peak:
             metrics["mfu"] = flops / (peak * world)
+        if self.stage == "0":
+            siglip = self.engine.module
+            metrics["temperature"] = siglip.logit_scale.exp().item()
+            metrics["bias"] = siglip.logit_bias.item()
+            metrics["pairs_per_s"] = self.cfg.train.global_batch_size**2 / seconds
         return metrics
 
     # --------------------------------------------------------------------------- reporting

@@ -1,7 +1,7 @@
 """The distributed engine against an independent reference: 4 real processes under DeepSpeed
-(TP=2 x DP=2 with ZeRO-3, TP=1 x DP=4 with ZeRO-2) give the same per-step losses and the same
-parameters as one process training the unsharded model on the same global batches with plain
-torch AdamW (within 1e-5)."""
+(TP=2 x DP=2 with ZeRO-3, TP=1 x DP=4 with ZeRO-2; stage 0's ring sigmoid loss at TP=2 x DP=2)
+give the same per-step losses and the same parameters as one process training the unsharded
+model on the same global batches with plain torch AdamW and the dense loss (within 1e-5)."""
 
 from __future__ import annotations
 
@@ -15,13 +15,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from data_pipeline.transforms import Batch
+from data_pipeline.transforms import Batch, normalize_images
 from pali3_train.config import config_from_dict, load_config
 from pali3_train.engine.deepspeed_config import accumulation_steps
 from pali3_train.engine.distributed import DistEnv, free_port, init_distributed
 from pali3_train.engine.optim import freeze, make_optimizer, make_scheduler
 from pali3_train.engine.trainer import OBJECTIVES, build_model, make_engine
-from pali3_train.models import PaLI3
+from pali3_train.losses.siglip import sigmoid_loss
+from pali3_train.models import PaLI3, SigLIP
 from pali3_train.parallel import (
     TP_PLAN,
     ParallelDims,
@@ -34,10 +35,9 @@ from pali3_train.parallel import (
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, GLOBAL_BATCH, MICRO_BATCH = 3, 8, 2
-objective = OBJECTIVES["1"][1]
 
 
-def _config(tp: int, zero: int):
+def _config(tp: int, zero: int, stage: str):
     model = load_config(ROOT / "configs/models/tiny.yaml").model
     from pali3_train.config import to_dict
 
@@ -58,7 +58,7 @@ def _config(tp: int, zero: int):
                 "adam_eps": 1e-6,
             },
             "parallel": {"tensor_parallel_size": tp, "zero_stage": zero},
-            "stage": {"freeze": ["vit"]},
+            "stage": {"freeze": ["vit"] if stage == "1" else []},
         }
     )
 
@@ -84,15 +84,16 @@ def _micro_batch(step: int, index: int, cfg) -> Batch:
     )
 
 
-def _train_rank(rank: int, world: int, port: int, tp: int, zero: int, out: str) -> None:
+def _train_rank(rank: int, world: int, port: int, tp: int, zero: int, stage: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     init_distributed(DistEnv(rank, world, rank))
     dims = ParallelDims(world, tp)
     init_model_parallel(dims)
-    cfg = _config(tp, zero)
+    cfg = _config(tp, zero, stage)
     accum = accumulation_steps(cfg, dims.dp)
-    engine = make_engine(cfg, build_model(cfg, "1", dims), dims)
+    engine = make_engine(cfg, build_model(cfg, stage, dims), dims)
+    objective = OBJECTIVES[stage][1]
     losses = []
     for step in range(STEPS):
         total = torch.zeros(1)
@@ -111,17 +112,26 @@ def _train_rank(rank: int, world: int, port: int, tp: int, zero: int, out: str) 
     dist.destroy_process_group()
 
 
-def _reference(cfg) -> tuple[list[float], dict[str, torch.Tensor]]:
+def _reference(cfg, stage: str, dp: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """One process, the unsharded model, the same global batches. Stage 1's loss is the mean of
+    the micro-batch losses; stage 0's contrastive batch at each accumulation step is the union
+    of the data-parallel ranks' micro-batches, scored densely."""
     torch.manual_seed(cfg.train.seed)
-    model = PaLI3(cfg.model)
+    model = {"0": SigLIP, "1": PaLI3}[stage](cfg.model)  # the plain models: no process groups
     freeze(model, cfg.stage.freeze)
     optimizer = make_optimizer(model, cfg.train)
     scheduler = make_scheduler(optimizer, cfg.train)
-    micro_batches = GLOBAL_BATCH // MICRO_BATCH
+    accum = GLOBAL_BATCH // MICRO_BATCH // dp
     losses = []
     for step in range(STEPS):
-        loss = sum(objective(model, _micro_batch(step, i, cfg)) for i in range(micro_batches))
-        loss = loss / micro_batches
+        batches = [
+            [_micro_batch(step, d * accum + m, cfg) for d in range(dp)] for m in range(accum)
+        ]
+        if stage == "1":
+            loss = sum(OBJECTIVES["1"][1](model, b) for group in batches for b in group)
+            loss = loss / (accum * dp)
+        else:
+            loss = sum(_dense_siglip_loss(model, group) for group in batches) / accum
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip_norm)
@@ -129,6 +139,12 @@ def _reference(cfg) -> tuple[list[float], dict[str, torch.Tensor]]:
         scheduler.step()
         losses.append(loss.item())
     return losses, {n: p.detach() for n, p in model.named_parameters()}
+
+
+def _dense_siglip_loss(model: SigLIP, group: list[Batch]) -> torch.Tensor:
+    images = normalize_images(torch.cat([b.images for b in group]))
+    image_emb, text_emb = model(images, torch.cat([b.target for b in group]))
+    return sigmoid_loss(image_emb, text_emb, model.logit_scale, model.logit_bias)
 
 
 def _tp_slices(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -147,18 +163,22 @@ def _tp_slices(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return dims
 
 
-@pytest.mark.parametrize("tp,zero", [(2, 3), (1, 2)], ids=["tp2-dp2-zero3", "tp1-dp4-zero2"])
-def test_four_processes_match_one_unsharded_process(tmp_path, tp, zero):
+@pytest.mark.parametrize(
+    "tp,zero,stage",
+    [(2, 3, "1"), (1, 2, "1"), (2, 3, "0")],
+    ids=["stage1-tp2-dp2-zero3", "stage1-tp1-dp4-zero2", "stage0-ring-tp2-dp2-zero3"],
+)
+def test_four_processes_match_one_unsharded_process(tmp_path, tp, zero, stage):
     world = 4
     mp.start_processes(
         _train_rank,
-        (world, free_port(), tp, zero, str(tmp_path)),
+        (world, free_port(), tp, zero, stage, str(tmp_path)),
         nprocs=world,
         start_method="spawn",
     )
-    cfg = _config(tp, zero)
-    losses, full = _reference(cfg)
-    split = _tp_slices(PaLI3(cfg.model))
+    cfg = _config(tp, zero, stage)
+    losses, full = _reference(cfg, stage, world // tp)
+    split = _tp_slices(OBJECTIVES[stage][0](cfg.model))
     for rank in range(world):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert result["losses"] == pytest.approx(losses, abs=1e-5), json.dumps(
