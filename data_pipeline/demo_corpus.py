@@ -30,6 +30,15 @@ from pali3_train.config import SourceConfig
 from pali3_train.tokenizer import Tokenizer, train_tokenizer
 
 EUROPEAN = ("en", "de", "fr", "es")
+# "held_out" draws from streams disjoint from "train": other random scenes and words, and the
+# digit scans whose index is a multiple of 5 (training never sees those).
+SPLITS = ("train", "held_out")
+
+
+def _rng(seed: int, split: str) -> np.random.Generator:
+    return np.random.default_rng([seed, SPLITS.index(split)])
+
+
 OCR_LANGUAGES = ("en", "de", "ru", "el")
 
 # --- scenes ---------------------------------------------------------------------------------
@@ -158,10 +167,12 @@ SCENE_WORDS = {
 }
 
 
-def scenes(count: int, seed: int = 0, image_size_px: int = 64) -> Iterator[Example]:
+def scenes(
+    count: int, seed: int = 0, image_size_px: int = 64, split: str = "train"
+) -> Iterator[Example]:
     """1 or 2 shapes, each in its own quadrant and no two alike in both colour and shape (so every
     question has one answer), as PNG. Texts name the shapes in reading order of their quadrants."""
-    rng = np.random.default_rng(seed)
+    rng = _rng(seed, split)
     kinds = [(colour, shape) for colour in COLOURS for shape in SHAPES]
     for i in range(count):
         places = sorted(rng.choice(len(PLACES), size=int(rng.integers(1, 3)), replace=False))
@@ -226,10 +237,12 @@ OCR_WORDS = {
 FONT = "fonts/ttf/DejaVuSans.ttf"  # under matplotlib's data path; covers Latin, Cyrillic, Greek
 
 
-def text_images(count: int, seed: int = 0, image_size_px: int = 64) -> Iterator[Example]:
+def text_images(
+    count: int, seed: int = 0, image_size_px: int = 64, split: str = "train"
+) -> Iterator[Example]:
     """1-3 distinct words of one language (en, de, ru, el), one per line, dark on a light
     background, as PNG; the ``ocr`` target joins the lines with spaces."""
-    rng = np.random.default_rng(seed)
+    rng = _rng(seed, split)
     for i in range(count):
         lang = OCR_LANGUAGES[int(rng.integers(len(OCR_LANGUAGES)))]
         vocabulary = OCR_WORDS[lang].split()
@@ -311,14 +324,17 @@ DIGIT_TEXTS = {  # caption, alt_text, "which digit?", "even or odd?", (even, odd
 }
 
 
-def digits(count: int, seed: int = 0, image_size_px: int = 64) -> Iterator[Example]:
+def digits(
+    count: int, seed: int = 0, image_size_px: int = 64, split: str = "train"
+) -> Iterator[Example]:
     """scikit-learn's 1797 scanned 8x8 digits (UCI), dark ink on white, upscaled bilinearly to
     ``image_size_px``, as JPEG. Each pass over them is a fresh permutation; the key ends with the
     index into ``load_digits()`` so a sample can be traced to its scan."""
     images, labels = _sklearn_digits()
-    rng = np.random.default_rng(seed)
-    passes = range(-(-count // len(images)))  # ceil(count / 1797)
-    order = [int(k) for _ in passes for k in rng.permutation(len(images))]
+    rng = _rng(seed, split)
+    pool = np.array([i for i in range(len(images)) if (i % 5 == 0) == (split == "held_out")])
+    passes = range(-(-count // len(pool)))  # ceil(count / len(pool))
+    order = [int(pool[k]) for _ in passes for k in rng.permutation(len(pool))]
     for i, index in enumerate(order[:count]):
         ink = Image.fromarray(images[index]).resize((image_size_px,) * 2, Image.Resampling.BILINEAR)
         yield Example(
@@ -362,7 +378,7 @@ def _encode(image: Image.Image, image_format: str) -> bytes:
 
 @dataclass(frozen=True)
 class DemoSource:
-    generator: Callable[[int, int, int], Iterator[Example]]
+    generator: Callable[[int, int, int, str], Iterator[Example]]
     languages: tuple[str, ...]
     weights: dict[str, float]  # task -> default mixture weight; the keys are the tasks served
 
@@ -421,12 +437,13 @@ def build_demo_corpus(
     samples_per_shard: int = 64,
     image_size_px: int = 64,
     vocab_size: int = 1000,
+    split: str = "train",
 ) -> DemoCorpus:
     """Generate every source, train a BPE tokenizer on all their prompts and targets
     (``out_dir/tokenizer.model``), then write each source's shards to ``out_dir/<name>``."""
     out_dir = Path(out_dir).resolve()
     examples = {
-        name: list(source.generator(samples_per_source, seed, image_size_px))
+        name: list(source.generator(samples_per_source, seed, image_size_px, split))
         for name, source in SOURCES.items()
     }
     tokenizer_path = out_dir / "tokenizer.model"
@@ -484,6 +501,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples-per-shard", type=int, default=64)
     parser.add_argument("--image-size-px", type=int, default=64)
     parser.add_argument("--vocab-size", type=int, default=1000, help="upper bound")
+    parser.add_argument("--split", choices=SPLITS, default="train", help="held_out: for evaluation")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     corpus = build_demo_corpus(
@@ -493,6 +511,7 @@ def main(argv: list[str] | None = None) -> None:
         args.samples_per_shard,
         args.image_size_px,
         args.vocab_size,
+        args.split,
     )
     for name, manifest in corpus.manifests.items():
         print(

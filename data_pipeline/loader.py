@@ -29,12 +29,14 @@ from pali3_train.config.schema import DataConfig
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 
-def resolve_sources(data: DataConfig, where: str = "config") -> tuple[ResolvedSource, ...]:
+def resolve_sources(
+    data: DataConfig, where: str = "config", field: str = "data.sources"
+) -> tuple[ResolvedSource, ...]:
     """Expand every source's shard pattern and check what can be checked before training:
     local shards exist, prompt templates fit their task, a tokenizer is named. Errors name the
-    field (``data.sources[2].shards``); ``where`` names the file they came from."""
+    field (``data.sources[2].shards``, or under ``field``); ``where`` names the file."""
     if not data.sources:
-        raise ConfigError(where, "data.sources", "the mixture has no sources")
+        raise ConfigError(where, field, "the mixture has no sources")
     if not data.tokenizer_path:
         raise ConfigError(where, "data.tokenizer_path", "must name a SentencePiece model")
     resolved = []
@@ -46,11 +48,9 @@ def resolve_sources(data: DataConfig, where: str = "config") -> tuple[ResolvedSo
             shown = ", ".join(missing[:3]) + (
                 f" and {len(missing) - 3} more" if len(missing) > 3 else ""
             )
-            raise ConfigError(
-                where, f"data.sources[{i}].shards", f"{source.shards!r} {what}: {shown}"
-            )
+            raise ConfigError(where, f"{field}[{i}].shards", f"{source.shards!r} {what}: {shown}")
         if source.prompt is not None and (problem := template_error(source.task, source.prompt)):
-            raise ConfigError(where, f"data.sources[{i}].prompt", problem)
+            raise ConfigError(where, f"{field}[{i}].prompt", problem)
         resolved.append(ResolvedSource(source, tuple(urls)))
     return tuple(resolved)
 

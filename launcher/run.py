@@ -15,6 +15,7 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -50,6 +51,8 @@ def check_before_start(cfg: Config, env: DistEnv, args: argparse.Namespace) -> N
         )
     accumulation_steps(cfg, env.world_size // tp, args.config)
     resolve_sources(cfg.data, args.config)
+    if cfg.eval.sources:
+        resolve_sources(replace(cfg.data, sources=cfg.eval.sources), args.config, "eval.sources")
     if args.stage == "0" and cfg.data.max_target_tokens > cfg.model.text.max_len:
         raise ConfigError(
             args.config,

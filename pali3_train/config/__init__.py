@@ -12,6 +12,7 @@ from pali3_train.config.schema import (
     CheckpointConfig,
     Config,
     DataConfig,
+    EvalConfig,
     ModelConfig,
     ParallelConfig,
     SourceConfig,
@@ -21,6 +22,7 @@ from pali3_train.config.schema import (
     TrainConfig,
     UL2Config,
     ViTConfig,
+    ZeroShotConfig,
 )
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "EvalConfig",
     "ModelConfig",
     "ParallelConfig",
     "SourceConfig",
@@ -37,6 +40,7 @@ __all__ = [
     "TrainConfig",
     "UL2Config",
     "ViTConfig",
+    "ZeroShotConfig",
     "config_from_dict",
     "dump_config",
     "load_config",

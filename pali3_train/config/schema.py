@@ -305,6 +305,43 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class ZeroShotConfig:
+    """Zero-shot classification on one eval source: the class of a held-out image is the name in
+    ``classes`` that its caption contains; the model must pick it among the texts
+    ``template.format(name)``."""
+
+    source: str
+    classes: tuple[str, ...]
+    template: str = "{}"
+
+    def __post_init__(self) -> None:
+        require(len(self.classes) >= 2, "classes", "needs at least two class names")
+        require("{}" in self.template, "template", "must contain {} for the class name")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation during and after training (stage 0: image-text retrieval recall@1/5
+    per source and zero-shot classification). Sources are read once, in file order."""
+
+    every_steps: int = 0  # 0: only at the end of the run
+    sources: tuple[SourceConfig, ...] = ()
+    zero_shot: tuple[ZeroShotConfig, ...] = ()
+    max_samples: int = 512  # per source
+
+    def __post_init__(self) -> None:
+        require(self.every_steps >= 0, "every_steps", f"must be >= 0, got {self.every_steps}")
+        _positive(self, "max_samples")
+        names = [s.name for s in self.sources]
+        for i, task in enumerate(self.zero_shot):
+            require(
+                task.source in names,
+                f"zero_shot[{i}].source",
+                f"{task.source!r} is not one of eval.sources {names}",
+            )
+
+
+@dataclass(frozen=True)
 class StageConfig:
     """What a curriculum stage changes besides data and model size: which modules are frozen
     (by attribute path, e.g. ``vit``) and which exported weights it starts from."""
@@ -327,6 +364,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     stage: StageConfig = field(default_factory=StageConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def checkpoint_dir(self) -> str:

@@ -36,6 +36,8 @@ from pali3_train.engine.deepspeed_config import accumulation_steps, deepspeed_co
 from pali3_train.engine.distributed import DistEnv, all_ranks_agree
 from pali3_train.engine.optim import freeze, make_optimizer, make_scheduler
 from pali3_train.engine.tracking import flatten_config, open_tracker
+from pali3_train.eval.retrieval import recall_at_k
+from pali3_train.eval.zero_shot import zero_shot_accuracy
 from pali3_train.losses.siglip_ring import ring_sigmoid_loss
 from pali3_train.models import PaLI3, SigLIP
 from pali3_train.parallel import (
@@ -47,6 +49,7 @@ from pali3_train.parallel import (
     dp_size,
     parallelize,
 )
+from pali3_train.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +173,7 @@ class Trainer:
         self.ckpt_root = Path(cfg.checkpoint_dir)
         self.accum = accumulation_steps(cfg, dims.dp)
         self.objective = OBJECTIVES[stage][1]
+        self.tokenizer = Tokenizer.load(cfg.data.tokenizer_path)
         self.progress = Progress()
         self.stop_requested = False
 
@@ -248,7 +252,7 @@ class Trainer:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._request_stop)
-        batches = iter(self.data)
+        batches, every = iter(self.data), self.cfg.eval.every_steps
         bar = tqdm(
             total=self.cfg.train.steps,
             initial=self.progress.step,
@@ -262,6 +266,8 @@ class Trainer:
             while self.progress.step < self.cfg.train.steps:
                 metrics = self.train_step(batches)
                 self._log(metrics, bar)
+                if every and self.progress.step % every == 0:
+                    self._log_eval(self.evaluate())
                 if self.progress.step % self.cfg.checkpoint.every_steps == 0:
                     self.save()
                 if all_ranks_agree(self.stop_requested, self.device):
@@ -269,6 +275,8 @@ class Trainer:
                     status = "KILLED"
                     return EXIT_PREEMPTED
             self.save()  # the final state, unless the last step already saved it
+            if not (every and self.progress.step % every == 0):  # not just evaluated
+                self._log_eval(self.evaluate())
             return EXIT_OK
         except BaseException:
             status = "FAILED"
@@ -356,6 +364,54 @@ class Trainer:
             metrics["bias"] = siglip.logit_bias.item()
             metrics["pairs_per_s"] = self.cfg.train.global_batch_size**2 / seconds
         return metrics
+
+    # -------------------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Stage 0's held-out metrics: retrieval recall per eval source and zero-shot accuracy.
+        Every rank embeds the same samples (ZeRO-3 and TP need all ranks in each forward)."""
+        if self.stage != "0" or not self.cfg.eval.sources:
+            return {}
+        metrics = {}
+        for source in self.cfg.eval.sources:
+            image_emb, text_emb, captions = self._embed_held_out(source)
+            name = source.name
+            metrics |= {f"eval/{name}/{k}": v for k, v in recall_at_k(image_emb, text_emb).items()}
+            for task in (t for t in self.cfg.eval.zero_shot if t.source == name):
+                result = zero_shot_accuracy(image_emb, captions, task.classes, task.template,
+                                            self._embed_prompts)  # fmt: skip
+                metrics[f"eval/{name}/zero_shot_accuracy"] = result["accuracy"]
+                metrics[f"eval/{name}/zero_shot_chance"] = result["chance"]
+        return metrics
+
+    def _embed_held_out(self, source) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        data = replace(self.cfg.data, sources=(source,), num_workers=0)
+        pipeline = DataPipeline(replace(self.cfg, data=data), 0, 1,
+                                self.cfg.train.micro_batch_size, mode="epoch")  # fmt: skip
+        siglip, images, texts, captions = self.engine.module, [], [], []
+        for batch in pipeline:
+            batch = batch.to(self.device)
+            pixels = normalize_images(batch.images, next(siglip.parameters()).dtype)
+            images.append(siglip.embed_images(pixels))
+            texts.append(siglip.embed_texts(batch.target))
+            captions += self.tokenizer.batch_decode(batch.target)
+            if len(captions) >= self.cfg.eval.max_samples:
+                break
+        return torch.cat(images), torch.cat(texts), captions
+
+    def _embed_prompts(self, prompts: list[str]) -> torch.Tensor:
+        tokens, _ = self.tokenizer.batch_encode(prompts, self.cfg.data.max_target_tokens)
+        return self.engine.module.embed_texts(tokens.to(self.device))
+
+    def _log_eval(self, metrics: dict[str, float]) -> None:
+        if not metrics or not self.env.is_main:
+            return
+        with open(self.run_dir / "eval.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.progress.step, **metrics}) + "\n")
+        self.tracker.log_metrics(metrics, self.progress.step)
+        shown = ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items())
+        log.info("eval at step %d: %s", self.progress.step, shown)
 
     # --------------------------------------------------------------------------- reporting
 

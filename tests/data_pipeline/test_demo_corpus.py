@@ -184,7 +184,10 @@ def test_digit_records_match_the_scanned_digit():
     data = load_digits()
     examples = list(digits(1800, seed=4, image_size_px=32))
     indices = [int(e.key.rsplit("-", 1)[1]) for e in examples]
-    assert sorted(indices[:1797]) == list(range(1797))  # one full pass before any repeat
+    train_pool = [i for i in range(1797) if i % 5]
+    assert sorted(indices[: len(train_pool)]) == train_pool  # one full pass before any repeat
+    held_out = {int(e.key.rsplit("-", 1)[1]) for e in digits(400, seed=4, split="held_out")}
+    assert held_out == set(range(0, 1797, 5)), "held-out scans are the ones training never sees"
     for example, index in zip(examples[::9], indices[::9]):
         label = int(data.target[index])
         assert example.record["vqa"]["en"][0] == ["which digit is this?", str(label)]

@@ -32,6 +32,18 @@ def demo(tmp_path_factory):
     )
 
 
+@pytest.fixture(scope="session")
+def demo_held_out(tmp_path_factory):
+    return build_demo_corpus(
+        tmp_path_factory.mktemp("held_out"),
+        samples_per_source=32,
+        samples_per_shard=16,
+        image_size_px=32,
+        vocab_size=1024,
+        split="held_out",
+    )
+
+
 def stage_config(demo, run_dir: Path, **sections) -> Path:
     """A stage-1 config for the tiny model on ``demo``, written beside ``run_dir``."""
     data = {

@@ -4,6 +4,7 @@ checkpoints."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -208,11 +209,28 @@ def test_activation_checkpointing_under_zero3_with_a_frozen_vit_changes_no_loss(
         assert losses[True][step] == pytest.approx(loss, abs=1e-6)
 
 
-def test_stage0_trains_siglip_on_the_captions(demo, tmp_path):
+def test_stage0_trains_siglip_and_evaluates_held_out_data(demo, demo_held_out, tmp_path):
     run_dir = tmp_path / "run"
-    config = stage_config(demo, run_dir, train={"steps": 3}, stage={"freeze": []})
+    digits = next(s for s in demo_held_out.sources() if s.name == "digits_caption")
+    held_out = {"name": "digits_heldout", "task": "caption", "languages": ["en"],
+                "shards": digits.shards}  # fmt: skip
+    names = "zero one two three four five six seven eight nine".split()
+    evaluation = {
+        "every_steps": 2,
+        "sources": [held_out],
+        "zero_shot": [
+            {"source": "digits_heldout", "classes": names, "template": "a handwritten digit {}"}
+        ],  # fmt: skip
+    }
+    config = stage_config(demo, run_dir, train={"steps": 3}, stage={"freeze": []}, eval=evaluation)
     result = launch(config, 2, stage="0")
     assert result.returncode == 0, result.stderr[-5000:]
     assert sorted(_losses(run_dir)) == [1, 2, 3]
     meta = (run_dir / "checkpoints" / "step_00000003" / "meta.json").read_text()
     assert '"stage": "0"' in meta
+    rows = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [2, 3]  # at the interval and at the end
+    for row in rows:
+        assert row["eval/digits_heldout/zero_shot_chance"] == pytest.approx(0.1)
+        assert 0 <= row["eval/digits_heldout/zero_shot_accuracy"] <= 1
+        assert {"i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"} <= {k.rsplit("/", 1)[-1] for k in row}
