@@ -9,7 +9,7 @@ decoded again (slower, and the reference the cache is tested against).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -29,9 +29,12 @@ def beam_search(
     max_len: int,
     beam_size: int = 1,
     use_cache: bool = True,
+    all_finished: Callable[[torch.Tensor], bool] = lambda finished: bool(finished.all()),
 ) -> Decoded:
     """memory [B, L, d_model] and memory_mask [B, L] from the encoder -> the best sequence per
-    example."""
+    example. ``all_finished(finished)`` decides when to stop early: ranks that decode different
+    examples under ZeRO-3 must stop together (each step gathers weights collectively), so the
+    trainer passes a collective version."""
     if max_len < 1 or beam_size < 1:
         raise ValueError(f"max_len and beam_size must be >= 1, got {max_len} and {beam_size}")
     pad, eos = model.cfg.pad_id, model.cfg.eos_id
@@ -60,7 +63,7 @@ def beam_search(
         seqs = torch.cat([seqs[rows], tokens], dim=1)
         finished = finished[rows] | (tokens[:, 0] == eos)
         state.reorder(rows)
-        if finished.all():
+        if all_finished(finished):
             break
     best = seqs[:, 1:].reshape(batch, k, -1)[:, 0]  # topk sorts, so beam 0 is the best
     return Decoded(best, scores[:, 0])

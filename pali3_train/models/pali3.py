@@ -70,7 +70,11 @@ class PaLI3(nn.Module):
         max_len: int,
         beam_size: int = 1,
         use_cache: bool = True,
+        **search_options,
     ) -> torch.Tensor:
-        """-> tokens [B, <= max_len], PAD after EOS. beam_size=1 is greedy decoding."""
+        """-> tokens [B, <= max_len], PAD after EOS. beam_size=1 is greedy decoding;
+        ``search_options`` go to ``beam_search``."""
         memory, memory_mask = self.encode(images, prompt, prompt_mask)
-        return beam_search(self.ul2, memory, memory_mask, max_len, beam_size, use_cache).tokens
+        return beam_search(
+            self.ul2, memory, memory_mask, max_len, beam_size, use_cache, **search_options
+        ).tokens

@@ -7,7 +7,8 @@ function as the unsharded one. Attention is split by heads (q/k/v column-paralle
 the relative position bias keeps this rank's heads), feed-forwards by hidden units, and UL2's
 vocabulary by contiguous slices (embedding and LM head). Under TP the LM head yields this rank's
 vocabulary shard of the logits, [B, T, vocab / tp], and PaLI-3's loss becomes megatron-core's
-vocabulary-parallel cross-entropy. Text generation under TP is not supported (it needs full logits).
+vocabulary-parallel cross-entropy. Generation gathers the full logits (it picks ids from the whole
+vocabulary), so every TP rank decodes the same tokens.
 """
 
 from __future__ import annotations
@@ -77,15 +78,22 @@ def parallelize(model: nn.Module, dims: ParallelDims) -> nn.Module:
             module.num_heads //= dims.tp  # this rank's heads, for anyone who reads the attribute
         if isinstance(module, PaLI3):
             module.token_loss = vocab_parallel_token_cross_entropy
-            module.generate = _generation_unsupported  # would pick ids from a vocab shard
+            module.generate = _with_full_logits(module.generate, module.ul2.lm_head)
     return model
 
 
-def _generation_unsupported(*args, **kwargs) -> torch.Tensor:
-    raise NotImplementedError(
-        "text generation under tensor parallelism is not supported: decoding needs the full "
-        "logits and the LM head yields this rank's vocabulary shard"
-    )
+def _with_full_logits(generate: Callable, lm_head: nn.Module) -> Callable:
+    """``generate`` with the LM head all-gathering its vocabulary shards (tensor-parallel
+    group), as decoding picks ids from the whole vocabulary; training keeps them sharded."""
+
+    def generate_gathered(*args, **kwargs) -> torch.Tensor:
+        lm_head.gather_output = True
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            lm_head.gather_output = False
+
+    return generate_gathered
 
 
 def _plan_targets(model: nn.Module) -> list[tuple[str, nn.Module, str, Shard]]:
