@@ -51,6 +51,11 @@ class Batch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
+    def rows(self, start: int, stop: int) -> Batch:
+        """Examples ``start:stop`` (a rank's share of a batch read by every rank)."""
+        part = self._map(lambda t: t[start:stop])
+        return replace(part, keys=self.keys[start:stop], sources=self.sources[start:stop])
+
     def pin_memory(self) -> Batch:  # called by DataLoader(pin_memory=True)
         return self._map(torch.Tensor.pin_memory)
 

@@ -1,12 +1,15 @@
 """Train one curriculum stage on every process that the launcher started.
 
-    deepspeed launcher/run.py --stage 1 --config configs/stage1_tiny.yaml
+    deepspeed launcher/run.py --stage 1 --config configs/tiny/stage1.yaml
     torchrun --nproc_per_node 2 launcher/run.py --stage 1 --config ... --set train.lr=3e-4
     srun python launcher/run.py --stage 1 --config ...        (cluster/ sets MASTER_ADDR/PORT)
 
 The whole config, the parallel layout and the data sources are checked before any process group
 starts, so a bad run fails at once on every rank with one message and exit code 2. Exit codes:
 0 finished, 75 stopped by SIGTERM/SIGUSR1 after saving (requeue and ``--resume auto``), 1 failed.
+``--dry-run [--world-size N]`` runs those checks and prints the plan (layout, batch, parameters,
+memory per device) without starting anything: 0 if a start would pass them, 2 if not.
+``--eval-only`` scores the model as built or restored on ``eval.sources`` (a baseline).
 """
 
 from __future__ import annotations
@@ -15,17 +18,13 @@ import argparse
 import logging
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from data_pipeline.loader import resolve_sources
 from pali3_train.config import Config, ConfigError, load_config_or_exit
-from pali3_train.engine.checkpoint import CheckpointError, resolve
-from pali3_train.engine.deepspeed_config import accumulation_steps
 from pali3_train.engine.distributed import DistEnv, init_distributed, read_env
-from pali3_train.tokenizer import Tokenizer
+from pali3_train.engine.plan import check_data, check_layout, check_resume, dry_run
 
 STAGES = ("0", "1", "2", "transfer")
 
@@ -37,46 +36,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides")
     parser.add_argument("--resume", default="auto", help="auto | none | a checkpoint folder")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by deepspeed
-    return parser.parse_args(argv)
+    parser.add_argument("--eval-only", action="store_true", help="evaluate, do not train")
+    parser.add_argument("--dry-run", action="store_true", help="check and print the plan only")
+    parser.add_argument("--world-size", type=int, help="dry run: devices (default: environment)")
+    parser.add_argument("--gpus-per-node", type=int, help="dry run: devices per node (default 8)")
+    args = parser.parse_args(argv)
+    for name in ("world_size", "gpus_per_node"):
+        value = getattr(args, name)
+        if value is not None and not args.dry_run:
+            parser.error(f"--{name.replace('_', '-')} is only for --dry-run")
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    return args
 
 
 def check_before_start(cfg: Config, env: DistEnv, args: argparse.Namespace) -> None:
     """Everything that can be refused without a process group: layout, batch, data, resume."""
-    tp = cfg.parallel.tensor_parallel_size
-    if env.world_size % tp:
-        raise ConfigError(
-            args.config,
-            "parallel.tensor_parallel_size",
-            f"{tp} does not divide the world size {env.world_size}",
-        )
-    accumulation_steps(cfg, env.world_size // tp, args.config)
-    resolve_sources(cfg.data, args.config)
-    if cfg.eval.sources:
-        resolve_sources(replace(cfg.data, sources=cfg.eval.sources), args.config, "eval.sources")
-    if args.stage == "0" and cfg.data.max_target_tokens > cfg.model.text.max_len:
-        raise ConfigError(
-            args.config,
-            "data.max_target_tokens",
-            f"{cfg.data.max_target_tokens} exceeds the text tower's "
-            f"model.text.max_len={cfg.model.text.max_len} (stage 0 encodes targets)",
-        )
-    vocab = Tokenizer.load(cfg.data.tokenizer_path).vocab_size
-    if vocab > cfg.model.ul2.vocab_size:
-        raise ConfigError(
-            args.config,
-            "model.ul2.vocab_size",
-            f"{cfg.model.ul2.vocab_size} is smaller than the tokenizer's {vocab}",
-        )
-    try:
-        resolve(args.resume, Path(cfg.checkpoint_dir))
-    except CheckpointError as exc:
-        raise ConfigError("--resume", "", str(exc)) from None
+    check_layout(cfg, args.stage, env.world_size, args.config)
+    check_data(cfg, args.config)
+    check_resume(cfg, args.resume)
+    if cfg.stage.init_from and not Path(cfg.stage.init_from).is_file():
+        missing = f"{cfg.stage.init_from} does not exist: run the previous stage first"
+        raise ConfigError(args.config, "stage.init_from", missing)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config_or_exit(args.config, args.set)
     env = read_env()
+    if args.dry_run:
+        world = args.world_size or env.world_size
+        return dry_run(cfg, args.stage, args.config, args.resume, world, args.gpus_per_node or 8)
     try:
         check_before_start(cfg, env, args)
     except ConfigError as exc:
@@ -95,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     dims = ParallelDims(env.world_size, cfg.parallel.tensor_parallel_size)
     init_model_parallel(dims)
     try:
-        return Trainer(cfg, args.stage, env, device, dims, args.resume).run()
+        trainer = Trainer(cfg, args.stage, env, device, dims, args.resume)
+        return trainer.evaluate_only() if args.eval_only else trainer.run()
     except TrainingError as exc:
         logging.getLogger("launcher").error("%s", exc)
         return EXIT_FAILED

@@ -1,9 +1,12 @@
-"""Shared test settings: deterministic, single-threaded-friendly torch."""
+"""Shared test settings (deterministic torch, DeepSpeed on the CPU) and the tiny demo corpora."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
+
+from data_pipeline.demo_corpus import build_demo_corpus
 
 if not torch.cuda.is_available():
     # DeepSpeed picks its accelerator at first import; without this it may look for CUDA.
@@ -13,3 +16,19 @@ if not torch.cuda.is_available():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def _tiny_corpus(folder: Path, samples: int, split: str = "train"):
+    """Shards at the tiny preset's 32 px, a tokenizer within its 1024-piece vocabulary."""
+    return build_demo_corpus(folder, samples_per_source=samples, samples_per_shard=16,
+                             image_size_px=32, vocab_size=1024, split=split)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    return _tiny_corpus(tmp_path_factory.mktemp("demo"), 96)
+
+
+@pytest.fixture(scope="session")
+def demo_held_out(tmp_path_factory):
+    return _tiny_corpus(tmp_path_factory.mktemp("held_out"), 32, split="held_out")

@@ -14,11 +14,13 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, TypeVar
 
 import yaml
 
 from pali3_train.config.schema import Config, FieldError
+
+T = TypeVar("T")
 
 Origins = dict[str, str]
 
@@ -224,11 +226,12 @@ def config_from_dict(data: dict, origins: Origins | None = None, source: str = "
     return _build(Config, data, "", origins or {}, source)
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
-    """Read ``path`` (with its includes), apply ``overrides`` and validate everything."""
+def load_config(path: str | Path, overrides: Sequence[str] = (), schema: type[T] = Config) -> T:
+    """Read ``path`` (with its includes), apply ``overrides`` and validate everything into
+    ``schema`` (a run's ``Config``, or another dataclass such as a curriculum)."""
     data, origins = _read_yaml(Path(path))
     apply_overrides(data, origins, overrides)
-    return config_from_dict(data, origins, str(path))
+    return _build(schema, data, "", origins, str(path))
 
 
 def load_config_or_exit(path: str | Path, overrides: Sequence[str] = ()) -> Config:

@@ -292,6 +292,8 @@ class TrackingConfig:
     tracking_uri: str | None = None
     experiment: str = "pali3-train"
     run_name: str | None = None
+    # A curriculum's stages are nested under one parent run (set by launcher/curriculum.py).
+    parent_run_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -299,6 +301,9 @@ class CheckpointConfig:
     dir: str | None = None  # null: <run_dir>/checkpoints
     every_steps: int = 1000
     keep_last: int = 3
+    # At the end of a stage, the consolidated fp32 weights go to <run_dir>/model.safetensors:
+    # what the next stage's stage.init_from and `python -m pali3_train.generate` read.
+    export_final: bool = True
 
     def __post_init__(self) -> None:
         _positive(self, "every_steps", "keep_last")
@@ -321,17 +326,22 @@ class ZeroShotConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Held-out evaluation during and after training (stage 0: image-text retrieval recall@1/5
-    per source and zero-shot classification). Sources are read once, in file order."""
+    """Held-out evaluation during and after training. Stage 0: image-text retrieval recall@1/5
+    per source and zero-shot classification. Later stages: answers generated for each source's
+    prompts, scored by its task (captions: CIDEr-D; VQA: VQA accuracy; OCR: exact match and
+    ANLS). Sources are read once, in file order."""
 
     every_steps: int = 0  # 0: only at the end of the run
     sources: tuple[SourceConfig, ...] = ()
     zero_shot: tuple[ZeroShotConfig, ...] = ()
     max_samples: int = 512  # per source
+    batch_size: int = 32  # examples decoded at once per data-parallel rank
+    beam_size: int = 1  # 1: greedy decoding
+    max_decode_tokens: int = 32
 
     def __post_init__(self) -> None:
         require(self.every_steps >= 0, "every_steps", f"must be >= 0, got {self.every_steps}")
-        _positive(self, "max_samples")
+        _positive(self, "max_samples", "batch_size", "beam_size", "max_decode_tokens")
         names = [s.name for s in self.sources]
         for i, task in enumerate(self.zero_shot):
             require(

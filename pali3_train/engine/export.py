@@ -47,6 +47,7 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
         "kind": KIND_OF_STAGE[meta["stage"]],
         "model": json.dumps(meta["config"]["model"]),
         "step": str(meta["step"]),
+        "tokenizer": str(Path(meta["config"]["data"]["tokenizer_path"]).resolve()),
     }
     save_weights(state, out, metadata)
     return Path(out)

@@ -186,6 +186,47 @@ def open_tracker(
     return tracker
 
 
+@dataclasses.dataclass
+class ParentRun:
+    """The run a curriculum's stage runs nest under (each stage passes its id as
+    ``tracking.parent_run_id``); it holds the curriculum's summary: one metric per stage and
+    eval metric, and the results table."""
+
+    store: _Store
+    run_id: str
+
+    @classmethod
+    def open(cls, cfg: TrackingConfig, run_name: str, artifact_root: Path) -> ParentRun | None:
+        """None when tracking is off or has no store shared by the stages (each stage then
+        writes its own run directory's store) or the store cannot be reached: the stages run
+        all the same, unnested."""
+        uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if cfg.backend == "none" or uri is None:
+            return None
+        try:
+            with _http_limits():
+                artifacts = Path(artifact_root).resolve().as_uri()
+                store = _Store.open(uri, cfg.experiment, artifacts)
+                run_id, _ = store.create_run(run_name, {"pali3.curriculum": run_name})
+        except Exception as exc:
+            if not _is_outage(exc):
+                raise
+            log.warning("MLflow store %s unreachable (%s): stage runs will not be nested", uri, exc)
+            return None
+        return cls(store, run_id)
+
+    def finish(self, metrics: Mapping[str, float], artifact: Path, status: Status) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        rows = [Metric(key[:KEY_LIMIT], value, now, 0) for key, value in metrics.items()]
+        with _http_limits():
+            for chunk in _chunks(rows, METRICS_PER_BATCH):
+                self.store.client.log_batch(self.run_id, metrics=list(chunk))
+            self.store.client.log_artifact(self.run_id, str(artifact))
+            self.store.client.set_terminated(self.run_id, status)
+
+
 def local_store_uri(run_dir: Path) -> str:
     return f"sqlite:///{Path(run_dir).resolve()}/mlflow.db"
 
@@ -524,7 +565,10 @@ class MlflowTracker:
         self._local_run = None
 
     def _new_run_tags(self) -> dict[str, str]:
-        return {"pali3.run_dir": str(self._run_dir)}
+        tags = {"pali3.run_dir": str(self._run_dir)}
+        if self._cfg.parent_run_id:  # MLflow's own tag: the UI nests the run under its parent
+            tags["mlflow.parentRunId"] = self._cfg.parent_run_id
+        return tags
 
     def _open_fallback(self) -> _Store:
         if self._fallback is None:

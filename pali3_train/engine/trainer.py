@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import deepspeed
 import torch
@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from data_pipeline.loader import DataPipeline
 from data_pipeline.transforms import Batch, normalize_images
-from pali3_train.config import Config, dump_config, to_dict
+from pali3_train.config import Config, SourceConfig, dump_config, to_dict
 from pali3_train.convert.rename import add_prefix, strip_prefix
 from pali3_train.convert.safetensors_io import load_weights, read_metadata
 from pali3_train.engine import checkpoint
@@ -37,9 +37,12 @@ from pali3_train.engine.distributed import DistEnv, all_ranks_agree
 from pali3_train.engine.optim import freeze, make_optimizer, make_scheduler
 from pali3_train.engine.tracking import flatten_config, open_tracker
 from pali3_train.eval.retrieval import recall_at_k
+from pali3_train.eval.scoring import score_answers
 from pali3_train.eval.zero_shot import zero_shot_accuracy
+from pali3_train.generate import generate_answers
 from pali3_train.losses.siglip_ring import ring_sigmoid_loss
 from pali3_train.models import PaLI3, SigLIP
+from pali3_train.models.vit import VisionTransformer, resample_posemb
 from pali3_train.parallel import (
     DeepSpeedMPU,
     ParallelDims,
@@ -116,6 +119,7 @@ def _load_init(model: nn.Module, path: str) -> None:
     state = load_weights(path)
     if isinstance(model, PaLI3) and read_metadata(path).get("kind") == "siglip":
         state = add_prefix(strip_prefix(state, "image."), "vit.")
+    _resample_position_embeddings(model, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise TrainingError(
@@ -127,6 +131,18 @@ def _load_init(model: nn.Module, path: str) -> None:
             len(missing),
             sorted(missing)[:8],
         )
+
+
+def _resample_position_embeddings(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Stage 2 raises the resolution: a ViT whose patch grid grew keeps its learned position
+    embeddings, resampled to the new grid (in place in ``state``)."""
+    for name, vit in model.named_modules():
+        key = f"{name}.pos_embed"
+        if isinstance(vit, VisionTransformer) and key in state:
+            if state[key].shape != vit.pos_embed.shape:
+                log.info("stage.init_from: %s resampled from %d to %d patches",
+                         key, state[key].shape[0], vit.cfg.num_patches)  # fmt: skip
+                state[key] = resample_posemb(state[key], vit.cfg.grid_size)
 
 
 def make_engine(cfg: Config, model: nn.Module, dims: ParallelDims, extra: dict | None = None):
@@ -277,6 +293,8 @@ class Trainer:
             self.save()  # the final state, unless the last step already saved it
             if not (every and self.progress.step % every == 0):  # not just evaluated
                 self._log_eval(self.evaluate())
+            if self.cfg.checkpoint.export_final:
+                self.export_weights()
             return EXIT_OK
         except BaseException:
             status = "FAILED"
@@ -369,36 +387,75 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Stage 0's held-out metrics: retrieval recall per eval source and zero-shot accuracy.
-        Every rank embeds the same samples (ZeRO-3 and TP need all ranks in each forward)."""
-        if self.stage != "0" or not self.cfg.eval.sources:
+        """Held-out metrics of every ``eval.sources`` entry. Stage 0: retrieval recall and
+        zero-shot accuracy; later stages: generated answers scored by their task."""
+        if not self.cfg.eval.sources:
             return {}
         metrics = {}
         for source in self.cfg.eval.sources:
-            image_emb, text_emb, captions = self._embed_held_out(source)
-            name = source.name
-            metrics |= {f"eval/{name}/{k}": v for k, v in recall_at_k(image_emb, text_emb).items()}
-            for task in (t for t in self.cfg.eval.zero_shot if t.source == name):
-                result = zero_shot_accuracy(image_emb, captions, task.classes, task.template,
-                                            self._embed_prompts)  # fmt: skip
-                metrics[f"eval/{name}/zero_shot_accuracy"] = result["accuracy"]
-                metrics[f"eval/{name}/zero_shot_chance"] = result["chance"]
+            score = self._score_embeddings if self.stage == "0" else self._score_answers
+            found = score(source)
+            metrics |= {f"eval/{source.name}/{k}": v for k, v in found.items()}
         return metrics
 
-    def _embed_held_out(self, source) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    def _held_out(self, source: SourceConfig, batch_size: int) -> Iterator[Batch]:
+        """One pass over an eval source, read whole by every rank, capped at eval.max_samples."""
         data = replace(self.cfg.data, sources=(source,), num_workers=0)
-        pipeline = DataPipeline(replace(self.cfg, data=data), 0, 1,
-                                self.cfg.train.micro_batch_size, mode="epoch")  # fmt: skip
-        siglip, images, texts, captions = self.engine.module, [], [], []
+        pipeline = DataPipeline(replace(self.cfg, data=data), 0, 1, batch_size, mode="epoch")
+        seen = 0
         for batch in pipeline:
-            batch = batch.to(self.device)
+            batch = batch.rows(0, self.cfg.eval.max_samples - seen)
+            seen += len(batch)
+            yield batch.to(self.device)
+            if seen >= self.cfg.eval.max_samples:
+                return
+
+    def _score_embeddings(self, source: SourceConfig) -> dict[str, float]:
+        """Every rank embeds the same samples (ZeRO-3 and TP need all ranks in each forward)."""
+        siglip, images, texts, captions = self.engine.module, [], [], []
+        for batch in self._held_out(source, self.cfg.train.micro_batch_size):
             pixels = normalize_images(batch.images, next(siglip.parameters()).dtype)
             images.append(siglip.embed_images(pixels))
             texts.append(siglip.embed_texts(batch.target))
             captions += self.tokenizer.batch_decode(batch.target)
-            if len(captions) >= self.cfg.eval.max_samples:
-                break
-        return torch.cat(images), torch.cat(texts), captions
+        image_emb, text_emb = torch.cat(images), torch.cat(texts)
+        metrics = recall_at_k(image_emb, text_emb)
+        for task in (t for t in self.cfg.eval.zero_shot if t.source == source.name):
+            result = zero_shot_accuracy(image_emb, captions, task.classes, task.template,
+                                        self._embed_prompts)  # fmt: skip
+            metrics["zero_shot_accuracy"] = result["accuracy"]
+            metrics["zero_shot_chance"] = result["chance"]
+        return metrics
+
+    def _score_answers(self, source: SourceConfig) -> dict[str, float]:
+        """Each data-parallel rank answers its share of every held-out batch; a rank whose share
+        is empty decodes a stand-in and drops it, and decoding stops when every rank is done,
+        so all ranks run the same forwards (ZeRO-3 gathers weights in each)."""
+        share, rank, opts = self.cfg.eval.batch_size, dp_rank(), self.cfg.eval
+        answers, references = [], []
+        for batch in self._held_out(source, share * dp_size()):
+            part = batch.rows(rank * share, (rank + 1) * share)
+            texts = generate_answers(self.engine.module, self.tokenizer,
+                                     part if len(part) else batch.rows(0, 1),
+                                     opts.max_decode_tokens, opts.beam_size,
+                                     self._all_ranks_finished)  # fmt: skip
+            if len(part):
+                answers += texts
+                references += self.tokenizer.batch_decode(part.target)
+        shares: list = [None] * dp_size()
+        dist.all_gather_object(shares, (answers, references), group=dp_group())
+        answers = [a for share_answers, _ in shares for a in share_answers]
+        references = [[r] for _, share_refs in shares for r in share_refs]
+        if self.env.is_main:
+            self._show_examples(source.name, answers, references)
+        return score_answers(source.task, answers, references)
+
+    def _all_ranks_finished(self, finished: torch.Tensor) -> bool:
+        return not all_ranks_agree(not bool(finished.all()), self.device)
+
+    def _show_examples(self, name: str, answers: list[str], references: list[list[str]]) -> None:
+        for answer, (reference,) in list(zip(answers, references))[:3]:
+            log.info("eval %s: %r (reference %r)", name, answer, reference)
 
     def _embed_prompts(self, prompts: list[str]) -> torch.Tensor:
         tokens, _ = self.tokenizer.batch_encode(prompts, self.cfg.data.max_target_tokens)
@@ -434,6 +491,30 @@ class Trainer:
         curve = self.run_dir / "loss.png"
         if plot_loss_curve(self.run_dir / "metrics.jsonl", curve):
             self.tracker.log_artifact(curve)
+
+    def evaluate_only(self) -> int:
+        """Evaluate the model as built or restored, without training (an untrained baseline, or
+        a checkpoint scored on other held-out data)."""
+        try:
+            self._log_eval(self.evaluate())
+        finally:
+            self.tracker.close("FINISHED")
+        return EXIT_OK
+
+    def export_weights(self) -> None:
+        """The last checkpoint's consolidated weights as <run_dir>/model.safetensors, which the
+        next stage's ``stage.init_from`` names."""
+        if self.dims.tp > 1:
+            log.warning("checkpoint.export_final: skipped, tensor-parallel export is not supported")
+            return
+        if self.env.is_main:
+            from pali3_train.engine.export import export
+
+            latest = checkpoint.find_latest(self.ckpt_root)
+            out = export(latest, self.run_dir / "model.safetensors")
+            self.tracker.set_tags({"exported_weights": str(out.resolve())})
+            log.info("exported %s to %s", latest.name, out)
+        dist.barrier()
 
     def save(self) -> None:
         if self.progress.step == self._saved_step:

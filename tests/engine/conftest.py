@@ -15,26 +15,9 @@ import pytest
 import torch
 import yaml
 
-from data_pipeline.demo_corpus import build_demo_corpus
 from pali3_train.engine.distributed import DistEnv, free_port, init_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _tiny_corpus(folder: Path, samples: int, split: str = "train"):
-    """Shards at the tiny preset's 32 px, a tokenizer within its 1024-piece vocabulary."""
-    return build_demo_corpus(folder, samples_per_source=samples, samples_per_shard=16,
-                             image_size_px=32, vocab_size=1024, split=split)  # fmt: skip
-
-
-@pytest.fixture(scope="session")
-def demo(tmp_path_factory):
-    return _tiny_corpus(tmp_path_factory.mktemp("demo"), 96)
-
-
-@pytest.fixture(scope="session")
-def demo_held_out(tmp_path_factory):
-    return _tiny_corpus(tmp_path_factory.mktemp("held_out"), 32, split="held_out")
 
 
 def stage_config(demo, run_dir: Path, **sections) -> Path:

@@ -64,6 +64,27 @@ def test_stage1_takes_the_vit_of_a_stage0_siglip_file(demo, tmp_path):
     assert vit and all(torch.equal(v, siglip[f"image.{k}"]) for k, v in vit.items())
 
 
+def test_stage2_resamples_the_position_embeddings_to_its_higher_resolution(demo, tmp_path):
+    """Stage 1 at 32 px (a 4x4 patch grid) -> stage 2 at 48 px (6x6): every other weight is
+    taken as is, the position embeddings are resampled bilinearly (checked against a direct
+    interpolation of the 4x4 grid)."""
+    cfg = load_config(stage_config(demo, tmp_path / "a"))
+    torch.manual_seed(7)
+    stage1 = PaLI3(cfg.model).state_dict()
+    weights = tmp_path / "stage1.safetensors"
+    save_weights(stage1, weights, {"kind": "pali3"})
+    config = stage_config(demo, tmp_path / "b", model={"vit": {"image_size_px": 48}},
+                          stage={"init_from": str(weights), "freeze": []})  # fmt: skip
+    stage2 = build_model(load_config(config), "2", ParallelDims(1, 1)).state_dict()
+    grid = stage1["vit.pos_embed"].T.reshape(1, -1, 4, 4)
+    expected = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bilinear")
+    assert stage2["vit.pos_embed"].shape == (36, grid.shape[1])
+    torch.testing.assert_close(stage2["vit.pos_embed"], expected.reshape(-1, 36).T)
+    for name, value in stage1.items():
+        if name != "vit.pos_embed":
+            assert torch.equal(stage2[name], value), name
+
+
 def test_weights_with_no_place_in_the_model_are_refused(demo, tmp_path):
     weights = tmp_path / "odd.safetensors"
     save_weights({"something.else": torch.zeros(2)}, weights, {"kind": "pali3"})

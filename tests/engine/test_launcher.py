@@ -234,3 +234,66 @@ def test_stage0_trains_siglip_and_evaluates_held_out_data(demo, demo_held_out, t
         assert row["eval/digits_heldout/zero_shot_chance"] == pytest.approx(0.1)
         assert 0 <= row["eval/digits_heldout/zero_shot_accuracy"] <= 1
         assert {"i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"} <= {k.rsplit("/", 1)[-1] for k in row}
+
+
+def _dry_run(config: Path | str, *args: str, env: dict | None = None, stage: str = "1"):
+    command = [sys.executable, str(ROOT / "launcher/run.py"), "--stage", stage,
+               "--config", str(config), *args]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, env=env or launch_env(),
+                          cwd=ROOT, timeout=120)  # fmt: skip
+
+
+def test_a_dry_run_prints_the_plan_and_starts_nothing(demo, tmp_path):
+    run_dir = tmp_path / "run"
+    result = _dry_run(stage_config(demo, run_dir), "--dry-run", "--world-size", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "layout      world 2 = TP 1 x DP 2; 1 node" in out
+    assert "batch       global 8 = micro 4 x accumulation 1 x DP 2" in out
+    assert (
+        "tokens      16 image + 16 prompt + 16 target = 48 per sample (32 px); 384 per step" in out
+    )
+    assert "  total " in out and "frozen: vit" in out
+    assert f"data        OK, {len(demo.sources())} sources" in out
+    assert "resume      auto: fresh start" in out
+    assert len(out.splitlines()) <= 40
+    assert not run_dir.exists()
+
+
+def test_a_dry_run_takes_the_world_size_from_the_environment(demo, tmp_path):
+    config = stage_config(demo, tmp_path / "run", train={"global_batch_size": 16})
+    env = dict(launch_env(), RANK="0", WORLD_SIZE="4", LOCAL_RANK="0")
+    result = _dry_run(config, "--dry-run", "--gpus-per-node", "2", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "world 4 = TP 1 x DP 4; 2 nodes x 2, TP groups inside nodes" in result.stdout
+    assert "global 16 = micro 4 x accumulation 1 x DP 4" in result.stdout
+
+
+def test_a_dry_run_refuses_a_world_that_tp_does_not_divide(demo, tmp_path):
+    config = stage_config(demo, tmp_path / "run", parallel={"tensor_parallel_size": 2})
+    result = _dry_run(config, "--dry-run", "--world-size", "3")
+    assert result.returncode == 2
+    assert "parallel.tensor_parallel_size: 2 does not divide the world size 3" in result.stderr
+    assert result.stdout == ""
+
+
+def test_world_size_without_dry_run_is_refused(demo, tmp_path):
+    run_dir = tmp_path / "run"
+    result = _dry_run(stage_config(demo, run_dir), "--world-size", "2")
+    assert result.returncode == 2
+    assert "--world-size is only for --dry-run" in result.stderr
+    assert not run_dir.exists()
+
+
+@pytest.mark.skipif(Path("/data/webli").exists(), reason="the WebLI shards exist here")
+def test_a_dry_run_of_the_5b_stage1_plans_and_reports_the_missing_shards():
+    config = "configs/pali3_5b/stage1.yaml"
+    result = _dry_run(config, "--dry-run", "--world-size", "256")
+    assert result.returncode == 2, result.stderr[-3000:]
+    out = result.stdout
+    assert "layout      world 256 = TP 4 x DP 64; 32 nodes x 8, TP groups inside nodes" in out
+    assert "  total        5,000,381,312   3,004,162,048   1,996,219,264" in out
+    (data,) = [line for line in out.splitlines() if line.startswith("data ")]
+    assert "error: configs/pali3_5b/stage1.yaml: data.sources[0].shards:" in data
+    assert "matches no file" in data
+    assert len(out.splitlines()) <= 40
