@@ -23,6 +23,7 @@ import torch
 from pali3_train.config import Config, ConfigError, load_config
 from pali3_train.config.curriculum import Curriculum, CurriculumStep
 from pali3_train.engine.tracking import ParentRun
+from pali3_train.plots import plot_loss_curves
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,7 +95,8 @@ def run_step(path: Path, plan: Curriculum, step: CurriculumStep, parent, baselin
 
 def final_eval(run_dir: Path) -> dict[str, float]:
     """The last evaluation a run logged (eval.jsonl), without the ``eval/`` prefix."""
-    lines = (run_dir / "eval.jsonl").read_text().splitlines() if run_dir.is_dir() else []
+    path = run_dir / "eval.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
     if not lines:
         return {}
     row = json.loads(lines[-1])
@@ -138,19 +140,20 @@ def main(argv: list[str] | None = None) -> int:
         table = results_table(columns)
         report = root / "results.md"
         report.write_text(table + "\n")
+        trained = {s.name: Path(configs[s.name].run_dir) / "metrics.jsonl" for s in plan.stages}
+        plot_loss_curves(trained, root / "loss_curves.png")
         if parent is not None:
             flat = {f"{s}/{m}": v for s, values in columns.items() for m, v in values.items()}
-            parent.finish(flat, report, status)
+            parent.finish(flat, [report, root / "loss_curves.png"], status)
     print(f"\n{table}\n")
     print(summary(plan, configs, seconds, first))
     return 0
 
 
 def summary(plan: Curriculum, configs: dict[str, Config], seconds: dict, tracking) -> str:
-    lines = [f"results: {plan.run_dir}/results.md"]
-    for name, took in seconds.items():
-        run_dir = configs[name].run_dir
-        lines.append(f"  {name:<22} {took:6.0f} s   {run_dir}  (loss curve: {run_dir}/loss.png)")
+    lines = [f"results: {plan.run_dir}/results.md, loss curves: {plan.run_dir}/loss_curves.png"]
+    lines += [f"  {name:<22} {took:6.0f} s   {configs[name].run_dir}"
+              for name, took in seconds.items()]  # fmt: skip
     uri = tracking.tracking_uri or "sqlite:///<run_dir>/mlflow.db of each stage"
     lines.append(
         f"MLflow UI: mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)"

@@ -72,11 +72,14 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Text up to the first EOS, because generated rows run on past it; PAD (a control
-        piece) decodes to nothing, so padded rows need no stripping."""
+        piece) decodes to nothing, so padded rows need no stripping. Ids past the tokenizer's
+        pieces (a model's vocabulary is often padded, as T5's 32128 for 32000 pieces, and an
+        untrained model picks them) decode as UNK."""
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else [int(i) for i in ids]
         if EOS_ID in ids:
             ids = ids[: ids.index(EOS_ID)]
-        return self._sp.decode(ids)
+        size = self.vocab_size
+        return self._sp.decode([i if 0 <= i < size else UNK_ID for i in ids])
 
     def batch_encode(
         self, texts: Sequence[str], max_len: int, add_eos: bool = True

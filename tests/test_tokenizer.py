@@ -75,6 +75,14 @@ def test_decode_stops_at_eos_and_skips_pad(trained):
     assert tokenizer.decode(torch.tensor(ids[:1] + [PAD_ID] + ids[1:])) == "a red circle"
 
 
+def test_ids_of_a_padded_model_vocabulary_decode_as_unk(trained):
+    tokenizer, _ = trained
+    red, circle = tokenizer.encode("red", add_eos=False), tokenizer.encode("circle", add_eos=False)
+    padded = red + [tokenizer.vocab_size, tokenizer.vocab_size + 27] + circle
+    expected = tokenizer.decode(red + [tokenizer.unk_id, tokenizer.unk_id] + circle)
+    assert tokenizer.decode(padded) == expected and "red" in expected and "circle" in expected
+
+
 def test_characters_outside_the_corpus_become_unk(trained):
     tokenizer, _ = trained
     assert tokenizer.unk_id in tokenizer.encode("a red 猫", add_eos=False)

@@ -42,13 +42,19 @@ def consolidated_weights(checkpoint: Path) -> tuple[dict, StateDict]:
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
     meta, state = consolidated_weights(Path(checkpoint))
+    return save_export(state, out, meta["stage"], meta["config"], meta["step"])
+
+
+def save_export(state: StateDict, out: str | Path, stage: str, config: dict, step: int) -> Path:
+    """Weights with what a reader needs to use them: which model, its config, the tokenizer."""
     metadata = {
         "format": FORMAT,
-        "kind": KIND_OF_STAGE[meta["stage"]],
-        "model": json.dumps(meta["config"]["model"]),
-        "step": str(meta["step"]),
-        "tokenizer": str(Path(meta["config"]["data"]["tokenizer_path"]).resolve()),
+        "kind": KIND_OF_STAGE[stage],
+        "model": json.dumps(config["model"]),
+        "step": str(step),
     }
+    if config["data"]["tokenizer_path"]:
+        metadata["tokenizer"] = str(Path(config["data"]["tokenizer_path"]).resolve())
     save_weights(state, out, metadata)
     return Path(out)
 

@@ -215,7 +215,9 @@ class ParentRun:
             return None
         return cls(store, run_id)
 
-    def finish(self, metrics: Mapping[str, float], artifact: Path, status: Status) -> None:
+    def finish(
+        self, metrics: Mapping[str, float], artifacts: Sequence[Path], status: Status
+    ) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -223,7 +225,9 @@ class ParentRun:
         with _http_limits():
             for chunk in _chunks(rows, METRICS_PER_BATCH):
                 self.store.client.log_batch(self.run_id, metrics=list(chunk))
-            self.store.client.log_artifact(self.run_id, str(artifact))
+            for artifact in artifacts:
+                if artifact.is_file():
+                    self.store.client.log_artifact(self.run_id, str(artifact))
             self.store.client.set_terminated(self.run_id, status)
 
 

@@ -34,6 +34,7 @@ from pali3_train.convert.safetensors_io import load_weights, read_metadata
 from pali3_train.engine import checkpoint
 from pali3_train.engine.deepspeed_config import accumulation_steps, deepspeed_config
 from pali3_train.engine.distributed import DistEnv, all_ranks_agree
+from pali3_train.engine.export import export, save_export
 from pali3_train.engine.optim import freeze, make_optimizer, make_scheduler
 from pali3_train.engine.tracking import flatten_config, open_tracker
 from pali3_train.eval.retrieval import recall_at_k
@@ -50,8 +51,10 @@ from pali3_train.parallel import (
     dp_group,
     dp_rank,
     dp_size,
+    full_state_dict,
     parallelize,
 )
+from pali3_train.plots import plot_loss_curves
 from pali3_train.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -489,7 +492,7 @@ class Trainer:
 
     def _finish_tracking(self) -> None:
         curve = self.run_dir / "loss.png"
-        if plot_loss_curve(self.run_dir / "metrics.jsonl", curve):
+        if plot_loss_curves({f"stage {self.stage}": self.run_dir / "metrics.jsonl"}, curve):
             self.tracker.log_artifact(curve)
 
     def evaluate_only(self) -> int:
@@ -502,19 +505,28 @@ class Trainer:
         return EXIT_OK
 
     def export_weights(self) -> None:
-        """The last checkpoint's consolidated weights as <run_dir>/model.safetensors, which the
-        next stage's ``stage.init_from`` names."""
+        """The final weights as <run_dir>/model.safetensors, which the next stage's
+        ``stage.init_from`` names. Without tensor parallelism they are consolidated from the
+        last checkpoint (fp32 master weights under ZeRO); with it, the live shards are gathered
+        (the module's weights, in training precision)."""
+        out = self.run_dir / "model.safetensors"
         if self.dims.tp > 1:
-            log.warning("checkpoint.export_final: skipped, tensor-parallel export is not supported")
-            return
+            state = self._gather_weights()
+            if self.env.is_main:
+                save_export(state, out, self.stage, to_dict(self.cfg), self.progress.step)
+        elif self.env.is_main:
+            export(checkpoint.find_latest(self.ckpt_root), out)
         if self.env.is_main:
-            from pali3_train.engine.export import export
-
-            latest = checkpoint.find_latest(self.ckpt_root)
-            out = export(latest, self.run_dir / "model.safetensors")
             self.tracker.set_tags({"exported_weights": str(out.resolve())})
-            log.info("exported %s to %s", latest.name, out)
+            log.info("exported step %d to %s", self.progress.step, out)
         dist.barrier()
+
+    def _gather_weights(self) -> dict[str, torch.Tensor]:
+        module = self.engine.module
+        if self.cfg.parallel.zero_stage < 3:
+            return full_state_dict(module)
+        with deepspeed.zero.GatheredParameters(list(module.parameters())):
+            return full_state_dict(module)
 
     def save(self) -> None:
         if self.progress.step == self._saved_step:
@@ -539,25 +551,6 @@ class Trainer:
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-def read_metrics(path: Path) -> dict[int, dict]:
-    """metrics.jsonl -> {step: metrics}; a resumed run appends, so the last line of a step wins."""
-    if not path.is_file():
-        return {}
-    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return {row["step"]: row for row in rows}
-
-
-def plot_loss_curve(metrics: Path, out: Path) -> bool:
-    rows = read_metrics(metrics)
-    if not rows:
-        return False
-    from pali3_train.plots import plot_curves
-
-    steps = sorted(rows)
-    plot_curves({"loss": (steps, [rows[s]["loss"] for s in steps])}, out)
-    return True
 
 
 def _peak_memory_gib(device: torch.device) -> float:

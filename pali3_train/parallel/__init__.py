@@ -21,6 +21,7 @@ from pali3_train.parallel.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     Shard,
+    full_state_dict,
     parallelize,
     vocab_parallel_token_cross_entropy,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "dp_group",
     "dp_rank",
     "dp_size",
+    "full_state_dict",
     "init_model_parallel",
     "parallelize",
     "tp_group",

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from enum import Enum
 
 import torch
+import torch.distributed as dist
 from megatron.core import ModelParallelConfig, parallel_state, tensor_parallel
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from torch import nn
@@ -25,7 +26,7 @@ from pali3_train.models.attention import MultiHeadAttention
 from pali3_train.models.pali3 import PaLI3
 from pali3_train.models.transformer import MLP
 from pali3_train.models.ul2 import UL2, FeedForward, RelativePositionBias
-from pali3_train.parallel.dims import ParallelDims, tp_rank
+from pali3_train.parallel.dims import ParallelDims, tp_group, tp_rank
 
 
 class Shard(Enum):
@@ -94,6 +95,21 @@ def _with_full_logits(generate: Callable, lm_head: nn.Module) -> Callable:
             lm_head.gather_output = False
 
     return generate_gathered
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded model's weights (fp32, CPU) on every rank of the TP group: each
+    tensor-parallel parameter's shards are all-gathered over the TP group and concatenated
+    along the dimension it is split on. Under ZeRO-3, call it with the parameters gathered."""
+    state = {}
+    for name, param in model.named_parameters():
+        tensor = param.detach()
+        if getattr(param, "tensor_model_parallel", False):
+            shards = [torch.empty_like(tensor) for _ in range(dist.get_world_size(tp_group()))]
+            dist.all_gather(shards, tensor.contiguous(), group=tp_group())
+            tensor = torch.cat(shards, dim=param.partition_dim)
+        state[name] = tensor.float().cpu()
+    return state
 
 
 def _plan_targets(model: nn.Module) -> list[tuple[str, nn.Module, str, Shard]]:

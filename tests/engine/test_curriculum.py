@@ -8,11 +8,14 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from pali3_train.config import load_config
+from pali3_train.config.curriculum import Curriculum
 from pali3_train.convert.safetensors_io import load_weights
 from tests.engine.conftest import ROOT, launch_env, stage_config
 
@@ -112,3 +115,33 @@ def test_stage_runs_nest_under_one_mlflow_parent_run(curriculum):
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert children["stage2"].data.tags["stage"] == "2"
     assert "stage2/scenes_vqa/vqa_accuracy" in parent.data.metrics
+
+
+def test_the_demo_curriculum_and_every_stage_config_in_it_validate():
+    from launcher.curriculum import check_all
+
+    path = ROOT / "configs" / "tiny" / "curriculum.yaml"
+    plan = load_config(path, schema=Curriculum)
+    configs = check_all(path, plan)
+    assert list(configs) == [s.name for s in (*plan.baselines, *plan.stages)]
+    assert configs["untrained_pali3"].stage.init_from is None
+    assert configs["untrained_pali3"].run_dir == "runs/demo/untrained_pali3"
+    for step in plan.stages[1:]:  # each stage starts from an earlier stage's export
+        earlier = {configs[s.name].run_dir for s in plan.stages[: plan.stages.index(step)]}
+        assert str(Path(configs[step.name].stage.init_from).parent) in earlier, step.name
+
+
+def test_a_bad_stage_config_is_refused_before_any_stage_starts(demo, tmp_path):
+    good = stage_config(demo, tmp_path / "good")
+    bad = stage_config(demo, tmp_path / "bad", train={"stpes": 2})
+    plan = {"run_dir": str(tmp_path), "stages": [
+        {"name": "first", "stage": "1", "config": str(good)},
+        {"name": "second", "stage": "1", "config": str(bad)},
+    ]}  # fmt: skip
+    path = tmp_path / "curriculum.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    result = subprocess.run([sys.executable, str(ROOT / "launcher" / "curriculum.py"), str(path)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    assert "train.stpes: unknown key; did you mean 'steps'?" in result.stderr
+    assert not (tmp_path / "good").exists()  # the first stage never ran

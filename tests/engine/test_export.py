@@ -42,6 +42,24 @@ def test_zero0_and_zero3_checkpoints_export_the_same_weights(demo, tmp_path):
         torch.testing.assert_close(sharded[name], plain[name], atol=1e-5, rtol=0, msg=name)
 
 
+def test_a_tensor_parallel_stage_exports_the_weights_of_an_unsharded_run(demo, tmp_path):
+    """TP=2 under ZeRO-3 gathers the live shards at the end of the stage; the file equals what
+    one unsharded process trained on the same batches exports from its checkpoint."""
+    weights = {}
+    for label, nproc, tp, zero in (("tp2", 2, 2, 3), ("plain", 1, 1, 0)):
+        run_dir = tmp_path / label
+        parallel = {"zero_stage": zero, "tensor_parallel_size": tp}
+        config = stage_config(demo, run_dir, train={"steps": 2, "adam_eps": 1e-6},
+                              parallel=parallel)  # fmt: skip
+        result = launch(config, nproc)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert read_metadata(run_dir / "model.safetensors")["kind"] == "pali3"
+        weights[label] = load_weights(run_dir / "model.safetensors")
+    assert weights["tp2"].keys() == weights["plain"].keys()
+    for name, value in weights["plain"].items():
+        torch.testing.assert_close(weights["tp2"][name], value, atol=1e-5, rtol=0, msg=name)
+
+
 def test_the_next_stage_starts_from_exported_weights(demo, tmp_path):
     weights = tmp_path / "stage1.safetensors"
     torch.manual_seed(3)

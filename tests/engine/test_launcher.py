@@ -17,8 +17,8 @@ import torch
 
 from pali3_train.config import load_config
 from pali3_train.engine.checkpoint import find_latest, verify
-from pali3_train.engine.trainer import read_metrics
 from pali3_train.models import PaLI3
+from pali3_train.plots import read_metrics
 from tests.engine.conftest import ROOT, launch, launch_command, launch_env, stage_config
 
 

@@ -197,7 +197,7 @@ def test_per_rank_counts_match_a_real_tensor_parallel_model(tmp_path):
     run_on_ranks(_count_a_real_tp_rank, 2, 2, str(out))
     real = json.loads(out.read_text())
 
-    cfg = load_config(ROOT / "configs/stage1_tiny.yaml", ["parallel.tensor_parallel_size=2"])
+    cfg = load_config(ROOT / "configs/tiny/stage1.yaml", ["parallel.tensor_parallel_size=2"])
     rank = rank_params(stage_model(cfg, "1", "t"), 2, 0, "t")
     assert rank.params == real["params"]
     assert rank.trainable == real["trainable"]
@@ -220,7 +220,7 @@ def test_a_layer_that_tp_cannot_split_is_named():
 def test_activations_by_hand_for_the_tiny_stage1(tmp_path):
     """Tiny preset, fp32, TP 1, micro-batch 8: 16 patches + 24 prompt tokens into 2 encoder
     blocks of width 64 (4 heads), 24 target tokens through 2 decoder blocks, vocabulary 1024."""
-    cfg = load_config(ROOT / "configs/stage1_tiny.yaml")
+    cfg = load_config(ROOT / "configs/tiny/stage1.yaml", ["train.micro_batch_size=8"])
     act = activations(cfg, "1", stage_model(cfg, "1", "t"))
     b, w, h = 8, 4, 64
     block = lambda s: s * b * h * (10 + 24) * w / 2  # noqa: E731
@@ -235,12 +235,14 @@ def test_activations_by_hand_for_the_tiny_stage1(tmp_path):
     assert act.total(False) == encoder.plain + decoder.plain + act.logits
     assert act.total(True) == encoder.checkpointed + decoder.checkpointed + block(40) + act.logits
 
-    unfrozen = load_config(ROOT / "configs/stage1_tiny.yaml", ["stage.freeze=[]"])
+    unfrozen = load_config(
+        ROOT / "configs/tiny/stage1.yaml", ["train.micro_batch_size=8", "stage.freeze=[]"]
+    )
     vit = activations(unfrozen, "1", stage_model(unfrozen, "1", "t")).towers[0]
     assert vit.plain == 2 * block(16)
 
 
 def test_a_bad_freeze_path_is_a_config_error():
-    cfg = load_config(ROOT / "configs/stage1_tiny.yaml", ["data.max_target_tokens=16"])
+    cfg = load_config(ROOT / "configs/tiny/stage1.yaml", ["data.max_target_tokens=16"])
     with pytest.raises(ConfigError, match="stage.freeze: SigLIP has no 'vit'"):
         build_plan(cfg, "0", 2)
