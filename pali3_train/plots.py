@@ -8,14 +8,18 @@ from typing import Sequence
 
 
 def plot_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path: Path) -> None:
-    """One panel per curve, ``{name: (steps, values)}``, log-scaled values."""
+    """One panel per curve, ``{name: (steps, values)}``, log-scaled values, three per row."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on CPU boxes, CI and cluster nodes
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
-    for ax, (name, (steps, values)) in zip(axes[0], curves.items()):
+    cols = min(3, len(curves))
+    rows = -(-len(curves) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.5 * rows), squeeze=False)
+    for ax in axes.flat[len(curves) :]:
+        ax.axis("off")
+    for ax, (name, (steps, values)) in zip(axes.flat, curves.items()):
         ax.plot(list(steps), list(values))
         ax.set(title=name, xlabel="step", ylabel="loss", yscale="log")
         ax.grid(alpha=0.3)
