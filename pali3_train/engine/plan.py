@@ -333,13 +333,20 @@ class Plan:
 
 
 def build_plan(
-    cfg: Config, stage: str, world_size: int, gpus_per_node: int = 8, where: str = "config"
+    cfg: Config,
+    stage: str,
+    world_size: int,
+    gpus_per_node: int = 8,
+    where: str = "config",
+    model: nn.Module | None = None,
 ) -> Plan:
-    """Everything a dry run prints; raises ConfigError for a layout a real start would refuse."""
+    """Everything a dry run prints; raises ConfigError for a layout a real start would refuse.
+    ``model``: ``stage_model(cfg, stage)`` built already, for a caller that plans many layouts of
+    one model (``cluster.plan``); only ``cfg.train`` and ``cfg.parallel`` may differ."""
     accumulation = check_layout(cfg, stage, world_size, where)
     tp = cfg.parallel.tensor_parallel_size
     dp = world_size // tp
-    model = stage_model(cfg, stage, where)
+    model = stage_model(cfg, stage, where) if model is None else model
     zero = deepspeed_config(cfg, dp)["zero_optimization"]
     rank = rank_params(model, tp, zero.get("stage3_param_persistence_threshold", 0), where)
     states = model_states(
