@@ -187,13 +187,14 @@ def submit(script: str, path: Path, wait: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        configs = load_configs(args)
         check_request(args, partitions())
     except RequestError as exc:
         if not args.dry_run:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         print(f"warning: request not checked against the cluster: {exc}", file=sys.stderr)
+    try:
+        configs = load_configs(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
