@@ -157,13 +157,20 @@ def render(args: argparse.Namespace, configs: list[Config]) -> str:
         "configs": " ".join(shlex.quote(c) for c in args.config),
         "max_requeues": str(args.max_requeues),
         "python": shlex.quote(sys.executable),
-        "overrides": "".join(f" \\\n    --set {shlex.quote(item)}" for item in args.set),
+        "overrides": overrides(args.set),
     }
     script = TEMPLATE.read_text()
     for key, value in values.items():
         script = script.replace("{{" + key + "}}", value)
     assert "{{" not in script, "a template placeholder was left unfilled"
     return script
+
+
+def overrides(items: list[str]) -> str:
+    """One ``--set`` followed by every item (a repeated ``--set`` would keep only the last)."""
+    if not items:
+        return ""
+    return " \\\n    --set " + " ".join(shlex.quote(item) for item in items)
 
 
 def job_name(args: argparse.Namespace) -> str:

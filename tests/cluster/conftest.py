@@ -11,16 +11,10 @@ started with an explicit ``env=`` should use ``slurm_cluster.env()``.
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # `cluster` is not an installed package; plain `pytest` lacks cwd
-    sys.path.insert(0, str(ROOT))
-
-from cluster.testing.local_cluster import LocalSlurmCluster, install_slurm  # noqa: E402
+from cluster.testing.local_cluster import LocalSlurmCluster, install_slurm
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects

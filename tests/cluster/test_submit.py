@@ -116,12 +116,13 @@ def test_a_dry_run_renders_the_script_with_the_signal_requeue_and_every_option(d
     config = _job_config(demo, tmp_path / "run")
     result = _submit("--nodes", "2", "--partition", "p", "--account", "a", "--qos", "q",
                      "--time", "1:00:00", "--signal-seconds", "120", "--dry-run",
-                     "--set", "train.lr=1e-4", env=_no_slurm_env(), config=config)  # fmt: skip
+                     "--set", "train.lr=1e-4", "run_dir=x y", env=_no_slurm_env(),
+                     config=config)  # fmt: skip
     assert result.returncode == 0, result.stderr
     script = result.stdout
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --time=1:00:00",
                  "#SBATCH --signal=B:USR1@120", "#SBATCH --requeue", "#SBATCH --partition=p",
-                 "#SBATCH --account=a", "#SBATCH --qos=q", "--set train.lr=1e-4",
+                 "#SBATCH --account=a", "#SBATCH --qos=q", "--set train.lr=1e-4 'run_dir=x y'",
                  "export DS_ACCELERATOR=cpu"):  # fmt: skip
         assert line in script, line
     assert "{{" not in script and "--gpus-per-node" not in script
