@@ -13,11 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pali3_train.plots import read_metrics
 from tests.engine.conftest import ROOT, stage_config
 
 STEPS = 300  # long enough (~15 s on 2 CPU ranks) to signal the job mid-way
+OVERRIDES = ("--set", "train.seed=3", "train.warmup_steps=2")  # both must reach the ranks
 
 
 def _submit(*args: str, env: dict, config: Path | None = None, stage: str = "1"):
@@ -45,7 +47,7 @@ def _log(run_dir: Path) -> str:
 @pytest.fixture(scope="module")
 def uninterrupted(slurm_cluster, demo, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    result = _submit("--nodes", "2", "--wait", env=slurm_cluster.env(),
+    result = _submit("--nodes", "2", "--wait", *OVERRIDES, env=slurm_cluster.env(),
                      config=_job_config(demo, run_dir))  # fmt: skip
     assert result.returncode == 0, (result.stdout, result.stderr, _log(run_dir))
     return run_dir
@@ -57,6 +59,8 @@ def test_a_two_node_job_trains_with_one_rank_per_node(uninterrupted):
     log = _log(uninterrupted)
     assert "on n[1-2]" in log and "finished" in log, log
     assert (uninterrupted / "model.safetensors").is_file()
+    train = yaml.safe_load((uninterrupted / "config.yaml").read_text())["train"]
+    assert (train["seed"], train["warmup_steps"]) == (3, 2)
 
 
 @pytest.mark.slurm
@@ -65,7 +69,7 @@ def test_the_time_limit_signal_saves_requeues_and_ends_like_an_uninterrupted_job
 ):
     run_dir = tmp_path / "run"
     env = slurm_cluster.env()
-    result = _submit("--nodes", "2", env=env, config=_job_config(demo, run_dir))
+    result = _submit("--nodes", "2", *OVERRIDES, env=env, config=_job_config(demo, run_dir))
     assert result.returncode == 0, result.stderr
     job = re.search(r"submitted job (\d+)", result.stdout).group(1)
     _wait_for(lambda: len(_losses(run_dir)) >= 20, 300, f"job {job} to train 20 steps", run_dir)
