@@ -93,6 +93,20 @@ def test_the_time_limit_signal_saves_requeues_and_ends_like_an_uninterrupted_job
     assert steps == set(range(1, STEPS + 1))
 
 
+def test_a_job_array_trains_one_config_per_task(slurm_cluster, demo, tmp_path):
+    short = {"steps": 2, "global_batch_size": 2, "micro_batch_size": 2}
+    first, second = (stage_config(demo, tmp_path / name, train=short) for name in ("a", "b"))
+    command = [sys.executable, "-m", "cluster.submit", "--stage", "transfer", "--nodes", "1",
+               "--gpus-per-node", "0", "--wait", "--config", str(first), str(second)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=slurm_cluster.env(),
+                            cwd=ROOT, timeout=600)  # fmt: skip
+    assert result.returncode == 0, (result.stdout, result.stderr, _log(tmp_path / "a"))
+    for name in ("a", "b"):
+        assert sorted(_losses(tmp_path / name)) == [1, 2], name
+    logs = sorted(p.name for p in (tmp_path / "a" / "slurm").glob("*.out"))
+    assert len(logs) == 2 and logs[0].endswith("_0.out") and logs[1].endswith("_1.out"), logs
+
+
 @pytest.mark.slurm
 @pytest.mark.parametrize(
     "args, message",
