@@ -335,7 +335,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fragmentation", type=float, default=0.10, help="memory margin")
     parser.add_argument("--reserve", type=float, default=2.0, help="GiB kept free per GPU")
     parser.add_argument("--max-micro", type=int, default=256, help="largest micro-batch tried")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides (may repeat)",
+    )
     args = parser.parse_args(argv)
     for name in ("gpus", "gpu_memory", "gpus_per_node", "mfu", "peak_tflops", "max_micro"):
         if getattr(args, name) <= 0:

@@ -46,7 +46,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", required=True, choices=STAGES)
     parser.add_argument("--config", required=True, nargs="+", help="several: a job array")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides (may repeat)",
+    )
     parser.add_argument("--nodes", type=int, required=True)
     parser.add_argument("--gpus-per-node", type=int, default=8, help="0: CPU-only nodes")
     parser.add_argument("--tasks-per-node", type=int, help="ranks per node (default: GPUs, or 1)")

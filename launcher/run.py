@@ -33,7 +33,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", required=True, choices=STAGES)
     parser.add_argument("--config", required=True, help="stage YAML (see configs/)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides (may repeat)",
+    )
     parser.add_argument("--resume", default="auto", help="auto | none | a checkpoint folder")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by deepspeed
     parser.add_argument("--eval-only", action="store_true", help="evaluate, do not train")
