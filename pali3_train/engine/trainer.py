@@ -451,7 +451,7 @@ class Trainer:
         references = [[r] for _, share_refs in shares for r in share_refs]
         if self.env.is_main:
             self._show_examples(source.name, answers, references)
-        return score_answers(source.task, answers, references)
+        return score_answers(source.task, answers, references) | {"samples": float(len(answers))}
 
     def _all_ranks_finished(self, finished: torch.Tensor) -> bool:
         return not all_ranks_agree(not bool(finished.all()), self.device)

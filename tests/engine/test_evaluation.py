@@ -51,6 +51,8 @@ def test_two_ranks_under_zero3_score_like_one_process(demo, demo_held_out, tmp_p
     rows = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [2]
     expected = _single_process_scores(config, run_dir / "model.safetensors")
+    for name in SOURCES:  # every held-out sample answered once: no share lost, none twice
+        expected[f"eval/{name}/samples"] = EVAL["max_samples"]
     assert set(expected) == set(rows[0]) - {"step"}
     for name, value in expected.items():
         assert rows[0][name] == pytest.approx(value, abs=1e-6), name
