@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from pali3_train.config import Config, ConfigError, load_config
+from pali3_train.config import Config, ConfigError, add_overrides_option, load_config
 from pali3_train.config.schema import FieldError
 from pali3_train.engine.plan import Count, GiB, ModelStates, RankParams, build_plan, stage_model
 
@@ -335,14 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fragmentation", type=float, default=0.10, help="memory margin")
     parser.add_argument("--reserve", type=float, default=2.0, help="GiB kept free per GPU")
     parser.add_argument("--max-micro", type=int, default=256, help="largest micro-batch tried")
-    parser.add_argument(
-        "--set",
-        nargs="*",
-        action="extend",
-        default=[],
-        metavar="KEY=VALUE",
-        help="overrides (may repeat)",
-    )
+    add_overrides_option(parser)
     args = parser.parse_args(argv)
     for name in ("gpus", "gpu_memory", "gpus_per_node", "mfu", "peak_tflops", "max_micro"):
         if getattr(args, name) <= 0:

@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pali3_train.config import Config, ConfigError, load_config
+from pali3_train.config import Config, ConfigError, add_overrides_option, load_config
 from pali3_train.engine.plan import check_layout
 
 TEMPLATE = Path(__file__).parent / "templates" / "train.sbatch"
@@ -46,14 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", required=True, choices=STAGES)
     parser.add_argument("--config", required=True, nargs="+", help="several: a job array")
-    parser.add_argument(
-        "--set",
-        nargs="*",
-        action="extend",
-        default=[],
-        metavar="KEY=VALUE",
-        help="overrides (may repeat)",
-    )
+    add_overrides_option(parser)
     parser.add_argument("--nodes", type=int, required=True)
     parser.add_argument("--gpus-per-node", type=int, default=8, help="0: CPU-only nodes")
     parser.add_argument("--tasks-per-node", type=int, help="ranks per node (default: GPUs, or 1)")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from pali3_train.config import Config, ConfigError, load_config_or_exit
+from pali3_train.config import Config, ConfigError, add_overrides_option, load_config_or_exit
 from pali3_train.engine.distributed import DistEnv, init_distributed, read_env
 from pali3_train.engine.plan import check_data, check_layout, check_resume, dry_run
 
@@ -33,14 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", required=True, choices=STAGES)
     parser.add_argument("--config", required=True, help="stage YAML (see configs/)")
-    parser.add_argument(
-        "--set",
-        nargs="*",
-        action="extend",
-        default=[],
-        metavar="KEY=VALUE",
-        help="overrides (may repeat)",
-    )
+    add_overrides_option(parser)
     parser.add_argument("--resume", default="auto", help="auto | none | a checkpoint folder")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by deepspeed
     parser.add_argument("--eval-only", action="store_true", help="evaluate, do not train")

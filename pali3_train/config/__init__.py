@@ -2,6 +2,7 @@
 
 from pali3_train.config.loader import (
     ConfigError,
+    add_overrides_option,
     config_from_dict,
     dump_config,
     load_config,
@@ -41,6 +42,7 @@ __all__ = [
     "UL2Config",
     "ViTConfig",
     "ZeroShotConfig",
+    "add_overrides_option",
     "config_from_dict",
     "dump_config",
     "load_config",

@@ -8,6 +8,7 @@ the file (or the ``--set`` item) that must be fixed together with the dotted fie
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import sys
@@ -93,6 +94,12 @@ def _merge(
             into_origins.update(
                 {k: v for k, v in new_origins.items() if k == dotted or k.startswith(dotted + ".")}
             )
+
+
+def add_overrides_option(parser: argparse.ArgumentParser) -> None:
+    """``--set a.b=1 c=2``, repeatable (every occurrence applies), for ``load_config``."""
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                        help="config overrides, dotted.key=value (may repeat)")  # fmt: skip
 
 
 def apply_overrides(data: dict, origins: Origins, overrides: Sequence[str]) -> None:
