@@ -25,8 +25,7 @@ test: install
 # The whole curriculum (baselines, stage 0 -> 1 -> 2 -> transfer) on the tiny preset, 2 CPU
 # processes per stage; corpora are regenerated (seeded, ~5 s), stages resume if interrupted.
 demo: install
-	$(PY) -m data_pipeline.demo_corpus --out runs/demo_corpus --samples-per-source 2048 --samples-per-shard 256
-	$(PY) -m data_pipeline.demo_corpus --out runs/demo_eval --split held_out --samples-per-source 256
+	$(PY) -m data_pipeline.demo_corpus --demo
 	$(PY) launcher/curriculum.py configs/tiny/curriculum.yaml
 
 clean:

@@ -7,8 +7,9 @@
 The baseline is webdataset's own recipe: ``WebDataset(...).decode("rgb8").to_tuple(...)``,
 batched in the workers, with the standard shard splitting. The full path is ``DataPipeline``:
 a three-source mixture (each source a third of the shards, each a different task), prompt
-formatting, decode and resize to 224 px, tokenisation and fixed-length collation. Both run
-under a DataLoader with 0, 1 and 2 workers; each cell is the best of ``--repeats`` passes.
+formatting, decode and resize to 224 px, tokenisation and fixed-length collation, then the
+images normalised to float32 in the main process (on the CPU here). Both run under a DataLoader
+with 0, 1 and 2 workers; each cell is the best of ``--repeats`` passes.
 Images larger than twice the target size let the full path decode JPEGs at a reduced scale
 (``draft``); at 384 px it cannot, and pays for the resize the baseline does not do.
 """
@@ -96,7 +97,13 @@ def _pipeline(patterns: list[str], tokenizer: Path, workers: int, batch: int) ->
             },
         }
     )
-    return DataPipeline(cfg, 0, 1, batch, mode="epoch")
+    return DataPipeline(
+        cfg.data,
+        image_size_px=cfg.model.vit.image_size_px,
+        seed=cfg.train.seed,
+        batch_size=batch,
+        mode="epoch",
+    )
 
 
 def _samples_per_s(make, repeats: int) -> tuple[float, int]:

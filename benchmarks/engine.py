@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from data_pipeline.transforms import Batch
+from data_pipeline.transforms import Batch, model_input
 from pali3_train.config import Config, config_from_dict, load_config, to_dict
 from pali3_train.engine.distributed import free_port
 
@@ -113,12 +113,12 @@ def make_config(work: Workload, layout: Layout) -> Config:
 
 
 def micro_batch(step: int, index: int, cfg: Config, work: Workload) -> Batch:
-    """Micro-batch ``index`` of global batch ``step``: the same in every layout."""
+    """Micro-batch ``index`` of global batch ``step``: the same in every layout, model-ready."""
     g = torch.Generator().manual_seed(1000 * step + index)
     n, size, vocab = work.micro_batch, cfg.model.vit.image_size_px, cfg.model.ul2.vocab_size
     prompt = torch.randint(3, vocab, (n, work.prompt_tokens), generator=g)
     target = torch.randint(3, vocab, (n, work.target_tokens), generator=g)
-    return Batch(
+    batch = Batch(
         images=torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g),
         prompt=prompt,
         prompt_mask=torch.ones_like(prompt, dtype=torch.bool),
@@ -129,6 +129,7 @@ def micro_batch(step: int, index: int, cfg: Config, work: Workload) -> Batch:
         worker=0,
         health={},
     )
+    return model_input(batch, torch.device("cpu"), torch.float32)
 
 
 def _storage_bytes(tensors, seen: set[int]) -> int:
@@ -199,18 +200,18 @@ def _start(rank: int, world: int, port: int, layout: Layout):
 def _engine(cfg: Config, dims):
     import deepspeed
 
-    from pali3_train.engine.trainer import build_model, make_engine
+    from pali3_train.engine.build import build_model, make_engine
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
-    return make_engine(cfg, build_model(cfg, "1", dims), dims)
+    return make_engine(cfg, build_model(cfg, dims), dims)
 
 
 def _train(engine, cfg: Config, work: Workload, accum: int) -> tuple[list[float], list[float]]:
     """Every step's seconds (the optimizer step included) and loss over the global batch."""
-    from pali3_train.engine.trainer import OBJECTIVES
     from pali3_train.parallel import dp_rank
+    from pali3_train.stages.registry import spec_for
 
-    objective, world = OBJECTIVES["1"][1], dist.get_world_size()
+    objective, world = spec_for(cfg).loss, dist.get_world_size()
     seconds, losses = [], []
     for step in range(work.warmup + work.steps):
         total = torch.zeros(1)

@@ -7,20 +7,22 @@
 Layouts tried: tensor parallelism (TP) over the divisors of --gpus-per-node that the model splits
 evenly (heads, vocabulary, feed-forward widths: the checks ``parallelize`` and the config run),
 ZeRO-1, 2 and 3, activation checkpointing off and on, micro-batches of powers of two up to
---max-micro; the accumulation follows from micro x accumulation x DP = global batch. Stage 0
-keeps accumulation 1: its sigmoid loss sees micro x DP pairs, and the global batch is that.
+--max-micro; the accumulation follows from micro x accumulation x DP = global batch. An
+objective that refuses accumulation (stage 0's contrastive loss sees micro x DP pairs, and the
+global batch must be that) keeps it at 1.
 
 Memory per GPU is the launcher's own dry-run plan of each layout (``build_plan`` of
-``pali3_train.engine.plan``: weights, gradients, optimizer states, one micro-batch's activations),
+``pali3_train.engine.dry_run``, from ``engine.memory``: weights, gradients, optimizer states, one
+micro-batch's activations),
 so a recommendation pasted into a config shows the same figures under ``launcher/run.py
 --dry-run``. A layout fits if (states + activations) x (1 + --fragmentation) + --reserve GiB
 (CUDA context, NCCL and DeepSpeed buffers) is at most --gpu-memory GiB.
 
 Step time is FLOPs over throughput: F x global batch / (GPUs x --peak-tflops x --mfu), F the FLOPs
-of one sample's forward and backward, counted by torch's FlopCounterMode running the stage's model
-on the meta device (no weights, a second or two); the trainer's logged ``mfu`` counts the same way,
-so --mfu can be read off a real run. 6 x parameters x tokens would overcount this model ~1.8x
-(5B, 224 px, all training): each tower sees its own tokens (ViT the patches, the UL2 encoder
+of one sample's forward and backward, counted by ``pali3_train.engine.flops`` running the stage's
+model on the meta device (no weights, a second or two); the trainer's logged ``mfu`` is the same
+count, so --mfu can be read off a real run. 6 x parameters x tokens would overcount this model
+~1.8x (5B, 224 px, all training): each tower sees its own tokens (ViT the patches, the UL2 encoder
 patches + prompt, the decoder the target); the counter also sees that frozen weights get no
 gradient (a frozen tower with nothing trainable before it, no backward at all), attention, and
 checkpointing's recompute, which is executed work (torch re-runs a block's forward until backward
@@ -38,20 +40,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from dataclasses import dataclass, replace
-
-import torch
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from pali3_train.config import Config, ConfigError, add_overrides_option, load_config
 from pali3_train.config.schema import FieldError
-from pali3_train.engine.plan import Count, GiB, ModelStates, RankParams, build_plan, stage_model
+from pali3_train.engine.checks import check_stage_flag
+from pali3_train.engine.dry_run import build_plan
+from pali3_train.engine.flops import PEAK_BF16_FLOPS, count_flops_per_sample, with_checkpointing
+from pali3_train.engine.memory import Count, GiB, ModelStates, RankParams
+from pali3_train.stages.curriculum import CURRICULUM
+from pali3_train.stages.registry import spec_for, stage_model
 
-# What PaLI-3's curriculum freezes (--model only; a --config says so itself).
-DEFAULT_FREEZE = {"0": [], "1": ["vit"], "2": [], "transfer": ["vit"]}
-PEAK_TFLOPS = 989.0  # H100/H200 dense bf16, as the trainer's PEAK_BF16_FLOPS
+PEAK_TFLOPS = PEAK_BF16_FLOPS["H100"] / 1e12  # H100/H200 dense bf16
 
 
 class PlanError(ValueError):
@@ -100,36 +100,8 @@ class Layout:
         return f"TP {self.tp}, ZeRO-{self.zero}, checkpointing {ckpt}, micro-batch {self.micro}"
 
 
-def flops_per_sample(model: nn.Module, cfg: Config, stage: str) -> float:
-    """FLOPs of one sample's forward and backward through ``model`` on the meta device, with
-    whatever freezing and checkpointing it carries. Stage 0's loss is a stand-in: the sigmoid
-    loss's micro x DP pairs cost 2 x width FLOPs each, well under 0.1% of a sample."""
-    vit, data = cfg.model.vit, cfg.data
-    with torch.device("meta"):
-        images = torch.zeros(1, 3, vit.image_size_px, vit.image_size_px)
-        target = torch.zeros(1, data.max_target_tokens, dtype=torch.long)
-        prompt = torch.zeros(1, data.max_prompt_tokens, dtype=torch.long)
-    with FlopCounterMode(display=False) as counter:
-        if stage == "0":
-            image_emb, text_emb = model(images, target)
-            loss = (image_emb @ text_emb.T).sum()
-        else:
-            loss = model(images, prompt, prompt != -1, target, target != -1).loss
-        if loss.requires_grad:
-            loss.backward()
-    model.zero_grad(set_to_none=True)
-    return float(counter.get_total_flops())
-
-
-def _checkpointed(model: nn.Module) -> nn.Module:
-    with warnings.catch_warnings():  # megatron-core warns that Apex/TransformerEngine are absent
-        warnings.simplefilter("ignore")
-        from pali3_train.parallel.checkpointing import apply_activation_checkpointing
-    return apply_activation_checkpointing(model)
-
-
-def _micro_batches(stage: str, per_rank: int, cap: int) -> list[int]:
-    if stage == "0":
+def _micro_batches(cfg: Config, per_rank: int, cap: int) -> list[int]:
+    if not spec_for(cfg).accumulates:
         return [per_rank]  # accumulation 1
     return [2**i for i in range(cap.bit_length()) if 2**i <= cap and per_rank % 2**i == 0]
 
@@ -147,7 +119,6 @@ class Search:
     """Every layout of one stage on one cluster, best first, fitting or not."""
 
     cfg: Config
-    stage: str
     where: str
     cluster: Cluster
     layouts: list[Layout]
@@ -160,7 +131,7 @@ class Search:
         return [x for x in self.layouts if x.required <= self.cluster.gpu_memory_gib * GiB]
 
 
-def search(cfg: Config, stage: str, cluster: Cluster, where: str = "config") -> Search:
+def search(cfg: Config, cluster: Cluster, where: str = "config") -> Search:
     """Plans every layout; raises PlanError if the GPUs are not whole nodes or no TP size can be
     used at all."""
     gpus, per_node = cluster.gpus, cluster.gpus_per_node
@@ -169,7 +140,7 @@ def search(cfg: Config, stage: str, cluster: Cluster, where: str = "config") -> 
         raise PlanError(
             f"--gpus-per-node: --gpus {gpus} is not a whole number of {per_node}-GPU nodes{partial}"
         )
-    model = stage_model(cfg, stage, where)
+    model = stage_model(cfg, where)
     batch = cfg.train.global_batch_size
     plans, skipped = {}, {}
     for tp in (t for t in range(1, per_node + 1) if per_node % t == 0):
@@ -177,11 +148,11 @@ def search(cfg: Config, stage: str, cluster: Cluster, where: str = "config") -> 
         if batch % dp:
             skipped[tp] = f"DP {dp} does not divide the global batch {batch}"
             continue
-        micros = _micro_batches(stage, batch // dp, cluster.max_micro)
+        micros = _micro_batches(cfg, batch // dp, cluster.max_micro)
         try:
             plans |= {
                 (tp, zero, micro): build_plan(
-                    _layout_config(cfg, tp, zero, micro), stage, gpus, per_node, where, model
+                    _layout_config(cfg, tp, zero, micro), gpus, per_node, where, model
                 )
                 for zero in (1, 2, 3)
                 for micro in micros
@@ -196,8 +167,8 @@ def search(cfg: Config, stage: str, cluster: Cluster, where: str = "config") -> 
             raise PlanError(f"--global-batch: no layout splits it ({why}); multiples of {gpus} do")
         raise PlanError(f"no layout can be used: {why}")
 
-    flops = {False: flops_per_sample(model, cfg, stage)}
-    flops[True] = flops_per_sample(_checkpointed(model), cfg, stage)  # same parameters
+    flops = {False: count_flops_per_sample(model, cfg)}
+    flops[True] = count_flops_per_sample(with_checkpointing(model), cfg)  # same parameters
     throughput = gpus * cluster.peak_tflops * 1e12 * cluster.mfu
     found = []
     for (tp, zero, micro), plan in plans.items():
@@ -209,7 +180,7 @@ def search(cfg: Config, stage: str, cluster: Cluster, where: str = "config") -> 
                        act, need + cluster.reserve_gib * GiB, flops[ckpt] * batch / throughput)
             )  # fmt: skip
     found.sort(key=lambda x: x.order)
-    return Search(cfg, stage, where, cluster, found, skipped, flops, plan.modules)
+    return Search(cfg, where, cluster, found, skipped, flops, plan.modules)
 
 
 def recommend(found: Search) -> Layout:
@@ -235,11 +206,11 @@ def _gib(n: float) -> str:
 def format_report(found: Search, best: Layout, top: int = 8) -> str:
     """Assumptions, the best fitting layout of each TP x ZeRO x checkpointing (its largest
     micro-batch), and the recommendation as YAML for a stage config."""
-    cfg, stage, cluster = found.cfg, found.stage, found.cluster
-    vit, data, train = cfg.model.vit, cfg.data, cfg.train
-    text = f"{data.max_prompt_tokens} prompt + {data.max_target_tokens} target"
-    if stage == "0":
-        text = f"{data.max_target_tokens} text"
+    cfg, cluster, spec = found.cfg, found.cluster, spec_for(found.cfg)
+    vit, train = cfg.model.vit, cfg.train
+    tokens = spec.tokens_per_sample(cfg)
+    text = " + ".join(f"{n} {kind}" for kind, n in tokens.items() if kind != "image")
+    stage = cfg.stage.name or cfg.stage.objective
     nodes = f"{cluster.gpus // cluster.gpus_per_node} node"
     nodes += "s" if cluster.gpus > cluster.gpus_per_node else ""
     params, trainable = (sum(x) for x in zip(*((m.total, m.trainable) for m in found.modules)))
@@ -250,11 +221,15 @@ def format_report(found: Search, best: Layout, top: int = 8) -> str:
         f"            per sample {vit.num_patches:,} image tokens ({vit.image_size_px} px) + "
         f"{text}; frozen: {', '.join(cfg.stage.freeze) or 'nothing'}",
         f"batch       global {train.global_batch_size:,}"
-        + (" (accumulation 1: the sigmoid loss sees micro x DP pairs)" if stage == "0" else ""),
+        + (
+            ""
+            if spec.accumulates
+            else f" (accumulation 1: the {spec.objective} loss sees micro x DP pairs)"
+        ),
         f"time        {found.flops[False] / 1e12:.2f} TFLOP per sample (checkpointing: "
         f"{found.flops[True] / 1e12:.2f}; FlopCounterMode on the meta device) at MFU "
         f"{cluster.mfu:g} of {cluster.peak_tflops:g} TFLOP/s",
-        f"memory      engine/plan.py estimate x {1 + cluster.fragmentation:g} + "
+        f"memory      engine/memory.py estimate x {1 + cluster.fragmentation:g} + "
         f"{cluster.reserve_gib:g} GiB reserve; {len(found.fitting)} of {len(found.layouts)} "
         "layouts fit",
         *(f"            TP {tp} left out: {reason}" for tp, reason in found.skipped.items()),
@@ -280,7 +255,7 @@ def format_report(found: Search, best: Layout, top: int = 8) -> str:
         f"recommended: {best.describe()}, accumulation {best.accumulation}",
         f"             {_gib(best.required)} GiB per GPU, {best.step_s:.2f} s per step, "
         f"{best.samples_per_s:,.0f} samples/s",
-        f"# for the stage config; check: python launcher/run.py --stage {stage} --config ... "
+        f"# for the stage config; check: python launcher/run.py --config ... "
         f"--dry-run --world-size {cluster.gpus}",
         "train:",
         f"  global_batch_size: {train.global_batch_size}",
@@ -296,10 +271,16 @@ def format_report(found: Search, best: Layout, top: int = 8) -> str:
 
 def load(args: argparse.Namespace) -> tuple[Config, str]:
     """The stage's config with the command line's overrides; a bare --model trains in bf16 and
-    freezes what PaLI-3's curriculum freezes at that stage."""
+    freezes what PaLI-3's curriculum freezes at that stage (``--stage``, default 1)."""
     overrides = []
     if args.model:
-        overrides += ["train.precision=bf16", f"stage.freeze={DEFAULT_FREEZE[args.stage]}"]
+        stage = CURRICULUM[args.stage or "1"]
+        overrides += [
+            "train.precision=bf16",
+            f"stage.name='{stage.name}'",
+            f"stage.objective={stage.objective}",
+            f"stage.freeze={list(stage.freeze)}",
+        ]
     for option, key in (
         ("global_batch", "train.global_batch_size"),
         ("image_size", "model.vit.image_size_px"),
@@ -310,7 +291,9 @@ def load(args: argparse.Namespace) -> tuple[Config, str]:
             overrides.append(f"{key}={getattr(args, option)}")
     overrides.append("train.micro_batch_size=1")  # the planner picks it; 1 divides any batch
     where = args.model or args.config
-    return load_config(where, overrides + args.set), where
+    cfg = load_config(where, overrides + args.set)
+    check_stage_flag(cfg, args.stage, where)
+    return cfg, where
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a model preset (bf16, the stage's usual freezing)")
     source.add_argument("--config", help="a stage config (its precision, freezing, batch)")
-    parser.add_argument("--stage", default="1", choices=tuple(DEFAULT_FREEZE))
+    parser.add_argument("--stage", choices=tuple(CURRICULUM), help="--model: default 1")
     parser.add_argument("--gpus", type=int, required=True, help="GPUs in all")
     parser.add_argument("--gpu-memory", type=float, required=True, help="GiB per GPU")
     parser.add_argument("--gpus-per-node", type=int, default=8)
@@ -348,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     try:
         cfg, where = load(args)
-        found = search(cfg, args.stage, cluster, where)
+        found = search(cfg, cluster, where)
         best = recommend(found)
     except (ConfigError, PlanError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pali3_train.config import Config, ConfigError, add_overrides_option, load_config
-from pali3_train.engine.plan import check_layout
+from pali3_train.engine.checks import check_layout, check_stage_flag
+from pali3_train.stages.curriculum import CURRICULUM
 
 TEMPLATE = Path(__file__).parent / "templates" / "train.sbatch"
-STAGES = ("0", "1", "2", "transfer")
 
 
 class RequestError(ValueError):
@@ -44,7 +44,7 @@ class Partition:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stage", required=True, choices=STAGES)
+    parser.add_argument("--stage", choices=tuple(CURRICULUM), help="checked against each config")
     parser.add_argument("--config", required=True, nargs="+", help="several: a job array")
     add_overrides_option(parser)
     parser.add_argument("--nodes", type=int, required=True)
@@ -77,7 +77,8 @@ def load_configs(args: argparse.Namespace) -> list[Config]:
     configs = []
     for path in args.config:
         cfg = load_config(path, args.set)
-        check_layout(cfg, args.stage, world, path)
+        check_stage_flag(cfg, args.stage, path)
+        check_layout(cfg, world, path)
         configs.append(cfg)
     return configs
 
@@ -140,7 +141,8 @@ def render(args: argparse.Namespace, configs: list[Config]) -> str:
         environment += ["export DS_ACCELERATOR=cpu",
                         f"export OMP_NUM_THREADS={args.cpus_per_task}"]  # fmt: skip
     values = {
-        "stage": args.stage,
+        "stage": args.stage or configs[0].stage.name or configs[0].stage.objective,
+        "stage_flag": f" --stage {args.stage}" if args.stage else "",
         "configs_comment": ", ".join(args.config),
         "world_size": str(args.nodes * args.tasks_per_node),
         "job_name": job_name(args),
@@ -174,7 +176,8 @@ def overrides(items: list[str]) -> str:
 
 
 def job_name(args: argparse.Namespace) -> str:
-    return args.job_name or f"pali3-stage{args.stage}-{Path(args.config[0]).stem}"
+    stage = f"stage{args.stage}-" if args.stage else ""
+    return args.job_name or f"pali3-{stage}{Path(args.config[0]).stem}"
 
 
 def log_dir(cfg: Config) -> Path:

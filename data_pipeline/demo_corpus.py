@@ -13,9 +13,12 @@ alone, so a model can learn it, and everything follows from one seed, so two bui
 from __future__ import annotations
 
 import argparse
+import fcntl
 import io
+import os
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator
@@ -493,9 +496,41 @@ def _strings(value: object) -> Iterator[str]:
             yield from _strings(item)
 
 
+# What `make demo` and a bare `launcher/run.py --stage S` train and evaluate on (folder: options).
+DEMO_CORPORA = {
+    "runs/demo_corpus": {"samples_per_source": 2048, "samples_per_shard": 256},
+    "runs/demo_eval": {"samples_per_source": 256, "split": "held_out"},
+}
+
+
+def build_demo_corpora(root: str | Path = ".", only_missing: bool = False) -> list[DemoCorpus]:
+    """The corpora of ``DEMO_CORPORA`` under ``root``, each built in a temporary folder and
+    renamed into place, so a corpus is either whole or absent. ``only_missing``: leave alone
+    those already there. Local processes that call this at once take turns (a file lock)."""
+    root = Path(root)
+    root.joinpath("runs").mkdir(parents=True, exist_ok=True)
+    built = []
+    with open(root / "runs" / ".demo_corpora.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for folder, options in DEMO_CORPORA.items():
+            out = root / folder
+            if only_missing and out.is_dir():
+                continue
+            tmp = out.with_name(f".tmp-{out.name}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            corpus = build_demo_corpus(tmp, **options)
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+            where = out.resolve()
+            built.append(replace(corpus, out_dir=where, tokenizer_path=where / "tokenizer.model"))
+    return built
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="output folder")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", help="output folder")
+    target.add_argument("--demo", action="store_true", help=f"both of {', '.join(DEMO_CORPORA)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples-per-source", type=int, default=512)
     parser.add_argument("--samples-per-shard", type=int, default=64)
@@ -504,15 +539,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", choices=SPLITS, default="train", help="held_out: for evaluation")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    corpus = build_demo_corpus(
-        args.out,
-        args.seed,
-        args.samples_per_source,
-        args.samples_per_shard,
-        args.image_size_px,
-        args.vocab_size,
-        args.split,
-    )
+    if args.demo:
+        corpora = build_demo_corpora()
+    else:
+        corpora = [build_demo_corpus(args.out, args.seed, args.samples_per_source,
+                                     args.samples_per_shard, args.image_size_px, args.vocab_size,
+                                     args.split)]  # fmt: skip
+    for corpus in corpora:
+        describe(corpus)
+    print(f"built in {time.perf_counter() - start:.1f} s")
+
+
+def describe(corpus: DemoCorpus) -> None:
     for name, manifest in corpus.manifests.items():
         print(
             f"{name}: {manifest.samples} samples in {len(manifest.shards)} shards "
@@ -521,7 +559,6 @@ def main(argv: list[str] | None = None) -> None:
         )
     vocab = Tokenizer.load(corpus.tokenizer_path).vocab_size
     print(f"tokenizer: {corpus.tokenizer_path} ({vocab} pieces)")
-    print(f"built in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The data pipeline a trainer holds: the mixture checked and resolved, read by DataLoader
 workers, with a state that a checkpoint can store and a run can resume from exactly.
 
-    pipeline = DataPipeline(cfg, dp_rank, dp_size, batch_size=8, mode="train")
-    for batch in pipeline: ...
+    pipeline = DataPipeline(cfg.data, image_size_px=224, seed=0, batch_size=8,
+                            dp_rank=0, dp_size=8, mode="train", device="cuda")
+    for batch in pipeline: ...                      # on the device, images normalised
     checkpoint["data"] = pipeline.state_dict()      # plain JSON-able dict
     pipeline.load_state_dict(checkpoint["data"])    # before iterating again
 
@@ -15,14 +16,15 @@ import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
+import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from data_pipeline import shards
 from data_pipeline.health import Health, total
 from data_pipeline.mixture import MixtureDataset, Mode, ResolvedSource
 from data_pipeline.tasks import template_error
-from data_pipeline.transforms import Batch
-from pali3_train.config import Config, ConfigError
+from data_pipeline.transforms import Batch, model_input
+from pali3_train.config import ConfigError
 from pali3_train.config.schema import DataConfig
 
 # torchdata 0.11 calls a torch API that torch 2.13 deprecates; nothing for us to act on.
@@ -70,30 +72,42 @@ class PipelineStats:
 
 
 class DataPipeline:
-    """The batches of one data-parallel rank: infinite and reshuffled each epoch in ``train``
-    mode; one pass in which every sample appears exactly once across ranks in ``epoch`` mode."""
+    """The model-ready batches of one data-parallel rank: infinite and reshuffled each epoch in
+    ``train`` mode; one pass in which every sample appears exactly once across ranks in
+    ``epoch`` mode.
+
+    Built from the typed data section and what the run adds to it: the image size (the
+    stage's ``model.vit.image_size_px``), the seed, and which share this rank reads
+    (``dp_rank`` of ``dp_size``: ranks of one tensor-parallel group share theirs). Images leave
+    the workers as uint8 (a quarter of float32's bytes between processes) and are normalised
+    here, once, on ``device`` in ``image_dtype``: the one place a batch becomes model input.
+    """
 
     def __init__(
         self,
-        cfg: Config,
-        dp_rank: int,
-        dp_size: int,
+        data: DataConfig,
+        *,
+        image_size_px: int,
+        seed: int,
         batch_size: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
         mode: Mode = "train",
-        pin_memory: bool = False,
+        device: torch.device | str = "cpu",
+        image_dtype: torch.dtype = torch.float32,
         where: str = "config",
     ):
-        data = cfg.data
+        self.device, self.image_dtype = torch.device(device), image_dtype
         self.dataset = MixtureDataset(
             sources=resolve_sources(data, where),
             tokenizer_path=data.tokenizer_path,
-            image_size_px=cfg.model.vit.image_size_px,
+            image_size_px=image_size_px,
             max_prompt_tokens=data.max_prompt_tokens,
             max_target_tokens=data.max_target_tokens,
             batch_size=batch_size,
             rank=dp_rank,
             world_size=dp_size,
-            seed=cfg.train.seed,
+            seed=seed,
             mode=mode,
             open_shards_per_source=data.open_shards_per_source,
             max_skip_fraction=data.max_skip_fraction,
@@ -104,7 +118,7 @@ class DataPipeline:
             batch_size=None,
             collate_fn=_identity,
             num_workers=data.num_workers,
-            pin_memory=pin_memory,
+            pin_memory=self.device.type == "cuda",
             prefetch_factor=2 if data.num_workers else None,
         )
         self._health: dict[int, dict] = {}  # global worker index -> its latest counters
@@ -112,7 +126,7 @@ class DataPipeline:
     def __iter__(self) -> Iterator[Batch]:
         for batch in self.loader:
             self._health[batch.worker] = batch.health
-            yield batch
+            yield model_input(batch, self.device, self.image_dtype)
 
     def stats(self) -> PipelineStats:
         """Samples served and skipped by this rank's workers up to the last batch consumed."""

@@ -1,7 +1,7 @@
 """From raw shard bytes to model inputs: image decode and resize, tokenisation, batching.
 
-Images leave the workers as uint8 and are normalised by ``normalize_images`` where the batch is
-consumed (on the accelerator): a quarter of the bytes through the worker queues, and the
+Images leave the workers as uint8 and are normalised by ``model_input`` as the pipeline hands the
+batch over, on the accelerator: a quarter of the bytes through the worker queues, and the
 arithmetic runs where it is cheapest.
 """
 
@@ -82,6 +82,13 @@ def decode_image(data: bytes, size_px: int) -> torch.Tensor:
 def normalize_images(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 [..., 3, H, W] -> [-1, 1], the range SigLIP's ViT was trained on."""
     return images.to(dtype) / 127.5 - 1.0
+
+
+def model_input(batch: Batch, device: torch.device, image_dtype: torch.dtype) -> Batch:
+    """A collated batch (uint8 images) on ``device`` with its images normalised: what every
+    model of the project takes."""
+    batch = batch.to(device, non_blocking=device.type == "cuda")
+    return replace(batch, images=normalize_images(batch.images, image_dtype))
 
 
 def collate(

@@ -22,8 +22,9 @@ import torch
 
 from pali3_train.config import Config, ConfigError, load_config
 from pali3_train.config.curriculum import Curriculum, CurriculumStep
-from pali3_train.engine.tracking import ParentRun
+from pali3_train.engine.checks import check_layout, check_stage_flag
 from pali3_train.plots import plot_loss_curves
+from pali3_train.tracking import ParentRun
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,12 +57,16 @@ def check_all(path: Path, plan: Curriculum) -> dict[str, Config]:
         config_path = stage_config_path(path, step)
         if not config_path.is_file():
             raise ConfigError(str(path), f"{step.name}.config", f"{config_path} does not exist")
-        configs[step.name] = load_config(config_path, overrides(plan, step, None, baseline))
+        cfg = load_config(config_path, overrides(plan, step, None, baseline))
+        check_stage_flag(cfg, step.stage, str(config_path))
+        check_layout(cfg, plan.nproc_per_node, str(config_path))
+        configs[step.name] = cfg
     return configs
 
 
-def launch_command(plan: Curriculum, stage: str, config: Path, extra: list[str]) -> list[str]:
-    entry = [str(ROOT / "launcher" / "run.py"), "--stage", stage, "--config", str(config)]
+def launch_command(plan: Curriculum, step: CurriculumStep, config: Path, extra: list[str]):
+    stage = ["--stage", step.stage] if step.stage else []
+    entry = [str(ROOT / "launcher" / "run.py"), *stage, "--config", str(config)]
     if plan.launcher == "deepspeed":
         runner = ["-m", "deepspeed.launcher.runner", "--num_gpus", str(plan.nproc_per_node)]
     else:
@@ -78,14 +83,17 @@ def launch_env() -> dict[str, str]:
     return env
 
 
-def run_step(path: Path, plan: Curriculum, step: CurriculumStep, parent, baseline: bool) -> float:
+def run_step(
+    path: Path, plan: Curriculum, step: CurriculumStep, cfg: Config, parent, baseline: bool
+) -> float:
     extra = ["--set", *overrides(plan, step, parent, baseline)]
     if baseline:
         extra.append("--eval-only")
-    what = "untrained baseline, evaluated" if baseline else f"stage {step.stage}"
+    trains = f"stage {cfg.stage.name}" if cfg.stage.name else f"{cfg.stage.objective} objective"
+    what = "untrained baseline, evaluated" if baseline else trains
     print(f"\n=== {step.name} ({what}): {step.config}", flush=True)
     start = time.perf_counter()
-    command = launch_command(plan, step.stage, stage_config_path(path, step), extra)
+    command = launch_command(plan, step, stage_config_path(path, step), extra)
     result = subprocess.run(command, env=launch_env(), cwd=os.getcwd())
     if result.returncode != 0:
         raise SystemExit(f"{step.name} failed with exit code {result.returncode}; fix it and "
@@ -133,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds, status = {}, "FAILED"
     try:
         for step, baseline in steps(plan):
-            seconds[step.name] = run_step(args.curriculum, plan, step, parent, baseline)
+            cfg = configs[step.name]
+            seconds[step.name] = run_step(args.curriculum, plan, step, cfg, parent, baseline)
         status = "FINISHED"
     finally:
         columns = {name: final_eval(Path(cfg.run_dir)) for name, cfg in configs.items()}

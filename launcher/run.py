@@ -1,9 +1,12 @@
 """Train one curriculum stage on every process that the launcher started.
 
-    deepspeed launcher/run.py --stage 1 --config configs/tiny/stage1.yaml
-    torchrun --nproc_per_node 2 launcher/run.py --stage 1 --config ... --set train.lr=3e-4
-    srun python launcher/run.py --stage 1 --config ...        (cluster/ sets MASTER_ADDR/PORT)
+    deepspeed launcher/run.py --stage 1                     (the tiny recipe on the demo corpus)
+    deepspeed launcher/run.py --config configs/tiny/stage1.yaml
+    torchrun --nproc_per_node 2 launcher/run.py --config ... --set train.lr=3e-4
+    srun python launcher/run.py --config ...                (cluster/ sets MASTER_ADDR/PORT)
 
+What trains is the config's ``stage:`` section; ``--stage`` is optional with a config and must
+then agree with it. Without ``--config``, ``--stage S`` trains S's tiny recipe (``quickstart``).
 The whole config, the parallel layout and the data sources are checked before any process group
 starts, so a bad run fails at once on every rank with one message and exit code 2. Exit codes:
 0 finished, 75 stopped by SIGTERM/SIGUSR1 after saving (requeue and ``--resume auto``), 1 failed.
@@ -18,21 +21,22 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
+from dataclasses import replace
 
 import torch
 
-from pali3_train.config import Config, ConfigError, add_overrides_option, load_config_or_exit
-from pali3_train.engine.distributed import DistEnv, init_distributed, read_env
-from pali3_train.engine.plan import check_data, check_layout, check_resume, dry_run
-
-STAGES = ("0", "1", "2", "transfer")
+from launcher.quickstart import quickstart
+from pali3_train.config import ConfigError, add_overrides_option, load_config_or_exit
+from pali3_train.engine.checks import check_before_start
+from pali3_train.engine.distributed import init_distributed, read_env
+from pali3_train.engine.dry_run import dry_run
+from pali3_train.stages.curriculum import CURRICULUM
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stage", required=True, choices=STAGES)
-    parser.add_argument("--config", required=True, help="stage YAML (see configs/)")
+    parser.add_argument("--stage", choices=tuple(CURRICULUM), help="checked against the config")
+    parser.add_argument("--config", help="stage YAML (see configs/); default: --stage's recipe")
     add_overrides_option(parser)
     parser.add_argument("--resume", default="auto", help="auto | none | a checkpoint folder")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by deepspeed
@@ -41,6 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--world-size", type=int, help="dry run: devices (default: environment)")
     parser.add_argument("--gpus-per-node", type=int, help="dry run: devices per node (default 8)")
     args = parser.parse_args(argv)
+    if args.config is None and args.stage is None:
+        parser.error("give --config, or --stage alone for that stage's tiny recipe")
     for name in ("world_size", "gpus_per_node"):
         value = getattr(args, name)
         if value is not None and not args.dry_run:
@@ -50,34 +56,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def check_before_start(cfg: Config, env: DistEnv, args: argparse.Namespace) -> None:
-    """Everything that can be refused without a process group: layout, batch, data, resume."""
-    check_layout(cfg, args.stage, env.world_size, args.config)
-    check_data(cfg, args.config)
-    check_resume(cfg, args.resume)
-    if cfg.stage.init_from and not Path(cfg.stage.init_from).is_file():
-        missing = f"{cfg.stage.init_from} does not exist: run the previous stage first"
-        raise ConfigError(args.config, "stage.init_from", missing)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = load_config_or_exit(args.config, args.set)
     env = read_env()
+    if args.config is None:
+        args.config, args.set = quickstart(args.stage, args.set, announce=env.is_main)
+    cfg = load_config_or_exit(args.config, args.set)
     if args.dry_run:
         world = args.world_size or env.world_size
-        return dry_run(cfg, args.stage, args.config, args.resume, world, args.gpus_per_node or 8)
+        return dry_run(cfg, args.config, args.resume, world, args.gpus_per_node or 8, args.stage)
     try:
-        check_before_start(cfg, env, args)
+        warnings = check_before_start(cfg, env.world_size, args.config, args.stage, args.resume)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for warning in warnings if env.is_main else ():
+        print(f"warning: {args.config}: {warning}", file=sys.stderr)
+    if args.stage and cfg.stage.name is None:  # the flag names the run's stage (tags, metadata)
+        cfg = replace(cfg, stage=replace(cfg.stage, name=args.stage))
     logging.basicConfig(
         level=logging.INFO if env.is_main else logging.WARNING,
         format=f"[rank {env.rank}] %(levelname)s %(name)s: %(message)s",
     )
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is first imported
+    from pali3_train.engine.init_from import InitError
     from pali3_train.engine.trainer import EXIT_FAILED, Trainer, TrainingError
     from pali3_train.parallel import ParallelDims, destroy_model_parallel, init_model_parallel
 
@@ -85,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     dims = ParallelDims(env.world_size, cfg.parallel.tensor_parallel_size)
     init_model_parallel(dims)
     try:
-        trainer = Trainer(cfg, args.stage, env, device, dims, args.resume)
+        trainer = Trainer(cfg, env, device, dims, args.resume)
         return trainer.evaluate_only() if args.eval_only else trainer.run()
-    except TrainingError as exc:
+    except (TrainingError, InitError) as exc:
         logging.getLogger("launcher").error("%s", exc)
         return EXIT_FAILED
     finally:

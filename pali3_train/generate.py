@@ -1,4 +1,4 @@
-"""Answers from a trained PaLI-3: the batched decoding the evaluators use, and a command line.
+"""Answers from a trained PaLI-3 on the command line.
 
     python -m pali3_train.generate --checkpoint runs/demo/stage2/model.safetensors \\
         --image photo.png --prompt "Caption in EN:"
@@ -14,30 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from data_pipeline.transforms import Batch, decode_image, normalize_images
+from data_pipeline.transforms import Batch, decode_image, model_input
 from pali3_train.config import ModelConfig, config_from_dict
 from pali3_train.convert.safetensors_io import load_weights, read_metadata
+from pali3_train.eval.answers import generate_answers
 from pali3_train.models import PaLI3
+from pali3_train.stages.generative import EXPORT_KIND as PALI3_KIND
+from pali3_train.stages.registry import spec_for
 from pali3_train.tokenizer import Tokenizer
-
-
-def generate_answers(
-    model: PaLI3,
-    tokenizer: Tokenizer,
-    batch: Batch,
-    max_len: int,
-    beam_size: int = 1,
-    all_finished: Callable[[torch.Tensor], bool] | None = None,
-) -> list[str]:
-    """The decoded answer to each (image, prompt) of ``batch`` (on the model's device)."""
-    pixels = normalize_images(batch.images, next(model.parameters()).dtype)
-    options = {"all_finished": all_finished} if all_finished else {}
-    tokens = model.generate(pixels, batch.prompt, batch.prompt_mask, max_len, beam_size, **options)
-    return tokenizer.batch_decode(tokens)
 
 
 def load_pali3(checkpoint: str | Path, tokenizer: str | Path | None = None):
@@ -48,14 +35,14 @@ def load_pali3(checkpoint: str | Path, tokenizer: str | Path | None = None):
         from pali3_train.engine.export import consolidated_weights
 
         meta, state = consolidated_weights(path)
-        model_dict, trained_with = meta["config"]["model"], meta["config"]["data"]["tokenizer_path"]
-        kind = meta["stage"]
+        model_dict, trained_with = meta.config["model"], meta.config["data"]["tokenizer_path"]
+        kind = spec_for(config_from_dict(meta.config)).export_kind
     else:
         metadata = read_metadata(path)
         model_dict, trained_with = json.loads(metadata["model"]), metadata.get("tokenizer")
         state, kind = load_weights(path), metadata.get("kind")
-    if kind in ("siglip", "0"):
-        raise ValueError(f"{path}: a stage-0 SigLIP checkpoint has no text decoder to generate")
+    if kind != PALI3_KIND:
+        raise ValueError(f"{path}: a {kind} checkpoint is not PaLI-3: it has no text decoder")
     model_cfg: ModelConfig = config_from_dict({"model": model_dict}).model
     model = PaLI3(model_cfg)
     model.load_state_dict(state)
@@ -66,12 +53,13 @@ def load_pali3(checkpoint: str | Path, tokenizer: str | Path | None = None):
 
 
 def prepare(images: list[Path], prompt: str, tokenizer: Tokenizer, image_size_px: int) -> Batch:
-    """Image files and one prompt -> a batch as the data pipeline would make it."""
+    """Image files and one prompt -> a model-ready batch, as the data pipeline would make it."""
     pixels = torch.stack([decode_image(Path(p).read_bytes(), image_size_px) for p in images])
     ids, mask = tokenizer.batch_encode([prompt] * len(images), len(tokenizer.encode(prompt)))
     names = tuple(str(p) for p in images)
     empty = torch.zeros(len(images), 1, dtype=torch.long)
-    return Batch(pixels, ids, mask, empty, empty.bool(), names, names, 0, {})
+    batch = Batch(pixels, ids, mask, empty, empty.bool(), names, names, 0, {})
+    return model_input(batch, torch.device("cpu"), torch.float32)
 
 
 def main(argv: list[str] | None = None) -> None:

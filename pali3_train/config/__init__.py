@@ -1,5 +1,7 @@
-"""Typed configuration: YAML files in configs/ validated into frozen dataclasses."""
+"""Typed configuration: YAML files in configs/ validated into frozen dataclasses (and flattened
+into MLflow params by ``flatten_config``)."""
 
+from pali3_train.config.flatten import flatten_config
 from pali3_train.config.loader import (
     ConfigError,
     add_overrides_option,
@@ -45,6 +47,7 @@ __all__ = [
     "add_overrides_option",
     "config_from_dict",
     "dump_config",
+    "flatten_config",
     "load_config",
     "load_config_or_exit",
     "to_dict",

@@ -7,22 +7,27 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pali3_train.config.schema import require
-
-Stage = Literal["0", "1", "2", "transfer"]
+from pali3_train.stages.curriculum import CURRICULUM
 
 
 @dataclass(frozen=True)
 class CurriculumStep:
-    """One launch of ``launcher/run.py``. ``config`` is relative to the curriculum file;
-    ``set`` holds extra ``--set`` overrides."""
+    """One launch of ``launcher/run.py``. ``config`` is relative to the curriculum file (its
+    ``stage:`` section says what trains); ``set`` holds extra ``--set`` overrides; ``stage``, if
+    given, is checked against the config like ``run.py --stage``."""
 
     name: str
-    stage: Stage
     config: str
+    stage: str | None = None
     set: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         require(self.name.isidentifier(), "name", f"must be a plain identifier, got {self.name!r}")
+        require(
+            self.stage is None or self.stage in CURRICULUM,
+            "stage",
+            f"unknown stage {self.stage!r}; the curriculum's stages are {', '.join(CURRICULUM)}",
+        )
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pali3_train.stages.curriculum import CURRICULUM, OBJECTIVE_NAMES
+
 
 class FieldError(ValueError):
     """An invalid value, identified by its dotted path relative to the dataclass that raised it."""
@@ -326,40 +328,78 @@ class ZeroShotConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Held-out evaluation during and after training. Stage 0: image-text retrieval recall@1/5
-    per source and zero-shot classification. Later stages: answers generated for each source's
-    prompts, scored by its task (captions: CIDEr-D; VQA: VQA accuracy; OCR: exact match and
-    ANLS). Sources are read once, in file order."""
+    """Held-out evaluation during and after training, by the evaluators of the stage's
+    objective (``pali3_train.eval``). Contrastive: image-text retrieval recall@1/5 per source and
+    zero-shot classification. Generative: answers generated for each source's prompts, scored by
+    its task (captions: CIDEr-D; VQA: VQA accuracy; OCR: exact match and ANLS). Sources are read
+    once, in file order."""
 
     every_steps: int = 0  # 0: only at the end of the run
     sources: tuple[SourceConfig, ...] = ()
     zero_shot: tuple[ZeroShotConfig, ...] = ()
     max_samples: int = 512  # per source
-    batch_size: int = 32  # examples decoded at once per data-parallel rank
-    beam_size: int = 1  # 1: greedy decoding
-    max_decode_tokens: int = 32
+    # Examples embedded (contrastive) or decoded (generative, per data-parallel rank) at once.
+    batch_size: int = 32
+    beam_size: int = 1  # 1: greedy decoding (generative)
+    max_decode_tokens: int = 32  # generative
 
     def __post_init__(self) -> None:
         require(self.every_steps >= 0, "every_steps", f"must be >= 0, got {self.every_steps}")
         _positive(self, "max_samples", "batch_size", "beam_size", "max_decode_tokens")
         names = [s.name for s in self.sources]
+        tasked = [task.source for task in self.zero_shot]
         for i, task in enumerate(self.zero_shot):
             require(
                 task.source in names,
                 f"zero_shot[{i}].source",
                 f"{task.source!r} is not one of eval.sources {names}",
             )
+            require(  # its metrics are named by the source: a second task would overwrite them
+                tasked.index(task.source) == i,
+                f"zero_shot[{i}].source",
+                f"{task.source!r} has a zero-shot task already; give each source one",
+            )
 
 
 @dataclass(frozen=True)
 class StageConfig:
-    """What a curriculum stage changes besides data and model size: which modules are frozen
-    (by attribute path, e.g. ``vit``) and which exported weights it starts from."""
+    """What a curriculum stage is: its objective (which model trains on which loss, evaluated
+    how, exported as what: one spec of ``pali3_train.stages``), which modules are frozen (by
+    attribute path, e.g. ``vit``), which exported weights it starts from and what happens when
+    their resolution differs."""
 
+    # The curriculum stage this file trains: "0", "1", "2" or "transfer" (``pali3_train.stages.
+    # CURRICULUM``). It tags the run, and ``launcher/run.py --stage`` must agree with it.
+    # null: the objective alone says what trains.
+    name: str | None = None
+    objective: str = "generative"  # contrastive (SigLIP, stage 0) | generative (PaLI-3)
     freeze: tuple[str, ...] = ()
     # A safetensors file exported by the previous stage (``python -m pali3_train.engine.export``);
     # keys it lacks keep their initialisation, e.g. the projection when stage 1 starts from SigLIP.
     init_from: str | None = None
+    # A ViT whose patch grid differs from the init_from weights' (stage 2's resolution increase):
+    # true resamples their position embeddings bilinearly to the new grid; false refuses to start.
+    resample_position_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        require(
+            self.objective in OBJECTIVE_NAMES,
+            "objective",
+            f"unknown objective {self.objective!r}; known: {', '.join(OBJECTIVE_NAMES)}",
+        )
+        if self.name is None:
+            return
+        require(
+            self.name in CURRICULUM,
+            "name",
+            f"unknown stage {self.name!r}; the curriculum's stages are {', '.join(CURRICULUM)}",
+        )
+        expected = CURRICULUM[self.name].objective
+        require(
+            expected == self.objective,
+            "objective",
+            f"stage {self.name} trains the {expected} objective, not {self.objective!r}",
+        )
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,1 @@
-"""Training engine: the step loop, checkpoints and experiment tracking."""
+"""Training engine: the step loop and checkpoints (experiment tracking is pali3_train.tracking)."""

@@ -21,6 +21,7 @@ import random
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE.json"
+META = "meta.json"
 LATEST = "latest"
 ENGINE_TAG = "engine"
 UNIVERSAL_TAG = "universal"
@@ -73,10 +75,33 @@ def set_rng_state(state: dict) -> None:
 # ------------------------------------------------------------------------------------- saving
 
 
-def save(engine, root: Path, step: int, meta: dict, rank_state: dict, keep_last: int) -> Path:
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """``meta.json``: what a resume, an export and generation need besides DeepSpeed's state."""
+
+    step: int  # optimizer steps done
+    samples: int  # samples consumed, all ranks
+    bad_losses: int  # micro-batches dropped for a non-finite loss, all time
+    mlflow_run_id: str | None
+    world_size: int  # the layout whose ZeRO shards and rank states these are
+    config: dict  # the resolved config (``to_dict``): model, stage, data, ...
+
+
+def write_meta(folder: Path, meta: CheckpointMeta) -> None:
+    _write_json(folder / META, asdict(meta))
+
+
+def read_meta(folder: Path) -> CheckpointMeta:
+    try:
+        return CheckpointMeta(**json.loads((folder / META).read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{folder}: unreadable {META} ({exc})") from None
+
+
+def save(engine, root: Path, meta: CheckpointMeta, rank_state: dict, keep_last: int) -> Path:
     """Collective: every rank calls it. Returns the finished checkpoint folder."""
     rank = dist.get_rank()
-    final, tmp = root / step_name(step), root / f".tmp-{step_name(step)}"
+    final, tmp = root / step_name(meta.step), root / f".tmp-{step_name(meta.step)}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash during an earlier save
         tmp.mkdir(parents=True)
@@ -85,7 +110,7 @@ def save(engine, root: Path, step: int, meta: dict, rank_state: dict, keep_last:
     _write_json(tmp / f"rank{rank:05d}.json", rank_state)
     dist.barrier()
     if rank == 0:
-        _write_json(tmp / "meta.json", {**meta, "step": step, "world_size": dist.get_world_size()})
+        write_meta(tmp, meta)
         _write_json(tmp / COMPLETE, {"files": _sizes(tmp)})
         shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step replaces it
         os.replace(tmp, final)
@@ -176,10 +201,6 @@ def resolve(resume: str, root: Path) -> Path | None:
 # ------------------------------------------------------------------------------------ loading
 
 
-def saved_world_size(path: Path) -> int:
-    return json.loads((path / "meta.json").read_text())["world_size"]
-
-
 def convert_to_universal(path: Path) -> None:
     """Collective. DeepSpeed's ZeRO shards belong to the data-parallel size that wrote them; its
     universal format (one file per parameter and optimizer state) loads onto any. Rank 0
@@ -216,10 +237,10 @@ def load_options(reshard: bool) -> dict:
     return {"checkpoint": {"load_universal": True}} if reshard else {}
 
 
-def load(engine, path: Path, reshard: bool = False) -> tuple[dict, dict | None]:
+def load(engine, path: Path, reshard: bool = False) -> tuple[CheckpointMeta, dict | None]:
     """Collective. Restores DeepSpeed's state in ``engine``; returns (meta, this rank's state),
     the latter None when resharding onto another world size (it belonged to the old ranks)."""
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_meta(path)
     loaded, _ = engine.load_checkpoint(str(path), tag=UNIVERSAL_TAG if reshard else ENGINE_TAG)
     if loaded is None:
         raise CheckpointError(f"{path}: DeepSpeed could not load its state")

@@ -13,19 +13,27 @@ import json
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
+from pali3_train.config import Config, config_from_dict, to_dict
 from pali3_train.convert.hf_checkpoint import FORMAT
 from pali3_train.convert.safetensors_io import StateDict, save_weights
-from pali3_train.engine.checkpoint import ENGINE_TAG, verify
+from pali3_train.engine.checkpoint import (
+    ENGINE_TAG,
+    CheckpointMeta,
+    find_latest,
+    read_meta,
+    verify,
+)
+from pali3_train.stages.registry import spec_for
 
-KIND_OF_STAGE = {"0": "siglip", "1": "pali3", "2": "pali3", "transfer": "pali3"}
 
-
-def consolidated_weights(checkpoint: Path) -> tuple[dict, StateDict]:
-    """(meta.json of the checkpoint, its full fp32 state dict)."""
+def consolidated_weights(checkpoint: Path) -> tuple[CheckpointMeta, StateDict]:
+    """(the checkpoint's metadata, its full fp32 state dict)."""
     verify(checkpoint)
-    meta = json.loads((checkpoint / "meta.json").read_text())
-    parallel = meta["config"]["parallel"]
+    meta = read_meta(checkpoint)
+    parallel = meta.config["parallel"]
     if parallel["tensor_parallel_size"] > 1:
         raise ValueError(
             f"{checkpoint}: exporting tensor-parallel checkpoints is not supported yet; resume it "
@@ -42,21 +50,49 @@ def consolidated_weights(checkpoint: Path) -> tuple[dict, StateDict]:
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
     meta, state = consolidated_weights(Path(checkpoint))
-    return save_export(state, out, meta["stage"], meta["config"], meta["step"])
+    return save_export(state, out, config_from_dict(meta.config), meta.step)
 
 
-def save_export(state: StateDict, out: str | Path, stage: str, config: dict, step: int) -> Path:
-    """Weights with what a reader needs to use them: which model, its config, the tokenizer."""
+def save_export(state: StateDict, out: str | Path, cfg: Config, step: int) -> Path:
+    """Weights with what a reader needs to use them: which model (the objective's export kind),
+    its config, the tokenizer."""
     metadata = {
         "format": FORMAT,
-        "kind": KIND_OF_STAGE[stage],
-        "model": json.dumps(config["model"]),
+        "kind": spec_for(cfg).export_kind,
+        "model": json.dumps(to_dict(cfg.model)),
         "step": str(step),
     }
-    if config["data"]["tokenizer_path"]:
-        metadata["tokenizer"] = str(Path(config["data"]["tokenizer_path"]).resolve())
+    if cfg.data.tokenizer_path:
+        metadata["tokenizer"] = str(Path(cfg.data.tokenizer_path).resolve())
     save_weights(state, out, metadata)
     return Path(out)
+
+
+def export_final(engine, cfg: Config, step: int, is_main: bool) -> Path:
+    """Collective. The final weights as ``<run_dir>/model.safetensors``, which the next stage's
+    ``stage.init_from`` names. Without tensor parallelism they are consolidated from the last
+    checkpoint (fp32 master weights under ZeRO); with it, the live shards are gathered over the
+    TP group (the module's weights, in training precision)."""
+    out = Path(cfg.run_dir) / "model.safetensors"
+    if cfg.parallel.tensor_parallel_size > 1:
+        state = _gather_weights(engine.module, cfg.parallel.zero_stage)
+        if is_main:
+            save_export(state, out, cfg, step)
+    elif is_main:
+        export(find_latest(Path(cfg.checkpoint_dir)), out)
+    dist.barrier()
+    return out
+
+
+def _gather_weights(module: nn.Module, zero_stage: int) -> StateDict:
+    # Imported here: deepspeed picks its accelerator at import (the launcher sets it first), and
+    # exporting a checkpoint by hand needs neither it nor megatron-core.
+    import deepspeed
+
+    from pali3_train.parallel import full_state_dict
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=zero_stage == 3):
+        return full_state_dict(module)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,6 +7,8 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
+from pali3_train.eval.inputs import check_scoring_inputs
+
 _MAX_N = 4  # n-grams of orders 1..4, weighted uniformly
 _SIGMA = 6.0  # standard deviation of the Gaussian length penalty, in words
 _PUNCT = re.compile(r"[^\w\s]")
@@ -44,7 +46,15 @@ def cider_d_per_image(
     past its count in the reference), times exp(-(len_c - len_r)^2 / (2 * 6^2)); it is averaged
     over n = 1..4 and over the references, and multiplied by 10. A candidate equal to all its
     references therefore scores 10 * (orders it has with some non-zero weight) / 4."""
-    _check(candidates, references)
+    check_scoring_inputs(
+        candidates,
+        references,
+        predicted="candidates",
+        lists="reference sets",
+        referenced="reference captions",
+        item="image",
+        scored="captions",
+    )
     cands = [tokenize(c) for c in candidates]
     refs = [[tokenize(r) for r in image_refs] for image_refs in references]
     ref_counts = [[_ngram_counts(r) for r in image_refs] for image_refs in refs]
@@ -87,15 +97,3 @@ def _similarity(cand: list[tuple[dict, float]], ref: list[tuple[dict, float]], d
             dot = sum(min(w, r_vec.get(g, 0.0)) * r_vec.get(g, 0.0) for g, w in c_vec.items())
             total += dot / (c_norm * r_norm)
     return total / _MAX_N * math.exp(-(delta**2) / (2 * _SIGMA**2))
-
-
-def _check(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> None:
-    if len(candidates) != len(references):
-        raise ValueError(f"{len(candidates)} candidates but {len(references)} reference sets")
-    if not candidates:
-        raise ValueError("no captions to score")
-    for i, image_refs in enumerate(references):
-        if isinstance(image_refs, str):
-            raise TypeError(f"references[{i}] is a string; pass a list of reference captions")
-        if not image_refs:
-            raise ValueError(f"image {i} has no reference captions")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pali3_train.eval.inputs import check_scoring_inputs
+
 
 def exact_match(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
     """Fraction of predictions equal to one of their references after stripping surrounding
     whitespace. Case-sensitive, since the case of transcribed text is part of reading it."""
-    _check(predictions, references)
+    check_scoring_inputs(predictions, references)
     hits = sum(p.strip() in {r.strip() for r in refs} for p, refs in zip(predictions, references))
     return hits / len(predictions)
 
@@ -22,7 +24,7 @@ def anls(
     longer string's length, on lower-cased, stripped strings. An NL at or above `threshold` counts
     0: past it the answer is taken to be a wrong one rather than a misread right one. Two empty
     strings are identical (similarity 1)."""
-    _check(predictions, references)
+    check_scoring_inputs(predictions, references)
     total = 0.0
     for prediction, refs in zip(predictions, references):
         pred = prediction.strip().lower()
@@ -47,15 +49,3 @@ def _levenshtein(a: str, b: str) -> int:
             cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
         prev = cur
     return prev[-1]
-
-
-def _check(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> None:
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions but {len(references)} reference lists")
-    if not predictions:
-        raise ValueError("no answers to score")
-    for i, refs in enumerate(references):
-        if isinstance(refs, str):
-            raise TypeError(f"references[{i}] is a string; pass a list of reference answers")
-        if not refs:
-            raise ValueError(f"question {i} has no reference answers")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from pali3_train.eval.inputs import check_scoring_inputs
+
 _PUNCT = ';/[]"{}()=+\\_-><@`,?!'  # the marks the official script strips or turns into spaces
 _DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
 # The official pattern means "a period not between digits" but its look-behind is mistyped, so in
@@ -60,16 +62,10 @@ def vqa_accuracy(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -
     formatting ("Yes." against ten "yes": 0 there, 1 here).
     With a single answer the leave-one-out average would always be 0; there it is a normalised
     exact match instead, which is what ten annotators giving that same answer would score."""
-    if len(predictions) != len(answers):
-        raise ValueError(f"{len(predictions)} predictions but {len(answers)} answer lists")
-    if not predictions:
-        raise ValueError("no answers to score")
+    check_scoring_inputs(predictions, answers, lists="answer lists", referenced="human answers",
+                         argument="answers")  # fmt: skip
     total = 0.0
-    for i, (prediction, humans) in enumerate(zip(predictions, answers)):
-        if isinstance(humans, str):
-            raise TypeError(f"answers[{i}] is a string; pass a list of human answers")
-        if not humans:
-            raise ValueError(f"question {i} has no human answers")
+    for prediction, humans in zip(predictions, answers):
         pred = normalize_answer(prediction)
         hits = [normalize_answer(h) == pred for h in humans]
         if len(hits) == 1:

@@ -13,11 +13,13 @@ import pytest
 import torch
 import yaml
 
-from cluster.plan import DEFAULT_FREEZE, Cluster, PlanError, main, recommend, search
+from cluster.plan import Cluster, PlanError, main, recommend, search
 from pali3_train.config import load_config
-from pali3_train.engine.plan import build_plan, local_numels
+from pali3_train.engine.dry_run import build_plan
+from pali3_train.engine.memory import local_numels
 from pali3_train.models import PaLI3
 from pali3_train.params import count, parameter_table
+from pali3_train.stages.curriculum import CURRICULUM
 
 ROOT = Path(__file__).resolve().parents[2]
 PRESET = ROOT / "configs/models/pali3_5b.yaml"
@@ -32,7 +34,9 @@ def _preset(stage: str, *overrides: str):
         PRESET,
         [
             "train.precision=bf16",
-            f"stage.freeze={DEFAULT_FREEZE[stage]}",
+            f"stage.name='{stage}'",
+            f"stage.objective={CURRICULUM[stage].objective}",
+            f"stage.freeze={list(CURRICULUM[stage].freeze)}",
             "train.micro_batch_size=1",
             "train.global_batch_size=1024",
             *overrides,
@@ -43,12 +47,12 @@ def _preset(stage: str, *overrides: str):
 @pytest.fixture(scope="module")
 def stage2():
     """Everything trains: what DeepSpeed's estimators assume."""
-    return search(_preset("2"), "2", Cluster(gpus=64, gpu_memory_gib=80), str(PRESET))
+    return search(_preset("2"), Cluster(gpus=64, gpu_memory_gib=80), str(PRESET))
 
 
 @pytest.fixture(scope="module")
 def stage1():
-    return search(_preset("1"), "1", Cluster(gpus=64, gpu_memory_gib=80), str(PRESET))
+    return search(_preset("1"), Cluster(gpus=64, gpu_memory_gib=80), str(PRESET))
 
 
 def _layout(found, tp: int, zero: int):
@@ -70,7 +74,7 @@ def test_model_states_are_deepspeeds_estimates_for_the_planned_counts(stage2, tp
 
     model = _meta_pali3(stage2.cfg)
     local = local_numels(model, tp)  # what one TP rank holds (checked against a real TP model
-    params = sum(local.values())  # in tests/engine/test_plan.py)
+    params = sum(local.values())  # in tests/engine/test_memory.py)
     largest = max(sum(local[id(p)] for p in m.parameters(recurse=False)) for m in model.modules())
     persistent = sum(n for n in local.values() if n < PERSISTENCE_THRESHOLD)
     dp = 64 // tp  # DeepSpeed's "GPUs" are the data-parallel ranks
@@ -143,7 +147,7 @@ def test_the_recommendation_fits_factorises_and_is_what_the_dry_run_prints(which
 
     found = request.getfixturevalue(which)
     best = recommend(found)
-    cfg, stage = found.cfg, found.stage
+    cfg, stage = found.cfg, found.cfg.stage.name
     assert best.required <= 80 * GiB
     assert best.micro * best.accumulation * best.dp == cfg.train.global_batch_size == 1024
     assert best.tp * best.dp == 64 and 8 % best.tp == 0
@@ -161,7 +165,7 @@ def test_the_recommendation_fits_factorises_and_is_what_the_dry_run_prints(which
         "activation_checkpointing": best.checkpointing,
     }
     pasted = [f"{section}.{k}={v}" for section in fields for k, v in fields[section].items()]
-    plan = build_plan(_preset(stage, *pasted), stage, 64)
+    plan = build_plan(_preset(stage, *pasted), 64)
     assert plan.accumulation == best.accumulation
     assert plan.states == best.states and plan.activation_bytes == best.activations
 
@@ -195,7 +199,7 @@ def test_impossible_requests_are_refused_naming_the_option(args, message, capsys
 def test_tp_sizes_the_model_cannot_split_are_left_out():
     """Tiny: 4 UL2 heads, so of a 12-GPU node's TP sizes 3, 6 and 12 are left out."""
     cfg = load_config(TINY, ["train.micro_batch_size=1", "train.global_batch_size=96"])
-    found = search(cfg, "1", Cluster(gpus=24, gpu_memory_gib=80, gpus_per_node=12))
+    found = search(cfg, Cluster(gpus=24, gpu_memory_gib=80, gpus_per_node=12))
     assert sorted({x.tp for x in found.layouts}) == [1, 2, 4]
     assert set(found.skipped) == {3, 6, 12}
     assert "not divisible by parallel.tensor_parallel_size=3" in found.skipped[3]

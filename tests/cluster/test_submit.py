@@ -168,6 +168,23 @@ def test_a_layout_the_job_cannot_have_is_refused_naming_the_field(demo, tmp_path
     assert "parallel.tensor_parallel_size: 2 does not divide the world size 3" in result.stderr
 
 
+def test_the_stage_comes_from_the_config_and_a_disagreeing_stage_is_refused(demo, tmp_path):
+    config = stage_config(demo, tmp_path / "run")  # generative, no stage name
+    command = [sys.executable, "-m", "cluster.submit", "--config", str(config), "--nodes", "1",
+               "--gpus-per-node", "2", "--dry-run"]  # fmt: skip
+    rendered = subprocess.run(command, capture_output=True, text=True, env=_no_slurm_env(),
+                              cwd=ROOT, timeout=120)  # fmt: skip
+    assert rendered.returncode == 0, rendered.stderr
+    assert "launcher/run.py --config" in rendered.stdout
+    assert "# pali3-train, stage generative:" in rendered.stdout
+    refused = subprocess.run([*command, "--stage", "0"], capture_output=True, text=True,
+                             env=_no_slurm_env(), cwd=ROOT, timeout=120)  # fmt: skip
+    assert refused.returncode == 2
+    assert "stage.objective: is 'generative', but --stage 0 trains the contrastive" in (
+        refused.stderr
+    )
+
+
 # ------------------------------------------------------------------------------------ helpers
 
 

@@ -287,3 +287,10 @@ def test_unreadable_files_are_refused(tmp_path, contents, words):
 def test_malformed_override_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="dotted.key=value"):
         load_config(_write(tmp_path, "ok.yaml", {}), ["train.lr"])
+
+
+def test_a_second_zero_shot_task_on_one_source_is_refused():
+    """Metrics are named by source: a second task would silently overwrite the first's."""
+    task = "{source: digits_caption, classes: [one, two]}"
+    with pytest.raises(ConfigError, match=r"eval.zero_shot\[1\].source: 'digits_caption' has a"):
+        load_config(CONFIGS / "tiny/stage0.yaml", [f"eval.zero_shot=[{task}, {task}]"])

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from data_pipeline.loader import DataPipeline
 from data_pipeline.manifest import Manifest
+from data_pipeline.mixture import Mode
 from data_pipeline.write_shards import Example, write_source
 from pali3_train.config import Config, config_from_dict
 from pali3_train.tokenizer import train_tokenizer
@@ -26,8 +28,11 @@ TASKS = {"alpha": "caption", "beta": "vqa", "gamma": "split_caption"}
 
 def example(source: str, index: int, size_px: int = 12) -> Example:
     colour = list(COLOURS)[index % len(COLOURS)]
+    image = Image.new("RGB", (size_px, size_px), COLOURS[colour])
+    # A white mark placed by the index: images of one colour differ, and resizing shows in them.
+    image.putpixel((index % size_px, index // size_px % size_px), (255, 255, 255))
     buffer = io.BytesIO()
-    Image.new("RGB", (size_px, size_px), COLOURS[colour]).save(buffer, format="PNG")
+    image.save(buffer, format="PNG")
     record = {
         "caption": {"en": f"a {colour} square number {index}", "de": f"ein Quadrat {index}"},
         "alt_text": {"en": f"the {colour} square {index} of {source}"},
@@ -79,6 +84,28 @@ class Corpus:
                 "train": {"seed": seed},
             }
         )
+
+
+def pipeline(
+    cfg: Config,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    batch_size: int = 4,
+    mode: Mode = "train",
+    **options: object,
+) -> DataPipeline:
+    """The pipeline a run of ``cfg`` builds for one data-parallel rank, so tests name only the
+    share and batch they read; ``options`` (device, image_dtype) go to ``DataPipeline``."""
+    return DataPipeline(
+        cfg.data,
+        image_size_px=cfg.model.vit.image_size_px,
+        seed=cfg.train.seed,
+        batch_size=batch_size,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        mode=mode,
+        **options,
+    )
 
 
 def write_corpus(root: Path) -> Corpus:

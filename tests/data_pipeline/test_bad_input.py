@@ -10,8 +10,7 @@ import pytest
 import webdataset as wds
 
 from data_pipeline.health import DataQualityError
-from data_pipeline.loader import DataPipeline
-from tests.data_pipeline.corpus import Corpus, cut_before, example
+from tests.data_pipeline.corpus import Corpus, cut_before, example, pipeline
 
 GOOD = 8  # samples per damaged shard before damage
 
@@ -55,8 +54,8 @@ def damaged(corpus: Corpus, tmp_path: Path) -> list[dict]:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_each_kind_of_damage_is_skipped_and_counted(corpus, damaged, workers):
     cfg = corpus.config(damaged, num_workers=workers, max_skip_fraction=0.5)
-    pipeline = DataPipeline(cfg, 0, 1, 4, mode="epoch")
-    keys = [k for batch in pipeline for k in batch.keys]
+    data = pipeline(cfg, 0, 1, 4, mode="epoch")
+    keys = [k for batch in data for k in batch.keys]
 
     bad_in_shard0 = {f"cats-{i:05d}" for i in (1, 3, 5, 6)}
     lost_in_shard1 = {f"cats-{i:05d}" for i in range(GOOD + 5, 2 * GOOD)}
@@ -65,7 +64,7 @@ def test_each_kind_of_damage_is_skipped_and_counted(corpus, damaged, workers):
     remote = {f"remote-{i:05d}" for i in range(GOOD)}
     assert sorted(keys) == sorted(cats | alpha | remote), "the run went on past every damage"
 
-    stats = pipeline.stats()
+    stats = data.stats()
     assert stats.skipped == {
         "cats/corrupt_image": 1,
         "cats/invalid_json": 1,
@@ -78,7 +77,7 @@ def test_each_kind_of_damage_is_skipped_and_counted(corpus, damaged, workers):
 
 def test_skips_are_logged_with_shard_and_key(corpus, damaged, caplog):
     cfg = corpus.config(damaged, num_workers=0, max_skip_fraction=0.5)
-    list(DataPipeline(cfg, 0, 1, 4, mode="epoch"))
+    list(pipeline(cfg, 0, 1, 4, mode="epoch"))
     lines = [r.getMessage() for r in caplog.records if r.name == "data_pipeline.health"]
     assert any("'cats-00001'" in m and "cats-0.tar" in m and "corrupt_image" in m for m in lines)
     assert any("gone.tar" in m and "unreadable_shard" in m for m in lines)
@@ -90,11 +89,11 @@ def test_too_much_damage_stops_the_run_naming_the_worst_shard(corpus, damaged, w
         damaged[:1], num_workers=workers, max_skip_fraction=0.1, skip_check_min_samples=8
     )
     with pytest.raises(DataQualityError, match=r"worst shard \S*cats-0.tar with \d+ skips"):
-        list(DataPipeline(cfg, 0, 1, 4, mode="epoch"))
+        list(pipeline(cfg, 0, 1, 4, mode="epoch"))
 
 
 def test_a_training_source_with_nothing_readable_stops_instead_of_spinning(corpus, tmp_path):
     dead = {"name": "dead", "shards": f"pipe:cat {tmp_path / 'gone-{0..2}.tar'}", "task": "ocr"}
     cfg = corpus.config([dead], num_workers=0, max_skip_fraction=1.0)
     with pytest.raises(DataQualityError, match="source dead: no readable sample in"):
-        next(iter(DataPipeline(cfg, 0, 1, 4, mode="train")))
+        next(iter(pipeline(cfg, 0, 1, 4, mode="train")))

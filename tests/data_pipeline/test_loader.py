@@ -4,6 +4,7 @@ deterministic training order, mixture weights, exact resume, and refused mixture
 from __future__ import annotations
 
 import json
+import tarfile
 from collections import Counter
 from itertools import islice
 from pathlib import Path
@@ -16,13 +17,15 @@ import torch.multiprocessing as mp
 from data_pipeline.health import Health
 from data_pipeline.loader import DataPipeline, resolve_sources
 from data_pipeline.mixture import SourceStream, WorkerLayout
+from data_pipeline.transforms import decode_image, normalize_images
 from pali3_train.config import ConfigError
 from pali3_train.engine.distributed import free_port
 from pali3_train.tokenizer import Tokenizer
+from tests.data_pipeline.corpus import pipeline
 
 
-def _keys(pipeline: DataPipeline, batches: int | None = None) -> list[str]:
-    return [k for batch in islice(pipeline, batches) for k in batch.keys]
+def _keys(data: DataPipeline, batches: int | None = None) -> list[str]:
+    return [k for batch in islice(data, batches) for k in batch.keys]
 
 
 # ------------------------------------------------------------------------------- exactly once
@@ -33,8 +36,7 @@ def _epoch_on_rank(rank: int, world: int, port: int, corpus, workers: int, out: 
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     try:
-        pipeline = DataPipeline(corpus.config(num_workers=workers), rank, world, 4, mode="epoch")
-        keys = _keys(pipeline)
+        keys = _keys(pipeline(corpus.config(num_workers=workers), rank, world, 4, mode="epoch"))
         gathered: list[list[str] | None] = [None] * world
         dist.all_gather_object(gathered, keys)
         if rank == 0:
@@ -63,7 +65,7 @@ def test_an_epoch_serves_every_sample_exactly_once_across_ranks_and_workers(
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_one_rank_epoch_is_the_corpus(corpus, workers):
-    keys = _keys(DataPipeline(corpus.config(num_workers=workers), 0, 1, 5, mode="epoch"))
+    keys = _keys(pipeline(corpus.config(num_workers=workers), 0, 1, 5, mode="epoch"))
     assert sorted(keys) == sorted(corpus.keys())
 
 
@@ -72,9 +74,9 @@ def test_one_rank_epoch_is_the_corpus(corpus, workers):
 
 def test_training_is_infinite_deterministic_and_seeded(corpus):
     cfg = corpus.config(num_workers=2)
-    first = _keys(DataPipeline(cfg, 0, 1, 4), 60)  # 240 samples: several passes over 51
-    assert first == _keys(DataPipeline(cfg, 0, 1, 4), 60)
-    assert first != _keys(DataPipeline(corpus.config(seed=8, num_workers=2), 0, 1, 4), 60)
+    first = _keys(pipeline(cfg, 0, 1, 4), 60)  # 240 samples: several passes over 51
+    assert first == _keys(pipeline(cfg, 0, 1, 4), 60)
+    assert first != _keys(pipeline(corpus.config(seed=8, num_workers=2), 0, 1, 4), 60)
     served = Counter(first)
     assert served.keys() == corpus.keys(), "a long run reaches every sample"
     assert max(served.values()) > 1, "and goes on past the first pass"
@@ -91,15 +93,16 @@ def test_shard_order_differs_between_epochs(corpus):
 def test_sources_are_drawn_by_weight(corpus):
     weights = {"alpha": 1.0, "beta": 3.0, "gamma": 0.0}
     cfg = corpus.config(corpus.sources(**weights), num_workers=0)
-    counts = Counter(k.split("-")[0] for k in _keys(DataPipeline(cfg, 0, 1, 8), 100))
+    counts = Counter(k.split("-")[0] for k in _keys(pipeline(cfg, 0, 1, 8), 100))
     assert "gamma" not in counts
     assert counts["beta"] / 800 == pytest.approx(0.75, abs=0.05)
 
 
 def test_batches_hold_what_the_task_formats(corpus):
     tokenizer = Tokenizer.load(corpus.tokenizer)
-    batch = next(iter(DataPipeline(corpus.config(num_workers=0), 0, 1, 6)))
-    assert batch.images.shape == (6, 3, 16, 16) and batch.images.dtype == torch.uint8
+    batch = next(iter(pipeline(corpus.config(num_workers=0), 0, 1, 6)))
+    assert batch.images.shape == (6, 3, 16, 16) and batch.images.dtype == torch.float32
+    assert batch.images.min() >= -1 and batch.images.max() <= 1
     for key, prompt, target in zip(
         batch.keys, tokenizer.batch_decode(batch.prompt), tokenizer.batch_decode(batch.target)
     ):
@@ -116,6 +119,30 @@ def test_batches_hold_what_the_task_formats(corpus):
     ]
 
 
+def _encoded_images(corpus) -> dict[str, bytes]:
+    """Every sample's image bytes as the shards hold them, read without the pipeline."""
+    images = {}
+    for shard in corpus.root.rglob("*.tar"):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, field = member.name.split(".", 1)
+                if field == "png":
+                    images[key] = tar.extractfile(member).read()
+    return images
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_images_are_the_decoded_samples_normalised(corpus, dtype):
+    """Workers hand over uint8; the batch the model gets is each key's own image in [-1, 1]."""
+    cfg = corpus.config(num_workers=2)
+    batch = next(iter(pipeline(cfg, 0, 1, 8, image_dtype=dtype)))
+    encoded = _encoded_images(corpus)
+    size = cfg.model.vit.image_size_px
+    expected = torch.stack([decode_image(encoded[key], size) for key in batch.keys])
+    assert batch.images.dtype == dtype
+    assert torch.equal(batch.images, normalize_images(expected, dtype))
+
+
 # --------------------------------------------------------------------------------- exact resume
 
 
@@ -127,12 +154,12 @@ def _tensors(batch):
 def test_resume_continues_exactly_where_the_run_stopped(corpus, workers, mode):
     cfg = corpus.config(num_workers=workers)
     stop, more = 5, 6
-    reference = list(islice(DataPipeline(cfg, 1, 2, 3, mode=mode), stop + more))
+    reference = list(islice(pipeline(cfg, 1, 2, 3, mode=mode), stop + more))
 
-    first = DataPipeline(cfg, 1, 2, 3, mode=mode)
+    first = pipeline(cfg, 1, 2, 3, mode=mode)
     seen = list(islice(first, stop))
     state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
-    resumed = DataPipeline(cfg, 1, 2, 3, mode=mode)
+    resumed = pipeline(cfg, 1, 2, 3, mode=mode)
     resumed.load_state_dict(state)
     after = list(resumed)[:more] if mode == "epoch" else list(islice(resumed, more))
 
@@ -143,17 +170,17 @@ def test_resume_continues_exactly_where_the_run_stopped(corpus, workers, mode):
 
 
 def test_stats_count_what_was_served_across_workers(corpus):
-    pipeline = DataPipeline(corpus.config(num_workers=2), 0, 1, 4, mode="epoch")
-    keys = _keys(pipeline)
-    stats = pipeline.stats()
+    data = pipeline(corpus.config(num_workers=2), 0, 1, 4, mode="epoch")
+    keys = _keys(data)
+    stats = data.stats()
     assert stats.served == dict(Counter(k.split("-")[0] for k in keys))
     assert stats.skipped == {}
 
 
 def test_resuming_with_another_worker_count_is_refused(corpus):
-    first = DataPipeline(corpus.config(num_workers=2), 0, 1, 4)
+    first = pipeline(corpus.config(num_workers=2), 0, 1, 4)
     list(islice(first, 3))
-    other = DataPipeline(corpus.config(num_workers=1), 0, 1, 4)
+    other = pipeline(corpus.config(num_workers=1), 0, 1, 4)
     with pytest.raises(Exception, match="saved with 1 data-parallel ranks x 2 workers"):
         other.load_state_dict(first.state_dict())
         next(iter(other))
@@ -166,8 +193,8 @@ def test_pipe_urls_read_like_local_files(corpus):
     sources = corpus.sources()
     for s in sources:
         s["shards"] = "pipe:cat " + s["shards"]
-    piped = _keys(DataPipeline(corpus.config(sources, num_workers=0), 0, 1, 5, mode="epoch"))
-    local = _keys(DataPipeline(corpus.config(num_workers=0), 0, 1, 5, mode="epoch"))
+    piped = _keys(pipeline(corpus.config(sources, num_workers=0), 0, 1, 5, mode="epoch"))
+    local = _keys(pipeline(corpus.config(num_workers=0), 0, 1, 5, mode="epoch"))
     assert piped == local
 
 
@@ -182,7 +209,7 @@ def test_a_bad_source_is_refused_naming_the_field(corpus, change, field, words):
     sources = corpus.sources()
     sources[1].update(change)
     with pytest.raises(ConfigError) as info:
-        DataPipeline(corpus.config(sources), 0, 1, 4)
+        pipeline(corpus.config(sources), 0, 1, 4)
     assert info.value.field_path == field and words in str(info.value)
 
 
@@ -190,9 +217,9 @@ def test_partly_missing_shards_are_named(corpus):
     sources = corpus.sources()
     sources[0]["shards"] = sources[0]["shards"].replace("000004}", "000009}")
     with pytest.raises(ConfigError, match=r"has missing shards: .*alpha-000005.tar"):
-        DataPipeline(corpus.config(sources), 0, 1, 4)
+        pipeline(corpus.config(sources), 0, 1, 4)
 
 
 def test_a_mixture_without_tokenizer_is_refused(corpus):
     with pytest.raises(ConfigError, match="data.tokenizer_path"):
-        DataPipeline(corpus.config(tokenizer_path=None), 0, 1, 4)
+        pipeline(corpus.config(tokenizer_path=None), 0, 1, 4)

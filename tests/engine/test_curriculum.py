@@ -40,7 +40,8 @@ def curriculum(demo, demo_held_out, tmp_path_factory):
     zero_shot = {**_eval(demo_held_out, ("digits_caption",)),
                  "zero_shot": [{"source": "digits_caption", "classes": digits}]}  # fmt: skip
     configs = {
-        "stage0": stage_config(demo, root / "stage0", stage={"freeze": []}, eval=zero_shot,
+        "stage0": stage_config(demo, root / "stage0", eval=zero_shot,
+                               stage={"freeze": [], "objective": "contrastive"},
                                **common),
         "stage1": stage_config(demo, root / "stage1", eval=evaluation,
                                stage={"freeze": ["vit"],

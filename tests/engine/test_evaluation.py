@@ -33,7 +33,13 @@ def _single_process_scores(config, weights) -> dict[str, float]:
     scores = {}
     for source in cfg.eval.sources:
         data = replace(cfg.data, sources=(source,), num_workers=0)
-        pipeline = DataPipeline(replace(cfg, data=data), 0, 1, EVAL["max_samples"], mode="epoch")
+        pipeline = DataPipeline(
+            data,
+            image_size_px=cfg.model.vit.image_size_px,
+            seed=cfg.train.seed,
+            batch_size=EVAL["max_samples"],
+            mode="epoch",
+        )
         batch = next(iter(pipeline))
         answers = generate_answers(model, tokenizer, batch, EVAL["max_decode_tokens"])
         references = [[r] for r in tokenizer.batch_decode(batch.target)]

@@ -222,12 +222,13 @@ def test_stage0_trains_siglip_and_evaluates_held_out_data(demo, demo_held_out, t
             {"source": "digits_heldout", "classes": names, "template": "a handwritten digit {}"}
         ],  # fmt: skip
     }
-    config = stage_config(demo, run_dir, train={"steps": 3}, stage={"freeze": []}, eval=evaluation)
+    stage = {"freeze": [], "objective": "contrastive"}
+    config = stage_config(demo, run_dir, train={"steps": 3}, stage=stage, eval=evaluation)
     result = launch(config, 2, stage="0")
     assert result.returncode == 0, result.stderr[-5000:]
     assert sorted(_losses(run_dir)) == [1, 2, 3]
     meta = (run_dir / "checkpoints" / "step_00000003" / "meta.json").read_text()
-    assert '"stage": "0"' in meta
+    assert '"name": "0", "objective": "contrastive"' in meta  # --stage 0 named the run
     rows = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [2, 3]  # at the interval and at the end
     for row in rows:
@@ -304,3 +305,21 @@ def test_repeated_set_options_all_apply():
 
     args = parse_args(["--stage", "1", "--config", "c.yaml", "--set", "a=1", "--set", "b=2", "c=3"])
     assert args.set == ["a=1", "b=2", "c=3"]
+
+
+def test_the_briefs_bare_command_trains_the_tiny_stage1_recipe(tmp_path):
+    """`deepspeed launcher/run.py --stage 1`, no --config, in a fresh folder: the demo corpora
+    are built there, the tiny stage-1 recipe trains (here 2 steps), and it says what it used."""
+    deepspeed_cli = Path(sys.executable).parent / "deepspeed"
+    short = ["train.steps=2", "train.warmup_steps=1", "eval.max_samples=4",
+             "tracking.backend=none"]  # fmt: skip
+    command = [str(deepspeed_cli), str(ROOT / "launcher/run.py"), "--stage", "1", "--set", *short]
+    result = subprocess.run(command, env=launch_env(), cwd=tmp_path, capture_output=True,
+                            text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-5000:]
+    said = result.stdout + result.stderr
+    assert f"no --config: stage 1's tiny recipe, {ROOT}/configs/tiny/stage1.yaml" in said
+    assert "runs/demo/stage0/model.safetensors is not there yet" in said
+    run_dir = tmp_path / "runs" / "quickstart" / "stage1"
+    assert sorted(_losses(run_dir)) == [1, 2] and (run_dir / "model.safetensors").is_file()
+    assert (tmp_path / "runs" / "demo_eval" / "scenes" / "manifest.json").is_file()

@@ -15,12 +15,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from data_pipeline.transforms import Batch, normalize_images
+from data_pipeline.transforms import Batch, model_input
 from pali3_train.config import config_from_dict, load_config
+from pali3_train.engine.build import build_model, make_engine
 from pali3_train.engine.deepspeed_config import accumulation_steps
 from pali3_train.engine.distributed import DistEnv, free_port, init_distributed
 from pali3_train.engine.optim import freeze, make_optimizer, make_scheduler
-from pali3_train.engine.trainer import OBJECTIVES, build_model, make_engine
 from pali3_train.losses.siglip import sigmoid_loss
 from pali3_train.models import PaLI3, SigLIP
 from pali3_train.parallel import (
@@ -32,6 +32,7 @@ from pali3_train.parallel import (
     init_model_parallel,
     tp_rank,
 )
+from pali3_train.stages.registry import spec_for
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, GLOBAL_BATCH, MICRO_BATCH = 3, 8, 2
@@ -58,20 +59,24 @@ def _config(tp: int, zero: int, stage: str):
                 "adam_eps": 1e-6,
             },
             "parallel": {"tensor_parallel_size": tp, "zero_stage": zero},
-            "stage": {"freeze": ["vit"] if stage == "1" else []},
+            "stage": {
+                "name": stage,
+                "objective": "contrastive" if stage == "0" else "generative",
+                "freeze": ["vit"] if stage == "1" else [],
+            },
         }
     )
 
 
 def _micro_batch(step: int, index: int, cfg) -> Batch:
-    """Micro-batch ``index`` of global batch ``step``: the same on every process."""
+    """Micro-batch ``index`` of global batch ``step``: the same on every process, model-ready."""
     g = torch.Generator().manual_seed(1000 * step + index)
     size, vocab = cfg.model.vit.image_size_px, cfg.model.ul2.vocab_size
     prompt = torch.randint(3, vocab, (MICRO_BATCH, 6), generator=g)
     target = torch.randint(3, vocab, (MICRO_BATCH, 5), generator=g)
     target_mask = torch.ones_like(target, dtype=torch.bool)
     target_mask[0, 3:] = False
-    return Batch(
+    batch = Batch(
         images=torch.randint(0, 256, (MICRO_BATCH, 3, size, size), dtype=torch.uint8, generator=g),
         prompt=prompt,
         prompt_mask=torch.ones_like(prompt, dtype=torch.bool),
@@ -82,6 +87,7 @@ def _micro_batch(step: int, index: int, cfg) -> Batch:
         worker=0,
         health={},
     )
+    return model_input(batch, torch.device("cpu"), torch.float32)
 
 
 def _train_rank(rank: int, world: int, port: int, tp: int, zero: int, stage: str, out: str) -> None:
@@ -92,8 +98,8 @@ def _train_rank(rank: int, world: int, port: int, tp: int, zero: int, stage: str
     init_model_parallel(dims)
     cfg = _config(tp, zero, stage)
     accum = accumulation_steps(cfg, dims.dp)
-    engine = make_engine(cfg, build_model(cfg, stage, dims), dims)
-    objective = OBJECTIVES[stage][1]
+    engine = make_engine(cfg, build_model(cfg, dims), dims)
+    objective = spec_for(cfg).loss
     losses = []
     for step in range(STEPS):
         total = torch.zeros(1)
@@ -128,7 +134,7 @@ def _reference(cfg, stage: str, dp: int) -> tuple[list[float], dict[str, torch.T
             [_micro_batch(step, d * accum + m, cfg) for d in range(dp)] for m in range(accum)
         ]
         if stage == "1":
-            loss = sum(OBJECTIVES["1"][1](model, b) for group in batches for b in group)
+            loss = sum(spec_for(cfg).loss(model, b) for group in batches for b in group)
             loss = loss / (accum * dp)
         else:
             loss = sum(_dense_siglip_loss(model, group) for group in batches) / accum
@@ -142,7 +148,7 @@ def _reference(cfg, stage: str, dp: int) -> tuple[list[float], dict[str, torch.T
 
 
 def _dense_siglip_loss(model: SigLIP, group: list[Batch]) -> torch.Tensor:
-    images = normalize_images(torch.cat([b.images for b in group]))
+    images = torch.cat([b.images for b in group])
     image_emb, text_emb = model(images, torch.cat([b.target for b in group]))
     return sigmoid_loss(image_emb, text_emb, model.logit_scale, model.logit_bias)
 
@@ -178,7 +184,7 @@ def test_four_processes_match_one_unsharded_process(tmp_path, tp, zero, stage):
     )
     cfg = _config(tp, zero, stage)
     losses, full = _reference(cfg, stage, world // tp)
-    split = _tp_slices(OBJECTIVES[stage][0](cfg.model))
+    split = _tp_slices(spec_for(cfg).build_model(cfg.model))
     for rank in range(world):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert result["losses"] == pytest.approx(losses, abs=1e-5), json.dumps(

@@ -15,7 +15,7 @@ from tests.engine.conftest import stage_config
 def make_trainer(demo, tmp_path, one_rank):
     def make(**sections) -> Trainer:
         cfg = load_config(stage_config(demo, tmp_path / "run", **sections))
-        return Trainer(cfg, "1", *one_rank, resume="none")
+        return Trainer(cfg, *one_rank, resume="none")
 
     return make
 
@@ -37,14 +37,14 @@ def test_frozen_modules_take_no_gradient_and_no_optimizer_state(make_trainer):
 
 def test_non_finite_losses_are_dropped_counted_and_the_run_goes_on(make_trainer):
     trainer = make_trainer(train={"steps": 3})
-    real, calls = trainer.objective, []
+    real, calls = trainer.compute_loss, []
 
     def sometimes_nan(model, batch):
         calls.append(1)
         loss = real(model, batch)
         return loss * float("nan") if len(calls) in (2, 3) else loss
 
-    trainer.objective = sometimes_nan
+    trainer.compute_loss = sometimes_nan
     assert trainer.run() == 0
     assert trainer.progress.bad_losses == 2 and trainer.progress.step == 3
     assert len(calls) == 3 * trainer.accum + 2  # the dropped ones were replaced
@@ -52,7 +52,7 @@ def test_non_finite_losses_are_dropped_counted_and_the_run_goes_on(make_trainer)
 
 def test_too_many_bad_losses_in_a_row_stop_the_run(make_trainer):
     trainer = make_trainer(train={"steps": 3, "max_bad_losses_in_a_row": 3})
-    trainer.objective = lambda model, batch: torch.tensor(float("inf"), requires_grad=True)
+    trainer.compute_loss = lambda model, batch: torch.tensor(float("inf"), requires_grad=True)
     with pytest.raises(TrainingError, match="3 non-finite losses in a row at step 1"):
         trainer.run()
 
@@ -63,6 +63,24 @@ def test_out_of_memory_is_reported_with_what_to_change(make_trainer):
     def oom(model, batch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    trainer.objective = oom
+    trainer.compute_loss = oom
     with pytest.raises(TrainingError, match="out of memory at step 1 with micro_batch_size=4"):
         trainer.run()
+
+
+def test_the_training_data_pipeline_is_built_once_per_run(make_trainer, monkeypatch):
+    """Start-up no longer consumes a batch to count FLOPs and rebuild the pipeline: one training
+    pipeline per run; evaluation passes read their own held-out sources."""
+    import data_pipeline.loader
+
+    built = []
+    real_init = data_pipeline.loader.DataPipeline.__init__
+
+    def counting(self, *args, **kwargs):
+        built.append(kwargs.get("mode", "train"))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(data_pipeline.loader.DataPipeline, "__init__", counting)
+    trainer = make_trainer(train={"steps": 2})
+    assert trainer.run() == 0
+    assert built.count("train") == 1

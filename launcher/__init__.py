@@ -1,0 +1,1 @@
+"""Entry points: ``run.py`` trains one stage, ``curriculum.py`` runs stages in sequence."""

@@ -1,0 +1,48 @@
+"""Building what a rank trains: the stage's model (whole, same seed on every rank), its
+``init_from`` weights and frozen parts, then tensor parallelism and activation checkpointing
+applied from outside, and DeepSpeed around the result."""
+
+from __future__ import annotations
+
+import deepspeed
+import torch
+from torch import nn
+
+from pali3_train.config import Config
+from pali3_train.engine.deepspeed_config import deepspeed_config
+from pali3_train.engine.init_from import load_init_weights
+from pali3_train.engine.optim import freeze, make_optimizer, make_scheduler
+from pali3_train.parallel import (
+    DeepSpeedMPU,
+    ParallelDims,
+    apply_activation_checkpointing,
+    parallelize,
+)
+from pali3_train.stages.registry import spec_for
+
+
+def build_model(cfg: Config, dims: ParallelDims) -> nn.Module:
+    torch.manual_seed(cfg.train.seed)
+    model = spec_for(cfg).build_model(cfg.model)
+    if cfg.stage.init_from:
+        load_init_weights(model, spec_for(cfg), cfg.stage)
+    freeze(model, cfg.stage.freeze)
+    model = parallelize(model, dims)
+    if cfg.parallel.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    return model
+
+
+def make_engine(cfg: Config, model: nn.Module, dims: ParallelDims, extra: dict | None = None):
+    """DeepSpeed around ``model``: AdamW over its trainable parameters, the schedule, ZeRO over
+    the data-parallel group only (the mpu adapter), the JSON generated from ``cfg``."""
+    optimizer = make_optimizer(model, cfg.train)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=make_scheduler(optimizer, cfg.train),
+        config=deepspeed_config(cfg, dims.dp) | (extra or {}),
+        mpu=DeepSpeedMPU(),
+        dist_init_required=False,
+    )
+    return engine

@@ -1,0 +1,104 @@
+"""Everything a start can refuse before any process group exists, each refusal one
+``ConfigError`` naming the file and the field: the layout and batch split, the objective's own
+rules (``StageSpec.check``), ``--stage`` against the config, the data, the tokenizer, the
+``--resume`` checkpoint and the ``init_from`` weights. ``launcher/run.py`` runs them on every
+start, ``--dry-run`` prints what they found, ``cluster.submit`` runs the layout checks for the
+job's world size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from data_pipeline.loader import resolve_sources
+from pali3_train.config import Config, ConfigError
+from pali3_train.engine.checkpoint import CheckpointError, resolve
+from pali3_train.engine.deepspeed_config import accumulation_steps
+from pali3_train.stages.curriculum import CURRICULUM
+from pali3_train.stages.registry import spec_for
+from pali3_train.tokenizer import Tokenizer
+
+
+def check_layout(cfg: Config, world_size: int, where: str) -> tuple[int, list[str]]:
+    """What needs only the config and the world size: (accumulation steps, warnings about
+    settings the objective ignores)."""
+    tp = cfg.parallel.tensor_parallel_size
+    if world_size % tp:
+        raise ConfigError(
+            where,
+            "parallel.tensor_parallel_size",
+            f"{tp} does not divide the world size {world_size}",
+        )
+    spec = spec_for(cfg)
+    warnings = list(spec.check(cfg, where))
+    accumulation = accumulation_steps(cfg, world_size // tp, where)
+    if accumulation > 1 and not spec.accumulates:
+        micro, dp, total = cfg.train.micro_batch_size, world_size // tp, cfg.train.global_batch_size
+        raise ConfigError(
+            where,
+            "train.micro_batch_size",
+            f"{micro} x accumulation {accumulation} x DP {dp}: the {spec.objective} objective "
+            f"needs the whole batch in one micro-step (its loss would see {micro * dp:,} pairs "
+            f"at a time, not {total:,}); set micro_batch_size to global / DP = {total // dp}",
+        )
+    return accumulation, warnings
+
+
+def check_stage_flag(cfg: Config, stage: str | None, where: str) -> None:
+    """``--stage S`` must agree with the config: S's objective, and S itself if the config names
+    its stage."""
+    if stage is None:
+        return
+    named, objective = cfg.stage.name, CURRICULUM[stage].objective
+    if named is not None and named != stage:
+        raise ConfigError(where, "stage.name", f"is {named!r}, but --stage {stage} was given")
+    if objective != cfg.stage.objective:
+        raise ConfigError(
+            where,
+            "stage.objective",
+            f"is {cfg.stage.objective!r}, but --stage {stage} trains the {objective} objective",
+        )
+
+
+def check_data(cfg: Config, where: str) -> str:
+    """The data sources, eval sources and tokenizer exist and fit; returns a summary."""
+    sources = resolve_sources(cfg.data, where)
+    if cfg.eval.sources:
+        resolve_sources(replace(cfg.data, sources=cfg.eval.sources), where, "eval.sources")
+    vocab = Tokenizer.load(cfg.data.tokenizer_path).vocab_size
+    if vocab > cfg.model.ul2.vocab_size:
+        raise ConfigError(
+            where,
+            "model.ul2.vocab_size",
+            f"{cfg.model.ul2.vocab_size} is smaller than the tokenizer's {vocab}",
+        )
+    evals = f" (+{len(cfg.eval.sources)} eval)" if cfg.eval.sources else ""
+    return f"{len(sources)} sources{evals}, tokenizer {vocab:,} pieces"
+
+
+def check_resume(cfg: Config, resume: str) -> Path | None:
+    """``--resume``: the checkpoint a start would load (None: a fresh start)."""
+    try:
+        return resolve(resume, Path(cfg.checkpoint_dir))
+    except CheckpointError as exc:
+        raise ConfigError("--resume", "", str(exc)) from None
+
+
+def check_init_from(cfg: Config, where: str) -> None:
+    init = cfg.stage.init_from
+    if init and not Path(init).is_file():
+        missing = f"{init} does not exist: run the previous stage first"
+        raise ConfigError(where, "stage.init_from", missing)
+
+
+def check_before_start(cfg: Config, world_size: int, where: str, stage: str | None,
+                       resume: str) -> list[str]:  # fmt: skip
+    """Every check a real start runs, in the order a user would fix them; returns the
+    objective's warnings about settings it ignores."""
+    check_stage_flag(cfg, stage, where)
+    _, warnings = check_layout(cfg, world_size, where)
+    check_data(cfg, where)
+    check_resume(cfg, resume)
+    check_init_from(cfg, where)
+    return warnings

@@ -1,0 +1,123 @@
+"""Stages 1, 2 and transfer: PaLI-3 (ViT tokens projected and prepended to the prompt, UL2
+generating the answer) trained by token cross-entropy on the task mixture, evaluated by scoring
+generated answers, exported as a PaLI-3 file that generation and the next stage read."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from data_pipeline.transforms import Batch
+from pali3_train.config import Config, ConfigError
+from pali3_train.convert.rename import StateDict, add_prefix, strip_prefix
+from pali3_train.engine.memory import BYTES, Activations, tower, trains
+from pali3_train.eval.answers import AnswerEvaluator
+from pali3_train.eval.evaluator import EvalContext, Evaluator, held_out
+from pali3_train.models import PaLI3
+from pali3_train.stages.contrastive import EXPORT_KIND as SIGLIP_KIND
+from pali3_train.stages.spec import StageSpec
+
+EXPORT_KIND = "pali3"
+
+
+def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    return model(
+        batch.images, batch.prompt, batch.prompt_mask, batch.target, batch.target_mask
+    ).loss
+
+
+def tokens_per_sample(cfg: Config) -> dict[str, int]:
+    data = cfg.data
+    return {
+        "image": cfg.model.vit.num_patches,
+        "prompt": data.max_prompt_tokens,
+        "target": data.max_target_tokens,
+    }
+
+
+def batch_tokens(batch: Batch) -> int:
+    return int(batch.prompt_mask.sum() + batch.target_mask.sum())
+
+
+def step_metrics(model: nn.Module, cfg: Config, seconds: float) -> dict[str, float]:
+    return {}
+
+
+def evaluators(cfg: Config, ctx: EvalContext) -> list[Evaluator]:
+    opts = cfg.eval
+    return [
+        AnswerEvaluator(
+            source.name,
+            source.task,
+            held_out(cfg, source, ctx, opts.batch_size * ctx.dp_size),
+            ctx,
+            opts.batch_size,
+            opts.max_decode_tokens,
+            opts.beam_size,
+        )
+        for source in opts.sources
+    ]
+
+
+def activations(cfg: Config, model: nn.Module) -> Activations:
+    b, t, w = (
+        cfg.train.micro_batch_size,
+        cfg.parallel.tensor_parallel_size,
+        BYTES[cfg.train.precision],
+    )
+    vit, ul2, target = cfg.model.vit, cfg.model.ul2, cfg.data.max_target_tokens
+    seq = vit.num_patches + cfg.data.max_prompt_tokens
+    # A tower keeps activations if it trains or a gradient must pass through it to one that does.
+    vit_keeps = trains(model.vit)
+    enc_keeps = vit_keeps or trains(model.projection, model.ul2.embed, model.ul2.encoder_layers)
+    dec_keeps = enc_keeps or trains(model.ul2.decoder_layers, model.ul2.lm_head)
+    bias = b * (ul2.num_heads // t) * seq**2 * w  # [b, heads/t, s, s], shared by all layers
+    cross_kv = ul2.num_decoder_layers * 2 * b * seq * ul2.num_heads * ul2.d_kv / t * w
+    return Activations(
+        (
+            tower(cfg, "vit", vit.depth, vit.num_patches, vit.width, vit_keeps),
+            tower(cfg, "ul2 encoder", ul2.num_encoder_layers, seq, ul2.d_model, enc_keeps, bias),
+            tower(
+                cfg, "ul2 decoder", ul2.num_decoder_layers, target, ul2.d_model, dec_keeps, cross_kv
+            ),  # fmt: skip
+        ),
+        logits=b * target * ul2.vocab_size / t * (w + 4) if dec_keeps else 0.0,
+    )
+
+
+def check(cfg: Config, where: str) -> list[str]:
+    if cfg.eval.zero_shot:
+        raise ConfigError(
+            where,
+            "eval.zero_shot",
+            "zero-shot classification scores SigLIP embeddings; the generative objective is "
+            "evaluated by its answers (remove eval.zero_shot, or set stage.objective: "
+            "contrastive)",
+        )
+    return []
+
+
+def adapt_weights(state: StateDict, kind: str | None) -> StateDict:
+    """A SigLIP file gives PaLI-3 its image tower (its MAP head and text tower have no place in
+    PaLI-3); an imported T5/UL2 file gives it the encoder-decoder; PaLI-3's own load as they are."""
+    if kind == SIGLIP_KIND:
+        return add_prefix(strip_prefix(state, "image."), "vit.")
+    if kind == "t5":
+        return add_prefix(state, "ul2.")
+    return state
+
+
+GENERATIVE = StageSpec(
+    objective="generative",
+    export_kind=EXPORT_KIND,
+    build_model=PaLI3,
+    loss=loss,
+    planning_loss=loss,
+    tokens_per_sample=tokens_per_sample,
+    batch_tokens=batch_tokens,
+    step_metrics=step_metrics,
+    evaluators=evaluators,
+    activations=activations,
+    check=check,
+    adapt_weights=adapt_weights,
+)

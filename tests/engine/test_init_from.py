@@ -1,0 +1,91 @@
+"""A stage starts from an earlier stage's export (`pali3_train.engine.init_from`, through
+`engine.build.build_model`): PaLI-3 weights as they are, a SigLIP file's image tower as PaLI-3's
+ViT, an imported T5 as its encoder-decoder, position embeddings resampled to a new patch grid
+(or refused when the config says so), and weights with no place in the model refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pali3_train.config import load_config
+from pali3_train.convert.rename import add_prefix
+from pali3_train.convert.safetensors_io import save_weights
+from pali3_train.engine.build import build_model
+from pali3_train.engine.init_from import InitError
+from pali3_train.models import UL2, PaLI3, SigLIP
+from pali3_train.parallel import ParallelDims
+from tests.engine.conftest import stage_config
+
+
+def test_the_next_stage_starts_from_exported_weights(demo, tmp_path):
+    weights = tmp_path / "stage1.safetensors"
+    torch.manual_seed(3)
+    trained = PaLI3(load_config(stage_config(demo, tmp_path / "a")).model).state_dict()
+    save_weights(trained, weights, {"kind": "pali3"})
+    cfg = load_config(stage_config(demo, tmp_path / "b", stage={"init_from": str(weights)}))
+    model = build_model(cfg, ParallelDims(1, 1))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, trained[name]), name
+
+
+def test_stage1_takes_the_vit_of_a_stage0_siglip_file(demo, tmp_path):
+    cfg = load_config(stage_config(demo, tmp_path / "a"))
+    torch.manual_seed(5)
+    siglip = SigLIP(cfg.model).state_dict()
+    weights = tmp_path / "stage0.safetensors"
+    save_weights(siglip, weights, {"kind": "siglip"})
+    cfg = load_config(stage_config(demo, tmp_path / "b", stage={"init_from": str(weights)}))
+    vit = build_model(cfg, ParallelDims(1, 1)).vit.state_dict()
+    assert vit and all(torch.equal(v, siglip[f"image.{k}"]) for k, v in vit.items())
+
+
+def test_stage2_resamples_the_position_embeddings_to_its_higher_resolution(demo, tmp_path):
+    """Stage 1 at 32 px (a 4x4 patch grid) -> stage 2 at 48 px (6x6): every other weight is
+    taken as is, the position embeddings are resampled bilinearly (checked against a direct
+    interpolation of the 4x4 grid)."""
+    cfg = load_config(stage_config(demo, tmp_path / "a"))
+    torch.manual_seed(7)
+    stage1 = PaLI3(cfg.model).state_dict()
+    weights = tmp_path / "stage1.safetensors"
+    save_weights(stage1, weights, {"kind": "pali3"})
+    config = stage_config(demo, tmp_path / "b", model={"vit": {"image_size_px": 48}},
+                          stage={"init_from": str(weights), "freeze": []})  # fmt: skip
+    stage2 = build_model(load_config(config), ParallelDims(1, 1)).state_dict()
+    grid = stage1["vit.pos_embed"].T.reshape(1, -1, 4, 4)
+    expected = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bilinear")
+    assert stage2["vit.pos_embed"].shape == (36, grid.shape[1])
+    torch.testing.assert_close(stage2["vit.pos_embed"], expected.reshape(-1, 36).T)
+    for name, value in stage1.items():
+        if name != "vit.pos_embed":
+            assert torch.equal(stage2[name], value), name
+
+
+def test_weights_with_no_place_in_the_model_are_refused(demo, tmp_path):
+    weights = tmp_path / "odd.safetensors"
+    save_weights({"something.else": torch.zeros(2)}, weights, {"kind": "pali3"})
+    cfg = load_config(stage_config(demo, tmp_path / "b", stage={"init_from": str(weights)}))
+    with pytest.raises(Exception, match="has weights this model lacks: \\['something.else'\\]"):
+        build_model(cfg, ParallelDims(1, 1))
+
+
+def test_a_new_patch_grid_is_refused_when_resampling_is_off(demo, tmp_path):
+    cfg = load_config(stage_config(demo, tmp_path / "a"))
+    weights = tmp_path / "stage1.safetensors"
+    save_weights(PaLI3(cfg.model).state_dict(), weights, {"kind": "pali3"})
+    stage = {"init_from": str(weights), "resample_position_embeddings": False}
+    config = stage_config(demo, tmp_path / "b", model={"vit": {"image_size_px": 48}}, stage=stage)
+    with pytest.raises(InitError, match="16 position embeddings for vit.pos_embed, the model 36"):
+        build_model(load_config(config), ParallelDims(1, 1))
+
+
+def test_an_imported_t5_gives_pali3_its_encoder_decoder(demo, tmp_path):
+    cfg = load_config(stage_config(demo, tmp_path / "a"))
+    torch.manual_seed(11)
+    ul2 = UL2(cfg.model.ul2).state_dict()
+    weights = tmp_path / "t5.safetensors"
+    save_weights(ul2, weights, {"kind": "t5"})
+    config = stage_config(demo, tmp_path / "b", stage={"init_from": str(weights)})
+    model = build_model(load_config(config), ParallelDims(1, 1)).state_dict()
+    for name, value in add_prefix(ul2, "ul2.").items():
+        assert torch.equal(model[name], value), name
