@@ -291,9 +291,7 @@ def load(args: argparse.Namespace) -> tuple[Config, str]:
             overrides.append(f"{key}={getattr(args, option)}")
     overrides.append("train.micro_batch_size=1")  # the planner picks it; 1 divides any batch
     where = args.model or args.config
-    cfg = load_config(where, overrides + args.set)
-    check_stage_flag(cfg, args.stage, where)
-    return cfg, where
+    return check_stage_flag(load_config(where, overrides + args.set), args.stage, where), where
 
 
 def main(argv: list[str] | None = None) -> int:

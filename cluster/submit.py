@@ -76,8 +76,7 @@ def load_configs(args: argparse.Namespace) -> list[Config]:
     world = args.nodes * args.tasks_per_node
     configs = []
     for path in args.config:
-        cfg = load_config(path, args.set)
-        check_stage_flag(cfg, args.stage, path)
+        cfg = check_stage_flag(load_config(path, args.set), args.stage, path)
         check_layout(cfg, world, path)
         configs.append(cfg)
     return configs

@@ -58,8 +58,8 @@ def check_all(path: Path, plan: Curriculum) -> dict[str, Config]:
         if not config_path.is_file():
             raise ConfigError(str(path), f"{step.name}.config", f"{config_path} does not exist")
         cfg = load_config(config_path, overrides(plan, step, None, baseline))
-        check_stage_flag(cfg, step.stage, str(config_path))
-        check_layout(cfg, plan.nproc_per_node, str(config_path))
+        cfg = check_stage_flag(cfg, step.stage, str(config_path))
+        check_layout(cfg, plan.nproc_per_node, str(config_path), training=not baseline)
         configs[step.name] = cfg
     return configs
 

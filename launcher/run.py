@@ -21,14 +21,13 @@ import argparse
 import logging
 import os
 import sys
-from dataclasses import replace
 
 import torch
 
 from launcher.quickstart import quickstart
-from pali3_train.config import ConfigError, add_overrides_option, load_config_or_exit
-from pali3_train.engine.checks import check_before_start
-from pali3_train.engine.distributed import init_distributed, read_env
+from pali3_train.config import Config, ConfigError, add_overrides_option, load_config
+from pali3_train.engine.checks import check_before_start, check_stage_flag
+from pali3_train.engine.distributed import DistEnv, init_distributed, read_env
 from pali3_train.engine.dry_run import dry_run
 from pali3_train.stages.curriculum import CURRICULUM
 
@@ -56,24 +55,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def load_stage_config(args: argparse.Namespace, env: DistEnv) -> Config:
+    """The config to run (``--stage`` alone: its tiny recipe), checked against ``--stage`` and
+    named by it."""
+    if args.config is None:
+        world = args.world_size or env.world_size
+        args.config, args.set = quickstart(args.stage, args.set, world, env.is_main,
+                                           build_corpora=not args.dry_run)  # fmt: skip
+    return check_stage_flag(load_config(args.config, args.set), args.stage, args.config)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     env = read_env()
-    if args.config is None:
-        args.config, args.set = quickstart(args.stage, args.set, announce=env.is_main)
-    cfg = load_config_or_exit(args.config, args.set)
-    if args.dry_run:
-        world = args.world_size or env.world_size
-        return dry_run(cfg, args.config, args.resume, world, args.gpus_per_node or 8, args.stage)
     try:
-        warnings = check_before_start(cfg, env.world_size, args.config, args.stage, args.resume)
+        cfg = load_stage_config(args, env)
+        if args.dry_run:
+            world = args.world_size or env.world_size
+            return dry_run(cfg, args.config, args.resume, world, args.gpus_per_node or 8)
+        training = not args.eval_only
+        warnings = check_before_start(cfg, env.world_size, args.config, args.resume, training)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for warning in warnings if env.is_main else ():
         print(f"warning: {args.config}: {warning}", file=sys.stderr)
-    if args.stage and cfg.stage.name is None:  # the flag names the run's stage (tags, metadata)
-        cfg = replace(cfg, stage=replace(cfg.stage, name=args.stage))
     logging.basicConfig(
         level=logging.INFO if env.is_main else logging.WARNING,
         format=f"[rank {env.rank}] %(levelname)s %(name)s: %(message)s",

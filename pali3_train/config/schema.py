@@ -372,7 +372,8 @@ class StageConfig:
     # CURRICULUM``). It tags the run, and ``launcher/run.py --stage`` must agree with it.
     # null: the objective alone says what trains.
     name: str | None = None
-    objective: str = "generative"  # contrastive (SigLIP, stage 0) | generative (PaLI-3)
+    # contrastive (SigLIP, stage 0) | generative (PaLI-3); null: the named stage's, else generative
+    objective: str | None = None
     freeze: tuple[str, ...] = ()
     # A safetensors file exported by the previous stage (``python -m pali3_train.engine.export``);
     # keys it lacks keep their initialisation, e.g. the projection when stage 1 starts from SigLIP.
@@ -383,17 +384,20 @@ class StageConfig:
 
     def __post_init__(self) -> None:
         require(
+            self.name is None or self.name in CURRICULUM,
+            "name",
+            f"unknown stage {self.name!r}; the curriculum's stages are {', '.join(CURRICULUM)}",
+        )
+        if self.objective is None:  # frozen: set once, here, before anyone reads it
+            named = CURRICULUM[self.name].objective if self.name else "generative"
+            object.__setattr__(self, "objective", named)
+        require(
             self.objective in OBJECTIVE_NAMES,
             "objective",
             f"unknown objective {self.objective!r}; known: {', '.join(OBJECTIVE_NAMES)}",
         )
         if self.name is None:
             return
-        require(
-            self.name in CURRICULUM,
-            "name",
-            f"unknown stage {self.name!r}; the curriculum's stages are {', '.join(CURRICULUM)}",
-        )
         expected = CURRICULUM[self.name].objective
         require(
             expected == self.objective,

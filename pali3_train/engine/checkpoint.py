@@ -93,9 +93,19 @@ def write_meta(folder: Path, meta: CheckpointMeta) -> None:
 
 def read_meta(folder: Path) -> CheckpointMeta:
     try:
-        return CheckpointMeta(**json.loads((folder / META).read_text()))
+        return CheckpointMeta(**_upgrade(json.loads((folder / META).read_text())))
     except (OSError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{folder}: unreadable {META} ({exc})") from None
+
+
+def _upgrade(meta: dict) -> dict:
+    """Checkpoints written before stages were data kept the stage name beside the config; it
+    becomes the config's ``stage.name`` (its objective follows from the name)."""
+    if "stage" in meta:
+        stage = meta["config"].setdefault("stage", {})
+        stage.setdefault("name", meta.pop("stage"))
+        stage.setdefault("objective", None)
+    return meta
 
 
 def save(engine, root: Path, meta: CheckpointMeta, rank_state: dict, keep_last: int) -> Path:

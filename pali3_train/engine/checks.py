@@ -13,16 +13,19 @@ from pathlib import Path
 
 from data_pipeline.loader import resolve_sources
 from pali3_train.config import Config, ConfigError
-from pali3_train.engine.checkpoint import CheckpointError, resolve
+from pali3_train.engine.checkpoint import CheckpointError, read_meta, resolve
 from pali3_train.engine.deepspeed_config import accumulation_steps
 from pali3_train.stages.curriculum import CURRICULUM
 from pali3_train.stages.registry import spec_for
 from pali3_train.tokenizer import Tokenizer
 
 
-def check_layout(cfg: Config, world_size: int, where: str) -> tuple[int, list[str]]:
+def check_layout(
+    cfg: Config, world_size: int, where: str, training: bool = True
+) -> tuple[int, list[str]]:
     """What needs only the config and the world size: (accumulation steps, warnings about
-    settings the objective ignores)."""
+    settings the objective ignores). ``training``: false for an evaluation, which takes no
+    optimizer step and so no accumulation."""
     tp = cfg.parallel.tensor_parallel_size
     if world_size % tp:
         raise ConfigError(
@@ -33,7 +36,7 @@ def check_layout(cfg: Config, world_size: int, where: str) -> tuple[int, list[st
     spec = spec_for(cfg)
     warnings = list(spec.check(cfg, where))
     accumulation = accumulation_steps(cfg, world_size // tp, where)
-    if accumulation > 1 and not spec.accumulates:
+    if training and accumulation > 1 and not spec.accumulates:
         micro, dp, total = cfg.train.micro_batch_size, world_size // tp, cfg.train.global_batch_size
         raise ConfigError(
             where,
@@ -45,11 +48,11 @@ def check_layout(cfg: Config, world_size: int, where: str) -> tuple[int, list[st
     return accumulation, warnings
 
 
-def check_stage_flag(cfg: Config, stage: str | None, where: str) -> None:
+def check_stage_flag(cfg: Config, stage: str | None, where: str) -> Config:
     """``--stage S`` must agree with the config: S's objective, and S itself if the config names
-    its stage."""
+    its stage. Returns the config with its stage named (tags, titles, checkpoint metadata)."""
     if stage is None:
-        return
+        return cfg
     named, objective = cfg.stage.name, CURRICULUM[stage].objective
     if named is not None and named != stage:
         raise ConfigError(where, "stage.name", f"is {named!r}, but --stage {stage} was given")
@@ -59,6 +62,7 @@ def check_stage_flag(cfg: Config, stage: str | None, where: str) -> None:
             "stage.objective",
             f"is {cfg.stage.objective!r}, but --stage {stage} trains the {objective} objective",
         )
+    return replace(cfg, stage=replace(cfg.stage, name=stage))
 
 
 def check_data(cfg: Config, where: str) -> str:
@@ -80,7 +84,10 @@ def check_data(cfg: Config, where: str) -> str:
 def check_resume(cfg: Config, resume: str) -> Path | None:
     """``--resume``: the checkpoint a start would load (None: a fresh start)."""
     try:
-        return resolve(resume, Path(cfg.checkpoint_dir))
+        found = resolve(resume, Path(cfg.checkpoint_dir))
+        if found is not None:
+            read_meta(found)
+        return found
     except CheckpointError as exc:
         raise ConfigError("--resume", "", str(exc)) from None
 
@@ -92,12 +99,12 @@ def check_init_from(cfg: Config, where: str) -> None:
         raise ConfigError(where, "stage.init_from", missing)
 
 
-def check_before_start(cfg: Config, world_size: int, where: str, stage: str | None,
-                       resume: str) -> list[str]:  # fmt: skip
-    """Every check a real start runs, in the order a user would fix them; returns the
-    objective's warnings about settings it ignores."""
-    check_stage_flag(cfg, stage, where)
-    _, warnings = check_layout(cfg, world_size, where)
+def check_before_start(
+    cfg: Config, world_size: int, where: str, resume: str, training: bool = True
+) -> list[str]:
+    """Every check a real start runs after ``check_stage_flag``, in the order a user would fix
+    them; returns the objective's warnings about settings it ignores."""
+    _, warnings = check_layout(cfg, world_size, where, training)
     check_data(cfg, where)
     check_resume(cfg, resume)
     check_init_from(cfg, where)

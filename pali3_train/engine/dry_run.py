@@ -15,7 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from pali3_train.config import Config, ConfigError
-from pali3_train.engine.checks import check_data, check_layout, check_resume, check_stage_flag
+from pali3_train.engine.checks import check_data, check_layout, check_resume
 from pali3_train.engine.deepspeed_config import deepspeed_config
 from pali3_train.engine.memory import (
     BYTES,
@@ -201,19 +201,11 @@ def format_plan(plan: Plan, data: str, resume: str) -> str:
     return "\n".join(lines)
 
 
-def dry_run(
-    cfg: Config,
-    where: str,
-    resume: str,
-    world_size: int,
-    gpus_per_node: int = 8,
-    stage: str | None = None,
-) -> int:
+def dry_run(cfg: Config, where: str, resume: str, world_size: int, gpus_per_node: int = 8) -> int:
     """Print the plan; 0 if a real start would pass every check, 2 (with the reason) if not.
     A layout that cannot be planned fails at once (stderr); data and resume problems are lines
     of the plan."""
     try:
-        check_stage_flag(cfg, stage, where)
         plan = build_plan(cfg, world_size, gpus_per_node, where)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -45,8 +45,7 @@ def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 def planning_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Both towers and a stand-in for the pairs: the sigmoid loss's micro x DP pairs cost
     2 x width FLOPs each, well under 0.1% of a sample."""
-    siglip = model.module if hasattr(model, "module") else model
-    image_emb, text_emb = siglip.embed_images(batch.images), siglip.embed_texts(batch.target)
+    image_emb, text_emb = model.embed_images(batch.images), model.embed_texts(batch.target)
     return (image_emb @ text_emb.T).sum()
 
 
@@ -93,7 +92,7 @@ def activations(cfg: Config, model: nn.Module) -> Activations:
 
 # Settings that only the generative objective reads, with why they do not apply here.
 IGNORED = {
-    "data.max_prompt_tokens": "no prompts are encoded",
+    "data.max_prompt_tokens": "prompts are not fed to the model",
     "eval.beam_size": "nothing is decoded",
     "eval.max_decode_tokens": "nothing is decoded",
 }

@@ -25,11 +25,6 @@ def spec_for(cfg: Config) -> StageSpec:
     return OBJECTIVES[cfg.stage.objective]
 
 
-def spec_of_export(kind: str | None) -> StageSpec | None:
-    """The spec whose export kind an exported file records (None: not one of ours)."""
-    return next((s for s in OBJECTIVES.values() if s.export_kind == kind), None)
-
-
 def stage_model(cfg: Config, where: str = "config") -> nn.Module:
     """The stage's model on the meta device (no memory), with ``stage.freeze`` applied: what the
     dry run, the planner and the FLOP counter measure."""

@@ -32,7 +32,8 @@ def test_settings_the_contrastive_objective_ignores_are_named():
     cfg = load_config(STAGE0, ["data.max_prompt_tokens=8", "eval.beam_size=4"])
     _, warnings = check_layout(cfg, 2, "s0.yaml")
     assert warnings == [
-        "data.max_prompt_tokens=8 is ignored by the contrastive objective: no prompts are encoded",
+        "data.max_prompt_tokens=8 is ignored by the contrastive objective: prompts are not fed to "
+        "the model",
         "eval.beam_size=4 is ignored by the contrastive objective: nothing is decoded",
     ]
 
@@ -74,3 +75,14 @@ def test_the_launcher_refuses_a_stage_mismatch_and_a_split_contrastive_batch():
         assert result.returncode == 2, result.stderr[-2000:]
         assert result.stderr.startswith(f"error: {ROOT}/configs/tiny/stage")
         assert f": {field}: " in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_an_evaluation_needs_no_whole_batch():
+    """--eval-only takes no optimizer step: a stage-0 model can be scored on any world size."""
+    assert check_layout(load_config(STAGE0), 1, "s0.yaml", training=False)[0] == 2
+
+
+def test_the_stage_flag_names_an_unnamed_config():
+    anonymous = load_config(STAGE1, ["stage.name=null"])
+    assert check_stage_flag(anonymous, "transfer", "s1.yaml").stage.name == "transfer"
+    assert check_stage_flag(anonymous, None, "s1.yaml") is anonymous

@@ -323,3 +323,19 @@ def test_the_briefs_bare_command_trains_the_tiny_stage1_recipe(tmp_path):
     run_dir = tmp_path / "runs" / "quickstart" / "stage1"
     assert sorted(_losses(run_dir)) == [1, 2] and (run_dir / "model.safetensors").is_file()
     assert (tmp_path / "runs" / "demo_eval" / "scenes" / "manifest.json").is_file()
+
+
+def test_the_bare_stage0_recipe_keeps_its_contrastive_batch_whole_on_one_rank(tmp_path):
+    """One process: the recipe's micro-batch (global / 2) would need accumulation, which the
+    contrastive objective refuses; the quickstart picks global / DP instead and says so. A dry
+    run builds no corpus and names the missing shards."""
+    command = [sys.executable, str(ROOT / "launcher/run.py"), "--stage", "0", "--dry-run"]
+    result = subprocess.run(command, env=launch_env(), cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]  # the shards are not there
+    assert "train.micro_batch_size=32" in result.stdout
+    assert "1 data-parallel rank(s): micro-batch 32 keeps the global batch" in result.stdout
+    assert "dry run of stage 0, contrastive objective" in result.stdout
+    assert "batch       global 32 = micro 32 x accumulation 1 x DP 1" in result.stdout
+    assert "data        error:" in result.stdout and "matches no file" in result.stdout
+    assert not (tmp_path / "runs").exists()

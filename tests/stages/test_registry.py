@@ -11,7 +11,7 @@ import pytest
 
 from pali3_train.config import ConfigError, load_config
 from pali3_train.stages.curriculum import CURRICULUM, OBJECTIVE_NAMES
-from pali3_train.stages.registry import OBJECTIVES, spec_for, spec_of_export
+from pali3_train.stages.registry import OBJECTIVES, spec_for
 
 ROOT = Path(__file__).resolve().parents[2]
 # A comparison or lookup keyed by a stage name or an objective: what specs exist to replace.
@@ -27,9 +27,7 @@ def test_every_objective_has_one_spec_under_its_name():
     for name, spec in OBJECTIVES.items():
         assert spec.objective == name
     kinds = [spec.export_kind for spec in OBJECTIVES.values()]
-    assert len(set(kinds)) == len(kinds)
-    assert all(spec_of_export(kind).export_kind == kind for kind in kinds)
-    assert spec_of_export("t5") is None
+    assert len(set(kinds)) == len(kinds)  # an exported file says which objective wrote it
 
 
 @pytest.mark.parametrize("name", list(CURRICULUM))
