@@ -21,6 +21,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 import torch
 
@@ -30,6 +31,8 @@ from pali3_train.engine.checks import check_before_start, check_stage_flag
 from pali3_train.engine.distributed import DistEnv, init_distributed, read_env
 from pali3_train.engine.dry_run import dry_run
 from pali3_train.stages.curriculum import CURRICULUM
+
+REFUSAL_GRACE_S = 3.0  # how long a refusing rank waits for its peers' refusals before exiting
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -76,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         training = not args.eval_only
         warnings = check_before_start(cfg, env.world_size, args.config, args.resume, training)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        if env.world_size > 1:  # torchrun stops the job at the first exit: let peers report too
+            time.sleep(REFUSAL_GRACE_S)
         return 2
     for warning in warnings if env.is_main else ():
         print(f"warning: {args.config}: {warning}", file=sys.stderr)
