@@ -276,9 +276,14 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     zero_stage: int = 0
     activation_checkpointing: bool = False
+    # How long a collective may wait for its peers before the run fails (NCCL's watchdog, gloo's
+    # timeout, megatron-core's groups). Work that only rank 0 does (a checkpoint's conversion to
+    # the universal format, the final export) is waited for without a collective, so a slow
+    # conversion cannot trip it; a rank that stops answering fails the job after this long.
+    collective_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
-        _positive(self, "tensor_parallel_size")
+        _positive(self, "tensor_parallel_size", "collective_timeout_s")
         require(
             self.zero_stage in (0, 1, 2, 3),
             "zero_stage",

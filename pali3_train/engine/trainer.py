@@ -25,6 +25,7 @@ from pali3_train.engine import checkpoint
 from pali3_train.engine.build import build_model, make_engine
 from pali3_train.engine.checkpoint import CheckpointMeta
 from pali3_train.engine.deepspeed_config import accumulation_steps
+from pali3_train.engine.device_guard import device_guard
 from pali3_train.engine.distributed import DistEnv, all_ranks_agree
 from pali3_train.engine.export import export_final
 from pali3_train.engine.flops import flops_per_sample, peak_flops
@@ -76,6 +77,7 @@ class Trainer:
         self.accum = accumulation_steps(cfg, dims.dp)
         self.flops_per_sample = flops_per_sample(cfg)
         self.stop_requested = False
+        self.guard = device_guard(device)  # PALI3_DEVICE_GUARD=1: device bugs fail on CPU too
 
         restored = checkpoint.resolve(resume, self.ckpt_root)
         meta = checkpoint.read_meta(restored) if restored is not None else None
@@ -176,23 +178,33 @@ class Trainer:
         lr = self.engine.get_lr()[0]  # the scheduler moves on at the step's last micro-batch
         while good < self.accum:
             batch = next(batches)
-            try:
-                loss = self.compute_loss(self.engine, batch)
-            except torch.OutOfMemoryError as exc:
-                raise TrainingError(self._oom_message(exc)) from None
-            if all_ranks_agree(not torch.isfinite(loss).item(), self.device):
-                self._drop_bad_loss()
+            loss = self._forward_backward(batch)
+            if loss is None:
                 continue
-            self.engine.backward(loss)
-            self.engine.step()
-            losses.append(loss.detach())
+            losses.append(loss)
             tokens += self.spec.batch_tokens(batch)
             good += 1
         self.progress.bad_in_a_row = 0
         self.progress.step += 1
         self.progress.samples += self.cfg.train.global_batch_size
         seconds = time.perf_counter() - start
-        return self._step_metrics(torch.stack(losses).mean(), tokens, lr, seconds)
+        with self.guard:
+            return self._step_metrics(torch.stack(losses).mean(), tokens, lr, seconds)
+
+    def _forward_backward(self, batch) -> torch.Tensor | None:
+        """One micro-batch: its detached loss, or None when some rank's loss is not finite (then
+        no rank steps)."""
+        with self.guard:
+            try:
+                loss = self.compute_loss(self.engine, batch)
+            except torch.OutOfMemoryError as exc:
+                raise TrainingError(self._oom_message(exc)) from None
+            if all_ranks_agree(not torch.isfinite(loss).item(), self.device):
+                self._drop_bad_loss()
+                return None
+            self.engine.backward(loss)
+            self.engine.step()
+            return loss.detach()
 
     def _drop_bad_loss(self) -> None:
         self.progress.bad_losses += 1
@@ -245,7 +257,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Every evaluator of the stage on the model as it is: ``eval/<source>/<metric>``."""
-        return evaluate(self.evaluators, self.engine.module)
+        with self.guard:
+            return evaluate(self.evaluators, self.engine.module)
 
     def evaluate_only(self) -> int:
         """Evaluate the model as built or restored, without training (an untrained baseline, or
