@@ -15,6 +15,10 @@ import torch
 from data_pipeline.demo_corpus import build_demo_corpus
 from pali3_train.engine.distributed import free_port
 
+# Every run the suite starts, in this process or in the ranks it launches, checks that tensors
+# meet collectives and each other on the engine's device (pali3_train.engine.device_guard).
+os.environ.setdefault("PALI3_DEVICE_GUARD", "1")
+
 if not torch.cuda.is_available():
     # DeepSpeed picks its accelerator at first import; without this it may look for CUDA.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

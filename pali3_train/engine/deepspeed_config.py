@@ -7,6 +7,7 @@ and a global batch that does not factorise is refused before any process group e
 from __future__ import annotations
 
 from pali3_train.config import Config, ConfigError
+from pali3_train.precision import deepspeed_section
 
 
 def accumulation_steps(cfg: Config, dp_size: int, where: str = "config") -> int:
@@ -32,7 +33,6 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
         "gradient_accumulation_steps": accumulation_steps(cfg, dp_size),
         "gradient_clipping": cfg.train.grad_clip_norm,
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.train.precision == "bf16"},
         "steps_per_print": 2**31 - 1,  # our own logging reports progress
         "wall_clock_breakdown": False,
-    }
+    } | deepspeed_section(cfg.train.precision, cfg.parallel.zero_stage)

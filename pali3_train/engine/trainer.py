@@ -32,6 +32,7 @@ from pali3_train.engine.flops import flops_per_sample, peak_flops
 from pali3_train.engine.reporting import RunReport, peak_memory_gib
 from pali3_train.eval.evaluator import EvalContext, evaluate
 from pali3_train.parallel import ParallelDims, dp_group, dp_rank, dp_size
+from pali3_train.precision import compute_dtype
 from pali3_train.stages.registry import spec_for
 from pali3_train.tokenizer import Tokenizer
 from pali3_train.tracking import open_tracker
@@ -39,7 +40,6 @@ from pali3_train.tracking import open_tracker
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_PREEMPTED, EXIT_FAILED = 0, 75, 1  # 75 = EX_TEMPFAIL: saved, requeue me
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # train.precision -> model inputs
 
 
 class TrainingError(RuntimeError):
@@ -94,7 +94,7 @@ class Trainer:
         self._saved_step = self.progress.step if restored is not None else -1
 
         tokenizer = Tokenizer.load(cfg.data.tokenizer_path)
-        context = EvalContext(tokenizer, device, DTYPES[cfg.train.precision], dp_rank(),
+        context = EvalContext(tokenizer, device, compute_dtype(cfg.train.precision), dp_rank(),
                               dp_size(), dp_group(), env.is_main)  # fmt: skip
         self.evaluators = self.spec.evaluators(cfg, context)
         self.tracker = open_tracker(
@@ -110,7 +110,7 @@ class Trainer:
                             seed=cfg.train.seed + seed_offset,
                             batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank(),
                             dp_size=dp_size(), device=self.device,
-                            image_dtype=DTYPES[cfg.train.precision])  # fmt: skip
+                            image_dtype=compute_dtype(cfg.train.precision))  # fmt: skip
 
     def _restore(self, path: Path, reshard: bool) -> Progress:
         meta, rank_state = checkpoint.load(self.engine, path, reshard)

@@ -17,6 +17,11 @@ do): the texts' owners receive the sum of every rank's contribution.
 
 ``bidirectional=True`` sends chunks both ways at once, so ceil((n - 1) / 2) steps instead of
 n - 1.
+
+Precision (``pali3_train.precision``): the loss is computed in fp32 whatever the embeddings'
+dtype. Texts travel in their own dtype (bf16 texts are exact in bf16: half the bytes on the
+wire) and are upcast where they are scored; logits, sums and the travelling gradient
+accumulators are fp32; the gradients are returned in the inputs' dtypes.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed import ProcessGroup
+
+from pali3_train.precision import upcast
 
 TAG_TEXT, TAG_GRAD, TAG_HOME = 0, 1, 2
 
@@ -65,7 +72,9 @@ def _check_batches(image_emb: torch.Tensor, text_emb: torch.Tensor, group) -> No
         raise ValueError(f"image {tuple(image_emb.shape)} and text {tuple(text_emb.shape)} "
                          "embeddings must pair up row by row")  # fmt: skip
     if dist.is_initialized() and dist.get_world_size(group) > 1:
-        sizes = torch.tensor([len(image_emb), -len(image_emb)], dtype=torch.float64)
+        sizes = torch.tensor(
+            [len(image_emb), -len(image_emb)], dtype=torch.float64, device=image_emb.device
+        )
         dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=group)  # two numbers, not embeddings
         if sizes[0] != -sizes[1]:
             raise ValueError(
@@ -85,12 +94,14 @@ def _labels(n: int, local: bool, like: torch.Tensor) -> torch.Tensor:
 
 
 def _block_loss(img, txt, scale, bias, local: bool) -> torch.Tensor:
-    logits = img @ txt.T * scale + bias
+    """img, scale and bias in the loss's dtype; txt as it travelled."""
+    logits = img @ txt.to(img.dtype).T * scale + bias
     return -F.logsigmoid(_labels(len(img), local, img) * logits).sum()
 
 
 def _block_grads(img, txt, scale, bias, local: bool, upstream):
-    """Gradients of ``upstream * _block_loss`` w.r.t. (img, txt, t', b)."""
+    """Gradients of ``upstream * _block_loss`` w.r.t. (img, txt, t', b), in img's dtype."""
+    txt = txt.to(img.dtype)
     dots = img @ txt.T
     labels = _labels(len(img), local, img)
     dlogits = -labels * torch.sigmoid(-labels * (dots * scale + bias)) * upstream
@@ -146,12 +157,14 @@ class _RingSigmoidLoss(torch.autograd.Function):
     def forward(ctx, img, txt, logit_scale, logit_bias, group, bidirectional):
         ring = _Ring(group)
         steps = hops(ring.world, bidirectional)
-        scale, bias = logit_scale.exp(), logit_bias
+        scale, bias = upcast(logit_scale).exp(), upcast(logit_bias)
         # Values, not the parameters: a sharded optimizer may have released those by backward.
         ctx.save_for_backward(img, txt, scale.detach().clone(), bias.detach().clone())
         ctx.ring, ctx.steps, ctx.shape = ring, steps, logit_scale.shape
+        ctx.dtypes = (img.dtype, txt.dtype, logit_scale.dtype, logit_bias.dtype)
 
         pending = _start_hop(ring, steps, 0, {d: txt for d in (1, -1)})
+        img = upcast(img)
         total = _block_loss(img, txt, scale, bias, local=True)
         for k in range(len(steps)):
             held = _Ring.finish(pending)
@@ -164,7 +177,7 @@ class _RingSigmoidLoss(torch.autograd.Function):
     def backward(ctx, grad_out):
         img, txt, scale, logit_bias = ctx.saved_tensors
         ring, steps = ctx.ring, ctx.steps
-        upstream = grad_out / len(img)
+        img, upstream = upcast(img), upcast(grad_out) / len(img)
 
         g_img, g_txt, g_scale, g_bias = _block_grads(img, txt, scale, logit_bias, True, upstream)
         accumulators: dict[int, torch.Tensor] = {}
@@ -181,7 +194,8 @@ class _RingSigmoidLoss(torch.autograd.Function):
                 accumulators[d] = accumulators[d] + gt if k > 0 else gt
         for returned in _return_home(ring, steps, accumulators).values():
             g_txt = g_txt + returned
-        return g_img, g_txt, g_scale.reshape(ctx.shape), g_bias.reshape(ctx.shape), None, None
+        grads = (g_img, g_txt, g_scale.reshape(ctx.shape), g_bias.reshape(ctx.shape))
+        return *(g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)), None, None
 
 
 def _start_hop(ring: _Ring, steps, k: int, held: dict[int, torch.Tensor]):

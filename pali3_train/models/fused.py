@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pali3_train.precision import upcast
+
 GatedActivation = Literal["gated-gelu", "gated-silu"]
 
 
@@ -43,16 +45,19 @@ def norm_backend(x: torch.Tensor) -> str:
 def layer_norm(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> torch.Tensor:
+    """Statistics and affine in fp32, the result in ``x``'s dtype (``pali3_train.precision``;
+    apex's kernels accumulate in fp32 themselves)."""
     if norm_backend(x) == "apex":
         return _APEX.layer_norm(x, weight, bias, weight.shape, eps)
-    return F.layer_norm(x, weight.shape, weight, bias, eps)
+    out = F.layer_norm(upcast(x), weight.shape, upcast(weight), upcast(bias), eps)
+    return out.to(x.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """T5's scale-only norm (no mean subtraction, no bias)."""
+    """T5's scale-only norm (no mean subtraction, no bias), in fp32 like ``layer_norm``."""
     if norm_backend(x) == "apex":
         return _APEX.rms_norm(x, weight, weight.shape, eps)
-    return F.rms_norm(x, weight.shape, weight, eps)
+    return F.rms_norm(upcast(x), weight.shape, upcast(weight), eps).to(x.dtype)
 
 
 def gated_activation(gate: torch.Tensor, up: torch.Tensor, kind: GatedActivation) -> torch.Tensor:

@@ -12,6 +12,7 @@ from torch import nn
 from pali3_train.config import ModelConfig
 from pali3_train.models.text import TextTransformer
 from pali3_train.models.vit import MAPHead, VisionTransformer
+from pali3_train.precision import upcast
 
 
 class SigLIP(nn.Module):
@@ -27,12 +28,13 @@ class SigLIP(nn.Module):
         self.logit_bias = nn.Parameter(torch.tensor([-10.0]))
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] -> L2-normalised [B, width]."""
-        return F.normalize(self.image_head(self.image(images)), dim=-1)
+        """[B, 3, H, W] -> L2-normalised [B, width], in fp32 (or fp64) whatever the towers'
+        dtype: the sigmoid loss is computed in fp32 (``pali3_train.precision``)."""
+        return F.normalize(upcast(self.image_head(self.image(images))), dim=-1)
 
     def embed_texts(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, L] -> L2-normalised [B, vit.width]."""
-        return F.normalize(self.text(tokens), dim=-1)
+        """[B, L] -> L2-normalised [B, vit.width], in fp32 like ``embed_images``."""
+        return F.normalize(upcast(self.text(tokens)), dim=-1)
 
     def forward(
         self, images: torch.Tensor, tokens: torch.Tensor

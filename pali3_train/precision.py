@@ -1,0 +1,55 @@
+"""What ``train.precision`` means, written down once; the code that applies it calls these.
+
+``fp32``: weights, activations, gradients and optimizer state in fp32 (on CUDA, matmuls may use
+TF32 tensor cores, as the trainer enables at start-up).
+
+``bf16``:
+- weights and activations in bf16: DeepSpeed casts the module and keeps an fp32 master copy of
+  every trained weight, with fp32 Adam moments (``deepspeed_section``); model inputs (images) come
+  in ``compute_dtype``. Gradients accumulate in fp32 where DeepSpeed offers it (ZeRO-1's bf16
+  optimizer); under ZeRO-0, 2 and 3 they are reduced and accumulated in bf16 and applied to the
+  fp32 master weights.
+- in fp32: normalisation (LayerNorm and RMSNorm statistics and their affine, ``models.fused``:
+  their weights are stored in bf16 like every weight and read in fp32); the token cross-entropy
+  (logits upcast before the log-softmax, ``losses.text`` and the vocabulary-parallel loss); the
+  whole SigLIP sigmoid loss (embeddings, temperature and bias upcast; logits, sums and the
+  gradient accumulators that travel round the ring in fp32, ``losses.siglip_ring``).
+- attention's softmax statistics (running max and sum) are kept in fp32 by SDPA's fused kernels
+  (flash, memory-efficient and cuDNN on GPU, the flash kernel on CPU); the additive attention
+  bias enters in the activations' dtype, as SDPA requires.
+
+fp64 tensors (reference computations in tests) stay fp64 everywhere: "fp32" below means "at
+least fp32".
+"""
+
+from __future__ import annotations
+
+import torch
+
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype of weights, activations and model inputs under ``train.precision``."""
+    return COMPUTE_DTYPES[precision]
+
+
+def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a numerically sensitive computation on ``dtype`` data runs in."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in ``at_least_fp32`` (no copy when it already is)."""
+    return x.to(at_least_fp32(x.dtype))
+
+
+def deepspeed_section(precision: str, zero_stage: int) -> dict:
+    """DeepSpeed's precision entries: bf16 with fp32 master weights, and fp32 gradient
+    accumulation under ZeRO-1, the one stage whose bf16 optimizer accumulates in fp32 (DeepSpeed
+    0.19 refuses the combination for ZeRO-0 and ignores it for ZeRO-2/3)."""
+    section: dict = {"bf16": {"enabled": precision == "bf16"}}
+    if precision == "bf16" and zero_stage == 1:
+        section["data_types"] = {"grad_accum_dtype": "fp32"}
+    return section
