@@ -38,12 +38,13 @@ FACTORIES = frozenset(
         torch.randint, torch.randperm, torch.scalar_tensor,
     }
 )  # fmt: skip
-# torch.distributed entry points, and which argument holds the tensor(s) each one moves.
-COLLECTIVES = {
-    "all_reduce": 0, "broadcast": 0, "reduce": 0, "all_gather": 0, "all_gather_into_tensor": 0,
-    "reduce_scatter": 0, "reduce_scatter_tensor": 0, "all_to_all": 0, "all_to_all_single": 0,
-    "send": 0, "recv": 0, "isend": 0, "irecv": 0, "gather": 0, "scatter": 0,
-}  # fmt: skip
+# torch.distributed entry points whose tensor arguments are checked. isend/irecv are checked
+# where they run, in batch_isend_irecv: P2POp recognises them by identity, so they stay unwrapped.
+COLLECTIVES = (
+    "all_reduce", "broadcast", "reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
+    "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "send", "recv", "gather",
+    "scatter",
+)  # fmt: skip
 _ROOT = Path(__file__).resolve().parents[2]
 OWN_CODE = tuple(
     f"{_ROOT / package}{os.sep}" for package in ("pali3_train", "data_pipeline", "launcher")
@@ -120,8 +121,8 @@ def _checked_collectives(device: torch.device) -> Iterator[None]:
     megatron-core alike) to check their inputs' device; ``batch_isend_irecv`` checks each op."""
     saved = {name: getattr(dist, name) for name in (*COLLECTIVES, "batch_isend_irecv")}
     try:
-        for name, position in COLLECTIVES.items():
-            setattr(dist, name, _checked(saved[name], name, position, device))
+        for name in COLLECTIVES:
+            setattr(dist, name, _checked(saved[name], name, device))
         dist.batch_isend_irecv = _checked_p2p(saved["batch_isend_irecv"], device)
         yield
     finally:
@@ -129,12 +130,10 @@ def _checked_collectives(device: torch.device) -> Iterator[None]:
             setattr(dist, name, original)
 
 
-def _checked(collective: Callable, name: str, position: int, device: torch.device) -> Callable:
+def _checked(collective: Callable, name: str, device: torch.device) -> Callable:
     @functools.wraps(collective)
     def run(*args, **kwargs):
-        moved = args[position] if len(args) > position else next(iter(kwargs.values()), None)
-        _check_tensors(moved, f"torch.distributed.{name}", device)
-        for value in list(args[position + 1 :]) + list(kwargs.values()):
+        for value in (*args, *kwargs.values()):
             _check_tensors(value, f"torch.distributed.{name}", device)
         return collective(*args, **kwargs)
 

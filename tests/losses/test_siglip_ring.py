@@ -1,6 +1,9 @@
 """The chunked ring sigmoid loss against the dense loss over the whole global batch, with real
 processes: world sizes 1-4, one- and two-directional rings, fp64 (1e-6... in practice ~1e-15)
-and fp32 (1e-5). A negative control breaks the exchange and shows the same check catches it."""
+and fp32 (1e-5), and bf16 embeddings against the fp32 dense loss of the same (bf16-rounded)
+values: the ring computes in fp32 whatever its inputs. Every rank runs under the device guard,
+as a CUDA/NCCL rank would check devices. A negative control breaks the exchange and shows the
+same check catches it."""
 
 from __future__ import annotations
 
@@ -12,14 +15,20 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from pali3_train.engine.device_guard import DeviceGuard
 from pali3_train.engine.distributed import DistEnv, free_port, init_distributed
 from pali3_train.losses import siglip_ring
 from pali3_train.losses.siglip import sigmoid_loss
 
 LOCAL_BATCH, DIM = 3, 5
 VARIANTS = [(bidirectional, dtype) for bidirectional in (False, True)
-            for dtype in (torch.float64, torch.float32)]  # fmt: skip
-TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-5}
+            for dtype in (torch.float64, torch.float32, torch.bfloat16)]  # fmt: skip
+# (absolute, relative). bf16: the inputs are rounded and the loss is fp32 arithmetic on them, as
+# the reference is (1e-5); the gradients are fp32 sums rounded once to bf16 on the way out, so
+# they are within bf16's half-ulp (2^-8 relative), twice that for a sum over two ranks.
+TOLERANCE = {torch.float64: (1e-6, 0), torch.float32: (1e-5, 0), torch.bfloat16: (1e-5, 2**-7)}
+REFERENCE_DTYPE = {torch.float64: torch.float64, torch.float32: torch.float32,
+                   torch.bfloat16: torch.float32}  # fmt: skip
 
 
 def _global_batch(world: int, dtype: torch.dtype):
@@ -38,8 +47,10 @@ def _leaves(*tensors):
 
 
 def _dense(world: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The reference: one process, the whole (n b) x (n b) logit matrix."""
-    images, texts, scale, bias = _leaves(*_global_batch(world, dtype))
+    """The reference: one process, the whole (n b) x (n b) logit matrix, on the values the ring
+    sees (bf16-rounded for bf16) in fp32 or fp64 arithmetic."""
+    inputs = [t.to(REFERENCE_DTYPE[dtype]) for t in _global_batch(world, dtype)]
+    images, texts, scale, bias = _leaves(*inputs)
     loss = sigmoid_loss(images, texts, scale, bias)
     loss.backward()
     return {"loss": loss.detach(), "images": images.grad, "texts": texts.grad,
@@ -57,8 +68,9 @@ def _rank(rank: int, world: int, port: int, out: str, broken: bool) -> None:
     for bidirectional, dtype in VARIANTS:
         images, texts, scale, bias = _global_batch(world, dtype)
         images, texts, scale, bias = _leaves(images[rows], texts[rows], scale, bias)
-        loss = siglip_ring.ring_sigmoid_loss(images, texts, scale, bias, None, bidirectional)
-        loss.backward()
+        with DeviceGuard(torch.device("cpu")):
+            loss = siglip_ring.ring_sigmoid_loss(images, texts, scale, bias, None, bidirectional)
+            loss.backward()
         results[(bidirectional, str(dtype))] = {"loss": loss.detach(), "images": images.grad,
             "texts": texts.grad, "scale": scale.grad, "bias": bias.grad}  # fmt: skip
     torch.save(results, Path(out) / f"rank{rank}.pt")
@@ -75,8 +87,9 @@ def _mismatches(world: int, ranks: list[dict], bidirectional: bool, dtype) -> li
     """What differs from the dense reference: the mean of the ranks' losses is the global loss;
     each rank's embedding gradients, and the sum of t' and b gradients, are n times the global
     loss's (data parallelism averages them back)."""
-    want, tol = _dense(world, dtype), TOLERANCE[dtype]
-    got = [r[(bidirectional, str(dtype))] for r in ranks]
+    want, (atol, rtol) = _dense(world, dtype), TOLERANCE[dtype]
+    got = [{k: v.to(REFERENCE_DTYPE[dtype]) for k, v in r[(bidirectional, str(dtype))].items()}
+           for r in ranks]  # fmt: skip
     checks = {
         "loss": (sum(g["loss"] for g in got) / world, want["loss"]),
         "images": (torch.cat([g["images"] for g in got]) / world, want["images"]),
@@ -84,7 +97,11 @@ def _mismatches(world: int, ranks: list[dict], bidirectional: bool, dtype) -> li
         "scale": (sum(g["scale"] for g in got) / world, want["scale"]),
         "bias": (sum(g["bias"] for g in got) / world, want["bias"]),
     }
-    return [name for name, (a, b) in checks.items() if not torch.allclose(a, b, atol=tol, rtol=0)]
+    return [
+        name
+        for name, (a, b) in checks.items()
+        if not torch.allclose(a, b, atol=atol, rtol=0 if name == "loss" else rtol)
+    ]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -134,3 +151,13 @@ def test_unequal_local_batches_are_refused_on_every_rank(tmp_path):
             "equal local batches on every rank; they range from 2 to 3"
             in (tmp_path / f"rank{rank}.txt").read_text()
         )
+
+
+def test_bf16_embeddings_give_an_fp32_loss_and_gradients_in_their_own_dtype(tmp_path):
+    """The policy's dtypes, asserted rather than inferred from values."""
+    ranks = _run(2, tmp_path)
+    for bidirectional in (False, True):
+        for rank in ranks:
+            got = rank[(bidirectional, str(torch.bfloat16))]
+            assert got["loss"].dtype == torch.float32
+            assert {got[k].dtype for k in ("images", "texts", "scale", "bias")} == {torch.bfloat16}
