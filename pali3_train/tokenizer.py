@@ -89,12 +89,13 @@ class Tokenizer:
         truncated target still teaches the model to stop."""
         if max_len < 1:
             raise ValueError(f"max_len must be at least 1, got {max_len}")
-        ids = torch.full((len(texts), max_len), PAD_ID, dtype=torch.long)
-        mask = torch.zeros((len(texts), max_len), dtype=torch.bool)
+        # On the CPU, wherever the model is: tokenising is host work, its callers move batches.
+        ids = torch.full((len(texts), max_len), PAD_ID, dtype=torch.long, device="cpu")
+        mask = torch.zeros((len(texts), max_len), dtype=torch.bool, device="cpu")
         for row, text in enumerate(texts):
             tokens = self._sp.encode(text)[: max_len - 1 if add_eos else max_len]
             tokens += [EOS_ID] if add_eos else []
-            ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long, device="cpu")
             mask[row, : len(tokens)] = True
         return ids, mask
 

@@ -35,9 +35,9 @@ def zero_shot_accuracy(
         return {"accuracy": float("nan"), "chance": 1 / len(classes), "samples": 0.0}
     class_emb = embed_texts([template.format(name) for name in classes])
     predicted = (image_emb[keep].float() @ class_emb.float().T).argmax(1)
-    truth = torch.tensor([labels[i] for i in keep])
+    truth = torch.tensor([labels[i] for i in keep], device=predicted.device)
     return {
-        "accuracy": (predicted.cpu() == truth).float().mean().item(),
+        "accuracy": (predicted == truth).float().mean().item(),
         "chance": 1 / len(classes),
         "samples": float(len(keep)),
     }
