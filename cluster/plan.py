@@ -18,19 +18,20 @@ so a recommendation pasted into a config shows the same figures under ``launcher
 --dry-run``. A layout fits if (states + activations) x (1 + --fragmentation) + --reserve GiB
 (CUDA context, NCCL and DeepSpeed buffers) is at most --gpu-memory GiB.
 
-Step time is FLOPs over throughput: F x global batch / (GPUs x --peak-tflops x --mfu), F the FLOPs
-of one sample's forward and backward, counted by ``pali3_train.engine.flops`` running the stage's
-model on the meta device (no weights, a second or two); the trainer's logged ``mfu`` is the same
-count, so --mfu can be read off a real run. 6 x parameters x tokens would overcount this model
-~1.8x (5B, 224 px, all training): each tower sees its own tokens (ViT the patches, the UL2 encoder
-patches + prompt, the decoder the target); the counter also sees that frozen weights get no
-gradient (a frozen tower with nothing trainable before it, no backward at all), attention, and
-checkpointing's recompute, which is executed work (torch re-runs a block's forward until backward
-has what it needs). FLOPs split over TP ranks (a few replicated layers aside), so layouts differ in
-time by recompute only; communication is inside the assumed MFU. Among equally fast layouts the
-planner prefers the lower ZeRO stage (ZeRO-3 gathers every weight in each micro-step's forward and
-backward; ZeRO-2 reduces gradients every micro-step, ZeRO-1 once a step), then the smaller TP
-(activation all-reduces in every block, smaller matmuls), then fewer micro-steps.
+Step time is executed FLOPs over throughput: F x global batch / (GPUs x --peak-tflops x --hfu),
+F the hardware FLOPs of one sample's forward and backward (``pali3_train.engine.flops``, worked
+out from the config): the model FLOPs, plus activation checkpointing's recompute where a layout
+checkpoints. --hfu is the fraction of the peak the device executes, the trainer's logged ``hfu``
+(with checkpointing off it equals ``mfu``), so it can be read off a real run. 6 x parameters x
+tokens would overcount this model ~1.8x (5B, 224 px, all training): each tower sees its own
+tokens (ViT the patches, the UL2 encoder patches + prompt, the decoder the target), frozen
+weights get no gradient (a frozen tower with nothing trainable before it, no backward at all),
+and attention counts. FLOPs split over TP ranks (a few replicated layers aside), so layouts
+differ in time by recompute only; communication is inside the assumed HFU. Among equally fast
+layouts the planner prefers the lower ZeRO stage (ZeRO-3 gathers every weight in each
+micro-step's forward and backward; ZeRO-2 reduces gradients every micro-step, ZeRO-1 once a
+step), then the smaller TP (activation all-reduces in every block, smaller matmuls), then fewer
+micro-steps.
 
 Not checked here, for want of a GPU: measured memory. Run the recommendation a few steps and
 compare the trainer's ``memory_gib`` with the estimate.
@@ -46,12 +47,13 @@ from pali3_train.config import Config, ConfigError, add_overrides_option, load_c
 from pali3_train.config.schema import FieldError
 from pali3_train.engine.checks import check_stage_flag
 from pali3_train.engine.dry_run import build_plan
-from pali3_train.engine.flops import PEAK_BF16_FLOPS, count_flops_per_sample, with_checkpointing
+from pali3_train.engine.flops import SampleFlops
 from pali3_train.engine.memory import Count, GiB, ModelStates, RankParams
+from pali3_train.engine.peak import HOPPER_SXM
 from pali3_train.stages.curriculum import CURRICULUM
 from pali3_train.stages.registry import spec_for, stage_model
 
-PEAK_TFLOPS = PEAK_BF16_FLOPS["H100"] / 1e12  # H100/H200 dense bf16
+PEAK_TFLOPS = HOPPER_SXM["bf16"]  # H100 SXM / H200, dense bf16
 
 
 class PlanError(ValueError):
@@ -65,7 +67,7 @@ class Cluster:
     gpus: int
     gpu_memory_gib: float
     gpus_per_node: int = 8
-    mfu: float = 0.4
+    hfu: float = 0.4
     peak_tflops: float = PEAK_TFLOPS
     fragmentation: float = 0.10  # allocator fragmentation, on top of the estimate
     reserve_gib: float = 2.0  # CUDA context, NCCL and DeepSpeed communication buffers
@@ -123,7 +125,7 @@ class Search:
     cluster: Cluster
     layouts: list[Layout]
     skipped: dict[int, str]  # TP size -> why it cannot be used
-    flops: dict[bool, float]  # checkpointing -> FLOPs per sample
+    flops: SampleFlops  # one sample's
     modules: tuple[Count, ...]  # parameters per top-level module, as the dry run counts them
 
     @property
@@ -167,9 +169,8 @@ def search(cfg: Config, cluster: Cluster, where: str = "config") -> Search:
             raise PlanError(f"--global-batch: no layout splits it ({why}); multiples of {gpus} do")
         raise PlanError(f"no layout can be used: {why}")
 
-    flops = {False: count_flops_per_sample(model, cfg)}
-    flops[True] = count_flops_per_sample(with_checkpointing(model), cfg)  # same parameters
-    throughput = gpus * cluster.peak_tflops * 1e12 * cluster.mfu
+    flops = spec_for(cfg).flops(cfg)
+    throughput = gpus * cluster.peak_tflops * 1e12 * cluster.hfu
     found = []
     for (tp, zero, micro), plan in plans.items():
         for ckpt in (False, True):
@@ -177,7 +178,8 @@ def search(cfg: Config, cluster: Cluster, where: str = "config") -> Search:
             need = (plan.states.total + act) * (1 + cluster.fragmentation)
             found.append(
                 Layout(tp, plan.dp, zero, ckpt, micro, plan.accumulation, plan.rank, plan.states,
-                       act, need + cluster.reserve_gib * GiB, flops[ckpt] * batch / throughput)
+                       act, need + cluster.reserve_gib * GiB,
+                       flops.hardware(ckpt) * batch / throughput)
             )  # fmt: skip
     found.sort(key=lambda x: x.order)
     return Search(cfg, where, cluster, found, skipped, flops, plan.modules)
@@ -226,9 +228,10 @@ def format_report(found: Search, best: Layout, top: int = 8) -> str:
             if spec.accumulates
             else f" (accumulation 1: the {spec.objective} loss sees micro x DP pairs)"
         ),
-        f"time        {found.flops[False] / 1e12:.2f} TFLOP per sample (checkpointing: "
-        f"{found.flops[True] / 1e12:.2f}; FlopCounterMode on the meta device) at MFU "
-        f"{cluster.mfu:g} of {cluster.peak_tflops:g} TFLOP/s",
+        f"time        {found.flops.model / 1e12:.2f} TFLOP per sample (model FLOPs), "
+        f"{found.flops.hardware(True) / 1e12:.2f} with checkpointing's recompute",
+        f"            (hardware FLOPs, engine/flops.py) at HFU {cluster.hfu:g} of "
+        f"{cluster.peak_tflops:g} TFLOP/s",
         f"memory      engine/memory.py estimate x {1 + cluster.fragmentation:g} + "
         f"{cluster.reserve_gib:g} GiB reserve; {len(found.fitting)} of {len(found.layouts)} "
         "layouts fit",
@@ -311,20 +314,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, help="pixels (model.vit.image_size_px)")
     parser.add_argument("--prompt-tokens", type=int, help="data.max_prompt_tokens")
     parser.add_argument("--target-tokens", type=int, help="data.max_target_tokens")
-    parser.add_argument("--mfu", type=float, default=0.4, help="as the trainer logs it")
+    parser.add_argument(
+        "--hfu", type=float, default=0.4, help="hardware FLOPs utilisation, as the trainer logs it"
+    )
     parser.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS, help="per GPU, dense")
     parser.add_argument("--fragmentation", type=float, default=0.10, help="memory margin")
     parser.add_argument("--reserve", type=float, default=2.0, help="GiB kept free per GPU")
     parser.add_argument("--max-micro", type=int, default=256, help="largest micro-batch tried")
     add_overrides_option(parser)
     args = parser.parse_args(argv)
-    for name in ("gpus", "gpu_memory", "gpus_per_node", "mfu", "peak_tflops", "max_micro"):
+    for name in ("gpus", "gpu_memory", "gpus_per_node", "hfu", "peak_tflops", "max_micro"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0")
-    if args.mfu > 1:
-        parser.error("--mfu is a fraction of the peak, at most 1")
+    if args.hfu > 1:
+        parser.error("--hfu is a fraction of the peak, at most 1")
     cluster = Cluster(
-        args.gpus, args.gpu_memory, args.gpus_per_node, args.mfu, args.peak_tflops,
+        args.gpus, args.gpu_memory, args.gpus_per_node, args.hfu, args.peak_tflops,
         args.fragmentation, args.reserve, args.max_micro,
     )  # fmt: skip
     try:

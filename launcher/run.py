@@ -30,6 +30,7 @@ from pali3_train.config import Config, ConfigError, add_overrides_option, load_c
 from pali3_train.engine.checks import check_before_start, check_stage_flag
 from pali3_train.engine.distributed import DistEnv, init_distributed, read_env
 from pali3_train.engine.dry_run import dry_run
+from pali3_train.engine.peak import enable_tf32
 from pali3_train.stages.curriculum import CURRICULUM
 
 REFUSAL_GRACE_S = 3.0  # how long a refusing rank waits for its peers' refusals before exiting
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from pali3_train.parallel import ParallelDims, destroy_model_parallel, init_model_parallel
 
     device = init_distributed(env)
+    enable_tf32(device)  # fp32 runs' matmuls on tensor cores (their MFU then uses TF32's peak)
     dims = ParallelDims(env.world_size, cfg.parallel.tensor_parallel_size)
     init_model_parallel(dims)
     try:

@@ -17,6 +17,7 @@ from torch import nn
 from pali3_train.config import Config, ConfigError
 from pali3_train.engine.checks import check_data, check_layout, check_resume
 from pali3_train.engine.deepspeed_config import deepspeed_config
+from pali3_train.engine.flops import SampleFlops
 from pali3_train.engine.memory import (
     BYTES,
     Activations,
@@ -51,6 +52,10 @@ class Plan:
     @property
     def tokens_per_sample(self) -> dict[str, int]:
         return spec_for(self.cfg).tokens_per_sample(self.cfg)
+
+    @property
+    def flops(self) -> SampleFlops:
+        return spec_for(self.cfg).flops(self.cfg)
 
     @property
     def activation_bytes(self) -> float:
@@ -111,6 +116,11 @@ def _m(n: float) -> str:
     return f"{n / 1e6:,.1f}M"
 
 
+def _flop(n: float) -> str:
+    scale, unit = (1e12, "T") if n >= 1e12 else (1e9, "G") if n >= 1e9 else (1e6, "M")
+    return f"{n / scale:,.2f} {unit}FLOP"
+
+
 def format_plan(plan: Plan, data: str, resume: str) -> str:
     """The plan as text of about 30-40 lines."""
     cfg, tp, dp, world, g = plan.cfg, plan.tp, plan.dp, plan.world_size, plan.gpus_per_node
@@ -131,6 +141,7 @@ def format_plan(plan: Plan, data: str, resume: str) -> str:
     init = cfg.stage.init_from
     missing = "" if init is None or Path(init).is_file() else " (not there yet)"
     frozen = ", ".join(cfg.stage.freeze) or "nothing"
+    flops = plan.flops
     lines = [
         f"dry run of {_stage_title(cfg)}: {plan.config} (nothing started)",
         f"layout      world {world} = TP {tp} x DP {dp}; {nodes}",
@@ -144,6 +155,10 @@ def format_plan(plan: Plan, data: str, resume: str) -> str:
         f"training    {train.steps:,} steps, {train.precision}, ZeRO-{par.zero_stage}, "
         f"activation checkpointing {'on' if par.activation_checkpointing else 'off'}, "
         f"frozen: {frozen}",
+        f"flops       {_flop(flops.model)} per sample, forward + backward: model FLOPs (MFU's)",
+        f"            {_flop(flops.hardware(True))} "
+        + ("executed" if par.activation_checkpointing else "if checkpointing were on")
+        + ", with its recompute: hardware FLOPs (HFU's; engine/flops.py)",
         f"init from   {init}{missing}" if init else "init from   nothing (stage.init_from: null)",
         f"parameters  {'total':>16}{'trainable':>16}{'frozen':>16}",
     ]

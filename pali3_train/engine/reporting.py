@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import subprocess
 import sys
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from pali3_train.config import Config, dump_config, flatten_config
@@ -85,13 +83,6 @@ class RunReport:
         curve = self.run_dir / "loss.png"
         if plot_loss_curves({title: self.run_dir / "metrics.jsonl"}, curve):
             self.tracker.log_artifact(curve)
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    """Peak allocated device memory; on CPU the process's peak resident set."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _append_jsonl(path: Path, row: dict) -> None:

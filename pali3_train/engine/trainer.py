@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,8 +29,9 @@ from pali3_train.engine.deepspeed_config import accumulation_steps
 from pali3_train.engine.device_guard import device_guard
 from pali3_train.engine.distributed import DistEnv, all_ranks_agree
 from pali3_train.engine.export import export_final
-from pali3_train.engine.flops import flops_per_sample, peak_flops
-from pali3_train.engine.reporting import RunReport, peak_memory_gib
+from pali3_train.engine.peak import device_peak_flops
+from pali3_train.engine.reporting import RunReport
+from pali3_train.engine.step_memory import peak_memory_gib, reset_peak_memory
 from pali3_train.eval.evaluator import EvalContext, evaluate
 from pali3_train.parallel import ParallelDims, dp_group, dp_rank, dp_size
 from pali3_train.precision import compute_dtype
@@ -75,7 +77,7 @@ class Trainer:
         self.compute_loss = self.spec.loss
         self.ckpt_root = Path(cfg.checkpoint_dir)
         self.accum = accumulation_steps(cfg, dims.dp)
-        self.flops_per_sample = flops_per_sample(cfg)
+        self.flops_per_sample = self.spec.flops(cfg)
         self.stop_requested = False
         self.guard = device_guard(device)  # PALI3_DEVICE_GUARD=1: device bugs fail on CPU too
 
@@ -174,7 +176,8 @@ class Trainer:
 
     def train_step(self, batches) -> dict[str, float]:
         """One optimizer step: ``accum`` micro-batches with a finite loss on every rank."""
-        start, losses, tokens, good = time.perf_counter(), [], 0, 0
+        reset_peak_memory(self.device)
+        start, losses, tokens, good = time.perf_counter(), [], Counter(), 0
         lr = self.engine.get_lr()[0]  # the scheduler moves on at the step's last micro-batch
         while good < self.accum:
             batch = next(batches)
@@ -182,7 +185,7 @@ class Trainer:
             if loss is None:
                 continue
             losses.append(loss)
-            tokens += self.spec.batch_tokens(batch)
+            tokens.update(self.spec.batch_tokens(self.cfg, batch))
             good += 1
         self.progress.bad_in_a_row = 0
         self.progress.step += 1
@@ -230,27 +233,34 @@ class Trainer:
         )
 
     def _step_metrics(
-        self, loss: torch.Tensor, tokens: int, lr: float, seconds: float
+        self, loss: torch.Tensor, tokens: Counter, lr: float, seconds: float
     ) -> dict[str, float]:
-        count = torch.tensor(float(tokens), device=self.device)
-        stats = torch.stack([loss.float(), count])
+        """The step's metrics. ``memory_gib``: this step's peak on this rank (``step_memory``);
+        ``tflops_per_device`` and ``mfu``: model FLOPs, ``hfu``: hardware FLOPs, which add
+        activation checkpointing's recompute (``engine.flops``); MFU and HFU only on a device
+        whose peak is known (``engine.peak``)."""
+        counts = [float(tokens["visual"]), float(tokens["text"])]
+        stats = torch.cat([loss.float().reshape(1), torch.tensor(counts, device=self.device)])
         dist.all_reduce(stats)  # loss: mean over ranks; tokens: sum (TP peers count twice)
         world, batch = self.env.world_size, self.cfg.train.global_batch_size
-        flops = self.flops_per_sample * batch / seconds  # all devices together
+        per_device = batch / seconds / world  # samples per second
+        flops, checkpointing = self.flops_per_sample, self.cfg.parallel.activation_checkpointing
         metrics = {
             "loss": stats[0].item() / world,
             "lr": lr,
             "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
             "samples_per_s": batch / seconds,
-            "tokens_per_s": stats[1].item() / self.dims.tp / seconds,
+            "visual_tokens_per_s": stats[1].item() / self.dims.tp / seconds,
+            "text_tokens_per_s": stats[2].item() / self.dims.tp / seconds,
             "step_time_s": seconds,
-            "memory_gib": peak_memory_gib(self.device),
-            "tflops_per_device": flops / world / 1e12,
+            **peak_memory_gib(self.device),
+            "tflops_per_device": flops.model * per_device / 1e12,
             "bad_losses": float(self.progress.bad_losses),
         }
-        peak = peak_flops(self.device)
+        peak = device_peak_flops(self.device, self.cfg.train.precision)
         if peak:
-            metrics["mfu"] = flops / (peak * world)
+            metrics["mfu"] = flops.model * per_device / peak
+            metrics["hfu"] = flops.hardware(checkpointing) * per_device / peak
         return metrics | self.spec.step_metrics(self.engine.module, self.cfg, seconds)
 
     # ------------------------------------------------------------- evaluation, export, saving

@@ -12,12 +12,13 @@ from data_pipeline.transforms import Batch
 from pali3_train.config import Config, ConfigError
 from pali3_train.config.schema import DataConfig, EvalConfig
 from pali3_train.convert.safetensors_io import StateDict
+from pali3_train.engine.flops import SampleFlops, Tally, map_head, text_tower, vit
 from pali3_train.engine.memory import Activations, tower, trains
 from pali3_train.eval.embeddings import EmbeddingEvaluator
 from pali3_train.eval.evaluator import EvalContext, Evaluator, held_out
 from pali3_train.losses.siglip_ring import ring_sigmoid_loss
 from pali3_train.models import SigLIP
-from pali3_train.stages.spec import StageSpec
+from pali3_train.stages.spec import StageSpec, visual_tokens
 
 EXPORT_KIND = "siglip"
 
@@ -42,19 +43,23 @@ def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     return model(batch.images, batch.target)
 
 
-def planning_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Both towers and a stand-in for the pairs: the sigmoid loss's micro x DP pairs cost
-    2 x width FLOPs each, well under 0.1% of a sample."""
-    image_emb, text_emb = model.embed_images(batch.images), model.embed_texts(batch.target)
-    return (image_emb @ text_emb.T).sum()
+def flops(cfg: Config) -> SampleFlops:
+    """Both towers, and the sigmoid loss's logits: each image against every text of the global
+    batch (micro x DP, accumulation being 1), 2 x width FLOPs a pair."""
+    t, vit_cfg = Tally(cfg.stage.freeze), cfg.model.vit
+    image = map_head(t, "image_head", vit_cfg, vit(t, "image", vit_cfg))
+    text = text_tower(t, "text", cfg.model.text, cfg.data.max_target_tokens, vit_cfg.width)
+    t.product(2 * vit_cfg.width * cfg.train.global_batch_size, image, text)
+    return t.result()
 
 
 def tokens_per_sample(cfg: Config) -> dict[str, int]:
     return {"image": cfg.model.vit.num_patches, "text": cfg.data.max_target_tokens}
 
 
-def batch_tokens(batch: Batch) -> int:
-    return int(batch.target_mask.sum())
+def batch_tokens(cfg: Config, batch: Batch) -> dict[str, int]:
+    """Captions are the text side: their real (unpadded) tokens."""
+    return {"visual": visual_tokens(cfg, batch), "text": int(batch.target_mask.sum())}
 
 
 def step_metrics(model: nn.Module, cfg: Config, seconds: float) -> dict[str, float]:
@@ -132,7 +137,7 @@ CONTRASTIVE = StageSpec(
     export_kind=EXPORT_KIND,
     build_model=ContrastiveSigLIP,
     loss=loss,
-    planning_loss=planning_loss,
+    flops=flops,
     tokens_per_sample=tokens_per_sample,
     batch_tokens=batch_tokens,
     step_metrics=step_metrics,

@@ -10,12 +10,13 @@ from torch import nn
 from data_pipeline.transforms import Batch
 from pali3_train.config import Config, ConfigError
 from pali3_train.convert.rename import StateDict, add_prefix, strip_prefix
+from pali3_train.engine.flops import SampleFlops, Tally, ul2, vit
 from pali3_train.engine.memory import BYTES, Activations, tower, trains
 from pali3_train.eval.answers import AnswerEvaluator
 from pali3_train.eval.evaluator import EvalContext, Evaluator, held_out
 from pali3_train.models import PaLI3
 from pali3_train.stages.contrastive import EXPORT_KIND as SIGLIP_KIND
-from pali3_train.stages.spec import StageSpec
+from pali3_train.stages.spec import StageSpec, visual_tokens
 
 EXPORT_KIND = "pali3"
 
@@ -35,8 +36,20 @@ def tokens_per_sample(cfg: Config) -> dict[str, int]:
     }
 
 
-def batch_tokens(batch: Batch) -> int:
-    return int(batch.prompt_mask.sum() + batch.target_mask.sum())
+def batch_tokens(cfg: Config, batch: Batch) -> dict[str, int]:
+    """The text side is the real (unpadded) prompt and target tokens."""
+    text = int(batch.prompt_mask.sum() + batch.target_mask.sum())
+    return {"visual": visual_tokens(cfg, batch), "text": text}
+
+
+def flops(cfg: Config) -> SampleFlops:
+    """The ViT over the patches, the projection, UL2 over patches + prompt and the target."""
+    t, vit_cfg, ul2_cfg, data = Tally(cfg.stage.freeze), cfg.model.vit, cfg.model.ul2, cfg.data
+    patches = vit_cfg.num_patches
+    visual = t.linear("projection", vit(t, "vit", vit_cfg), patches, vit_cfg.width,
+                      ul2_cfg.d_model, bias=True)  # fmt: skip
+    ul2(t, "ul2", ul2_cfg, visual, patches, data.max_prompt_tokens, data.max_target_tokens)
+    return t.result()
 
 
 def step_metrics(model: nn.Module, cfg: Config, seconds: float) -> dict[str, float]:
@@ -112,7 +125,7 @@ GENERATIVE = StageSpec(
     export_kind=EXPORT_KIND,
     build_model=PaLI3,
     loss=loss,
-    planning_loss=loss,
+    flops=flops,
     tokens_per_sample=tokens_per_sample,
     batch_tokens=batch_tokens,
     step_metrics=step_metrics,

@@ -19,6 +19,7 @@ from pali3_train.config import Config, ModelConfig
 from pali3_train.convert.safetensors_io import StateDict
 
 if TYPE_CHECKING:
+    from pali3_train.engine.flops import SampleFlops
     from pali3_train.engine.memory import Activations
     from pali3_train.eval.evaluator import EvalContext, Evaluator
 
@@ -32,13 +33,12 @@ class StageSpec:
     build_model: Callable[[ModelConfig], nn.Module]
     # The training loss of one model-ready micro-batch (images normalised, on the device).
     loss: Callable[[nn.Module, Batch], torch.Tensor]
-    # The same work without process groups, for FLOP counting on the meta device (the planner
-    # and the trainer's MFU); differs from ``loss`` only where a loss needs collectives.
-    planning_loss: Callable[[nn.Module, Batch], torch.Tensor]
+    # FLOPs of one sample (``engine.flops``): the trainer's MFU and HFU, the planner's step time.
+    flops: Callable[[Config], "SampleFlops"]
     # Tokens per sample by tower input ({"image": 256, "text": 64}): the dry run, the planner.
     tokens_per_sample: Callable[[Config], dict[str, int]]
-    # Tokens a micro-batch feeds the text side (the trainer's tokens/s).
-    batch_tokens: Callable[[Batch], int]
+    # Tokens a micro-batch feeds the model, {"visual": ..., "text": ...} (the trainer's tokens/s).
+    batch_tokens: Callable[[Config, Batch], dict[str, int]]
     # Metrics logged each step besides the engine's (SigLIP's temperature and bias).
     step_metrics: Callable[[nn.Module, Config, float], dict[str, float]]
     # The held-out evaluators of ``cfg.eval`` for this objective.
@@ -53,3 +53,8 @@ class StageSpec:
     # False: gradient accumulation is refused (SigLIP's loss needs the whole contrastive batch
     # in one micro-step); the planner then keeps accumulation 1.
     accumulates: bool = True
+
+
+def visual_tokens(cfg: Config, batch: Batch) -> int:
+    """Patch tokens the ViT sees in ``batch``: every image is cut into the config's grid."""
+    return len(batch.images) * cfg.model.vit.num_patches

@@ -113,7 +113,8 @@ def test_parameter_counts_are_the_meta_devices(stage1, stage2):
 
 def test_flops_are_counted_per_tower_and_see_the_frozen_vit(stage1, stage2):
     """F is counted, not 6 x parameters x tokens: each tower sees its own tokens, a frozen tower
-    with nothing trainable before it has no backward, and recompute is executed work."""
+    with nothing trainable before it has no backward, and recompute is executed work (hardware
+    FLOPs), which the step time is made of."""
     cfg, model = stage2.cfg, _meta_pali3(stage2.cfg)
     patches, prompt, target = cfg.model.vit.num_patches, 64, 64
     vit, ul2 = count(model.vit), model.ul2
@@ -122,16 +123,18 @@ def test_flops_are_counted_per_tower_and_see_the_frozen_vit(stage1, stage2):
         + count(ul2.encoder_layers) * (patches + prompt)
         + (count(ul2.decoder_layers) + count(ul2.lm_head)) * target
     )
-    everything = stage2.flops[False]
+    everything = stage2.flops.model
     assert 1.0 < everything / per_tower < 1.1  # attention and cross-attention K/V on top
     assert 6 * count(model) * (patches + prompt + target) > 1.7 * everything  # the naive formula
     # Freezing the ViT saves its backward: input and weight gradients, 4 x parameters x patches.
-    assert (everything - stage1.flops[False]) / (4 * vit * patches) == pytest.approx(1, abs=0.05)
+    assert (everything - stage1.flops.model) / (4 * vit * patches) == pytest.approx(1, abs=0.05)
     # Checkpointing recomputes at most one forward (torch stops once backward has its inputs).
     for found in (stage1, stage2):
-        assert 0 < found.flops[True] - found.flops[False] < found.flops[False] / 3
-    step = everything * 1024 / (64 * 989e12 * 0.4)
-    assert _layout(stage2, 1, 1).step_s == pytest.approx(step)
+        assert found.flops.hardware(False) == found.flops.model
+        assert 0 < found.flops.hardware(True) - found.flops.model < found.flops.model / 3
+    for layout in (x for x in stage2.layouts if (x.tp, x.zero) == (1, 1)):
+        step = stage2.flops.hardware(layout.checkpointing) * 1024 / (64 * 989.4e12 * 0.4)
+        assert layout.step_s == pytest.approx(step)
 
 
 # -------------------------------------------------------------------------- recommendation

@@ -189,8 +189,8 @@ def test_runs_are_tracked_in_mlflow_and_a_resumed_run_continues_the_same_run(
     assert sorted({m.step for m in history}) == [1, 2, 3, 4, 5, 6]
     expected = _losses(run_dir)
     assert all(m.value == pytest.approx(expected[m.step]) for m in history)
-    for metric in ("lr", "grad_norm", "samples_per_s", "tokens_per_s", "step_time_s",
-                   "memory_gib", "tflops_per_device"):  # fmt: skip
+    for metric in ("lr", "grad_norm", "samples_per_s", "visual_tokens_per_s", "text_tokens_per_s",
+                   "step_time_s", "memory_gib", "tflops_per_device"):  # fmt: skip
         assert len(client.get_metric_history(run.info.run_id, metric)) >= 6, metric
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "loss.png"} <= artifacts

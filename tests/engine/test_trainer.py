@@ -84,3 +84,32 @@ def test_the_training_data_pipeline_is_built_once_per_run(make_trainer, monkeypa
     trainer = make_trainer(train={"steps": 2})
     assert trainer.run() == 0
     assert built.count("train") == 1
+
+
+def test_a_steps_metrics_split_tokens_and_separate_model_from_hardware_flops(
+    make_trainer, monkeypatch
+):
+    """Visual tokens are every image's patches, text tokens the real prompt and target tokens;
+    TFLOP/s and MFU count model FLOPs, HFU adds checkpointing's recompute (a peak of 1 TFLOP/s
+    stands in for a known device)."""
+    monkeypatch.setattr("pali3_train.engine.trainer.device_peak_flops", lambda *_: 1e12)
+    trainer = make_trainer(parallel={"zero_stage": 2, "activation_checkpointing": True})
+    real, seen = trainer.compute_loss, []
+
+    def recording(model, batch):
+        seen.append(batch)
+        return real(model, batch)
+
+    trainer.compute_loss = recording
+    metrics = trainer.train_step(iter(trainer.data))
+    seconds, flops = metrics["step_time_s"], trainer.flops_per_sample
+    patches = trainer.cfg.model.vit.num_patches
+    text = sum(int(b.prompt_mask.sum() + b.target_mask.sum()) for b in seen)
+    assert metrics["visual_tokens_per_s"] * seconds == pytest.approx(8 * patches)
+    assert metrics["text_tokens_per_s"] * seconds == pytest.approx(text)
+    assert text < sum(b.prompt_mask.numel() + b.target_mask.numel() for b in seen)  # no padding
+    samples_per_s = 8 / seconds  # one device
+    assert metrics["tflops_per_device"] == pytest.approx(flops.model * samples_per_s / 1e12)
+    assert metrics["mfu"] == pytest.approx(flops.model * samples_per_s / 1e12)
+    assert metrics["hfu"] == pytest.approx((flops.model + flops.recompute) * samples_per_s / 1e12)
+    assert metrics["hfu"] > metrics["mfu"] and metrics["memory_gib"] > 0
