@@ -96,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     from pali3_train.engine.trainer import EXIT_FAILED, Trainer, TrainingError
     from pali3_train.parallel import ParallelDims, destroy_model_parallel, init_model_parallel
 
-    device = init_distributed(env)
+    device = init_distributed(env, cfg.parallel.collective_timeout_s)
     enable_tf32(device)  # fp32 runs' matmuls on tensor cores (their MFU then uses TF32's peak)
     dims = ParallelDims(env.world_size, cfg.parallel.tensor_parallel_size)
-    init_model_parallel(dims)
+    init_model_parallel(dims, cfg.parallel.collective_timeout_s)
     try:
         trainer = Trainer(cfg, env, device, dims, args.resume)
         return trainer.evaluate_only() if args.eval_only else trainer.run()

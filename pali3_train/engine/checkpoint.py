@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pali3_train.engine.distributed import on_main_rank
+
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE.json"
@@ -119,15 +121,19 @@ def save(engine, root: Path, meta: CheckpointMeta, rank_state: dict, keep_last: 
     engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
     _write_json(tmp / f"rank{rank:05d}.json", rank_state)
     dist.barrier()
-    if rank == 0:
-        write_meta(tmp, meta)
-        _write_json(tmp / COMPLETE, {"files": _sizes(tmp)})
-        shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step replaces it
-        os.replace(tmp, final)
-        _point_latest(root, final.name)
-        _prune(root, keep_last)
-    dist.barrier()
+    on_main_rank(lambda: _publish(tmp, final, meta, keep_last), f"publish {final}")
     return final
+
+
+def _publish(tmp: Path, final: Path, meta: CheckpointMeta, keep_last: int) -> None:
+    """Rank 0, once every rank has written its part: list the files, move the folder into
+    place, point ``latest`` at it and prune (on a parallel file system, minutes for a 5B run)."""
+    write_meta(tmp, meta)
+    _write_json(tmp / COMPLETE, {"files": _sizes(tmp)})
+    shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step replaces it
+    os.replace(tmp, final)
+    _point_latest(final.parent, final.name)
+    _prune(final.parent, keep_last)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -214,32 +220,36 @@ def resolve(resume: str, root: Path) -> Path | None:
 def convert_to_universal(path: Path) -> None:
     """Collective. DeepSpeed's ZeRO shards belong to the data-parallel size that wrote them; its
     universal format (one file per parameter and optimizer state) loads onto any. Rank 0
-    converts once per checkpoint, into ``universal/``, atomically like the rest."""
-    if dist.get_rank() == 0 and not (path / UNIVERSAL_TAG).is_dir():
-        tmp = path / f".tmp-{UNIVERSAL_TAG}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        command = [
-            sys.executable,
-            "-m",
-            "deepspeed.checkpoint.ds_to_universal",
-            "--input_folder",
-            str(path / ENGINE_TAG),
-            "--output_folder",
-            str(tmp),
-            "--num_extract_workers",
-            "1",
-            "--num_merge_workers",
-            "1",
-            "--inject_missing_state",
-        ]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode:
-            raise CheckpointError(
-                f"{path}: conversion to DeepSpeed's universal format failed:\n"
-                f"{result.stderr[-2000:]}"
-            )
-        os.replace(tmp, path / UNIVERSAL_TAG)
-    dist.barrier()
+    converts once per checkpoint, into ``universal/``, atomically like the rest, while the
+    others wait outside any collective (``on_main_rank``: a 5B conversion takes minutes)."""
+    on_main_rank(lambda: _convert(path), f"convert {path} to the universal format")
+
+
+def _convert(path: Path) -> None:
+    if (path / UNIVERSAL_TAG).is_dir():  # decided by rank 0 alone: one view of the folder
+        return
+    tmp = path / f".tmp-{UNIVERSAL_TAG}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    command = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(path / ENGINE_TAG),
+        "--output_folder",
+        str(tmp),
+        "--num_extract_workers",
+        "1",
+        "--num_merge_workers",
+        "1",
+        "--inject_missing_state",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        raise CheckpointError(
+            f"{path}: conversion to DeepSpeed's universal format failed:\n{result.stderr[-2000:]}"
+        )
+    os.replace(tmp, path / UNIVERSAL_TAG)
 
 
 def load_options(reshard: bool) -> dict:

@@ -3,16 +3,30 @@ plain ``python`` (one process).
 
 The launcher is the only code that reads RANK/WORLD_SIZE and friends; everything below it gets
 a ``DistEnv`` and process groups.
+
+Timeouts. Every collective fails after ``parallel.collective_timeout_s`` (on GPUs NCCL's watchdog
+aborts the job), so no rank may sit in a collective while rank 0 alone does long work (a
+checkpoint's conversion, the final export): ``on_main_rank`` runs such work while the other
+ranks wait on a separate CPU group whose timeout is hours, not the collective timeout.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
+# How long ranks wait for work that rank 0 does alone (a 5B checkpoint's conversion to the
+# universal format reads and writes every tensor once: minutes, on a slow file system an hour).
+MAIN_RANK_WORK_TIMEOUT = timedelta(hours=6)
+_main_rank_wait: dist.ProcessGroup | None = None  # gloo, created with the default group
 
 
 @dataclass(frozen=True)
@@ -39,14 +53,17 @@ def read_env() -> DistEnv:
     return DistEnv(0, 1, 0)
 
 
-def init_distributed(env: DistEnv) -> torch.device:
-    """Start the default process group (NCCL on GPUs, gloo on CPU) and pick this rank's device."""
+def init_distributed(env: DistEnv, timeout_s: float = 1800.0) -> torch.device:
+    """Start the default process group (NCCL on GPUs, bound to this rank's device at once;
+    gloo on CPU) with collectives timing out after ``timeout_s``, and the CPU group that
+    ``on_main_rank`` waits on. Returns this rank's device."""
+    global _main_rank_wait
     if torch.cuda.is_available():
         device = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(device)
-        backend = "nccl"
+        backend, bound = "nccl", {"device_id": device}
     else:
-        device, backend = torch.device("cpu"), "gloo"
+        device, backend, bound = torch.device("cpu"), "gloo", {}
     if env.world_size == 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
@@ -57,7 +74,9 @@ def init_distributed(env: DistEnv) -> torch.device:
         ("LOCAL_RANK", env.local_rank),
     ):
         os.environ.setdefault(name, str(value))
-    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size)
+    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
+                            timeout=timedelta(seconds=timeout_s), **bound)  # fmt: skip
+    _main_rank_wait = dist.new_group(backend="gloo", timeout=MAIN_RANK_WORK_TIMEOUT)
     return device
 
 
@@ -73,3 +92,23 @@ def all_ranks_agree(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def on_main_rank(work: Callable[[], T], what: str) -> T | None:
+    """Collective. Rank 0 runs ``work`` (its result is returned there, None elsewhere) while the
+    others wait on a gloo group with ``MAIN_RANK_WORK_TIMEOUT``: no NCCL collective is pending,
+    so however long the work takes, no watchdog fires. If it fails on rank 0, every rank raises."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return work()
+    failed, result = torch.zeros(1, dtype=torch.uint8, device="cpu"), None
+    if dist.get_rank() == 0:
+        try:
+            result = work()
+        except BaseException:
+            failed.fill_(1)
+            dist.broadcast(failed, src=0, group=_main_rank_wait)
+            raise
+    dist.broadcast(failed, src=0, group=_main_rank_wait)
+    if failed.item():
+        raise RuntimeError(f"rank 0 failed to {what} (its log says why)")
+    return result

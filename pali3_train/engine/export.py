@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from pali3_train.config import Config, config_from_dict, to_dict
@@ -26,6 +25,7 @@ from pali3_train.engine.checkpoint import (
     read_meta,
     verify,
 )
+from pali3_train.engine.distributed import on_main_rank
 from pali3_train.stages.registry import spec_for
 
 
@@ -68,7 +68,7 @@ def save_export(state: StateDict, out: str | Path, cfg: Config, step: int) -> Pa
     return Path(out)
 
 
-def export_final(engine, cfg: Config, step: int, is_main: bool) -> Path:
+def export_final(engine, cfg: Config, step: int) -> Path:
     """Collective. The final weights as ``<run_dir>/model.safetensors``, which the next stage's
     ``stage.init_from`` names. Without tensor parallelism they are consolidated from the last
     checkpoint (fp32 master weights under ZeRO); with it, the live shards are gathered over the
@@ -76,11 +76,9 @@ def export_final(engine, cfg: Config, step: int, is_main: bool) -> Path:
     out = Path(cfg.run_dir) / "model.safetensors"
     if cfg.parallel.tensor_parallel_size > 1:
         state = _gather_weights(engine.module, cfg.parallel.zero_stage)
-        if is_main:
-            save_export(state, out, cfg, step)
-    elif is_main:
-        export(find_latest(Path(cfg.checkpoint_dir)), out)
-    dist.barrier()
+        on_main_rank(lambda: save_export(state, out, cfg, step), f"write {out}")
+    else:  # consolidating a 5B checkpoint takes minutes: the others wait outside collectives
+        on_main_rank(lambda: export(find_latest(Path(cfg.checkpoint_dir)), out), f"write {out}")
     return out
 
 

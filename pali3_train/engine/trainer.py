@@ -280,7 +280,7 @@ class Trainer:
         return EXIT_OK
 
     def export_weights(self) -> None:
-        out = export_final(self.engine, self.cfg, self.progress.step, self.env.is_main)
+        out = export_final(self.engine, self.cfg, self.progress.step)
         if self.env.is_main:
             self.tracker.set_tags({"exported_weights": str(out.resolve())})
             log.info("exported step %d to %s", self.progress.step, out)

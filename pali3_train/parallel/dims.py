@@ -46,10 +46,10 @@ class ParallelDims:
         return self.world_size // self.tp
 
 
-def init_model_parallel(dims: ParallelDims) -> None:
-    """Build megatron-core's TP and DP groups. Call on every rank after
-    ``torch.distributed.init_process_group`` (gloo on CPU; nccl on GPU, after
-    ``torch.cuda.set_device``)."""
+def init_model_parallel(dims: ParallelDims, timeout_s: float = 1800.0) -> None:
+    """Build megatron-core's TP and DP groups, their collectives timing out after ``timeout_s``
+    like the default group's. Call on every rank after ``torch.distributed.init_process_group``
+    (gloo on CPU; nccl on GPU, after ``torch.cuda.set_device``)."""
     if not dist.is_initialized():
         raise RuntimeError("initialise torch.distributed before init_model_parallel")
     if dist.get_world_size() != dims.world_size:
@@ -59,7 +59,10 @@ def init_model_parallel(dims: ParallelDims) -> None:
         )
     if parallel_state.model_parallel_is_initialized():
         raise RuntimeError("model parallel groups already exist; call destroy_model_parallel()")
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=dims.tp)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=dims.tp,
+        distributed_timeout_minutes=max(1, round(timeout_s / 60)),
+    )
     if not torch.cuda.is_available():
         _install_cpu_shims()
 
