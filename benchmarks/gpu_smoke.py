@@ -460,8 +460,9 @@ def write_config(smoke: Smoke, name: str, config: dict) -> Path:
 
 
 def tiny_stage_config(smoke: Smoke, corpus: DemoCorpus, stage: str) -> Path:
-    """Stage ``stage``'s tiny recipe on the smoke corpus (stage 0: its captions, as the recipe)."""
-    sources = [s for s in corpus.sources() if stage != "0" or s.task == "caption"]
+    """Stage ``stage``'s tiny recipe on the smoke corpus's sources of the same names."""
+    wanted = {s.name for s in load_config(ROOT / CURRICULUM[stage].recipe).data.sources}
+    sources = [s for s in corpus.sources() if s.name in wanted]
     name = f"stage{stage}"
     run = short_run(smoke, name, batch=8)
     config = {
