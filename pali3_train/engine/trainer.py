@@ -280,7 +280,8 @@ class Trainer:
         return EXIT_OK
 
     def export_weights(self) -> None:
-        out = export_final(self.engine, self.cfg, self.progress.step)
+        with self.guard:
+            out = export_final(self.engine, self.cfg, self.progress.step)
         if self.env.is_main:
             self.tracker.set_tags({"exported_weights": str(out.resolve())})
             log.info("exported step %d to %s", self.progress.step, out)
@@ -298,6 +299,7 @@ class Trainer:
             config=to_dict(self.cfg),
         )
         rank_state = {"rng": checkpoint.rng_state(), "data": self.data.state_dict()}
-        checkpoint.save(
-            self.engine, self.ckpt_root, meta, rank_state, self.cfg.checkpoint.keep_last
-        )
+        with self.guard:
+            checkpoint.save(
+                self.engine, self.ckpt_root, meta, rank_state, self.cfg.checkpoint.keep_last
+            )
