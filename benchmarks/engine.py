@@ -410,7 +410,10 @@ def main() -> None:
         results.append(measure(layout, work, args.nproc))
         print(f"{layout.name}: {time.perf_counter() - start:.0f} s", flush=True)
     notes = [rss_note(results), loss_note(results)]
-    report = "\n".join([header(work, args.nproc), "", *table(results), "", *notes])
+    command = " ".join(["python -m benchmarks.engine", *sys.argv[1:]])
+    report = "\n".join(
+        [f"`{command}`", "", header(work, args.nproc), "", *table(results), "", *notes]
+    )
     print("\n" + report)
     if args.out:
         Path(args.out).write_text(report + "\n")

@@ -25,6 +25,7 @@ from pali3_train.config.schema import (
     TrainConfig,
     UL2Config,
     ViTConfig,
+    ZeroConfig,
     ZeroShotConfig,
 )
 
@@ -43,6 +44,7 @@ __all__ = [
     "TrainConfig",
     "UL2Config",
     "ViTConfig",
+    "ZeroConfig",
     "ZeroShotConfig",
     "add_overrides_option",
     "config_from_dict",

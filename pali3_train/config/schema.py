@@ -272,6 +272,76 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ZeroConfig:
+    """DeepSpeed ZeRO's buffer and scheduling knobs, in parameter elements (not bytes). ``null``:
+    derived from the model's width h, the largest of model.vit.width, model.text.width and
+    model.ul2.d_model (``engine/deepspeed_config.py``), by the rules of DeepSpeed's autotuner
+    (and HF's "auto") where it has one: DeepSpeed's fixed defaults (5e8-element buckets, 1e9 live
+    parameters) suit models far wider than most and, on a smaller one, hold memory for nothing.
+    The stage3_* knobs matter under ZeRO-3 only."""
+
+    # Gradient elements reduced per collective; with contiguous_gradients, also the size of the
+    # buffer they are copied into (DeepSpeed's 5e8 is a 2 GB fp32 buffer). null: h*h.
+    reduce_bucket_size: int | None = None
+    # ZeRO-1/2: updated parameter elements all-gathered per collective after a step (used only
+    # where torch lacks all_gather_into_tensor). Even. null: h*h, rounded up to even.
+    allgather_bucket_size: int | None = None
+    # Parameter elements gathered ahead of their use. null: int(0.9*h*h).
+    stage3_prefetch_bucket_size: int | None = None
+    # Parameters smaller than this stay whole on every rank (norms, biases): no gather for them,
+    # at the cost of their memory. null: 10*h (DeepSpeed's own default is 1e5).
+    stage3_param_persistence_threshold: int | None = None
+    # Most gathered elements a rank keeps at once; it caps prefetching. null: 12*h*h, one
+    # transformer layer of width h (4h*h in attention, 8h*h in the feed-forward).
+    stage3_max_live_parameters: int | None = None
+    # A gathered parameter used again within this many elements stays gathered. DeepSpeed's 1e9
+    # keeps a model under 1B gathered from its forward use to its backward use, i.e. whole on
+    # every rank. null: 12*h*h, one layer (activation checkpointing's recompute reuses a gather).
+    stage3_max_reuse_distance: int | None = None
+    # ZeRO-3: the optimizer steps a rank's partition in tiles of this many elements; each tile's
+    # fp32 gradient copy and the optimizer's temporaries are that large (DeepSpeed's 1e9 makes
+    # one tile of any partition under 1B). A checkpoint resumes with the value it was saved with.
+    # null: 12*h*h, one layer.
+    sub_group_size: int | None = None
+    # Overlap gradient reduction with the backward pass. null: DeepSpeed's (on for ZeRO-3 only).
+    overlap_comm: bool | None = None
+    # Copy gradients into the reduce bucket as they come (less fragmentation). null: true.
+    contiguous_gradients: bool | None = None
+    # ZeRO-3: the model's nn.Linear layers keep their weight, not a transposed view of it, for
+    # the backward pass, so a gathered weight is freed after its forward use (DeepSpeed's
+    # LinearFunctionForZeroStage3, applied to the model only: engine/zero3_linear.py).
+    memory_efficient_linear: bool = True
+    # ZeRO-3: build the model already partitioned over the data-parallel ranks
+    # (deepspeed.zero.Init), so that no rank ever holds all of it; the weights equal those of the
+    # unpartitioned build. false: every rank builds the whole model, DeepSpeed partitions it.
+    partitioned_init: bool = True
+
+    def __post_init__(self) -> None:
+        for name in (
+            "reduce_bucket_size",
+            "allgather_bucket_size",
+            "stage3_prefetch_bucket_size",
+            "stage3_max_live_parameters",
+            "stage3_max_reuse_distance",
+            "sub_group_size",
+        ):
+            value = getattr(self, name)
+            require(value is None or value > 0, name, f"must be > 0 (or null), got {value}")
+        threshold = self.stage3_param_persistence_threshold
+        require(
+            threshold is None or threshold >= 0,
+            "stage3_param_persistence_threshold",
+            f"must be >= 0 (or null), got {threshold}",
+        )
+        gather = self.allgather_bucket_size
+        require(
+            gather is None or gather % 2 == 0,
+            "allgather_bucket_size",
+            f"must be even (DeepSpeed aligns all-gather buffers to 4 bytes), got {gather}",
+        )
+
+
+@dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1
     zero_stage: int = 0
@@ -281,6 +351,8 @@ class ParallelConfig:
     # the universal format, the final export) is waited for without a collective, so a slow
     # conversion cannot trip it; a rank that stops answering fails the job after this long.
     collective_timeout_s: float = 1800.0
+    # DeepSpeed ZeRO's buckets, prefetching and partitioned construction (``ZeroConfig``).
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
 
     def __post_init__(self) -> None:
         _positive(self, "tensor_parallel_size", "collective_timeout_s")

@@ -1,17 +1,22 @@
-"""Building what a rank trains: the stage's model (whole, same seed on every rank), its
-``init_from`` weights and frozen parts, then tensor parallelism and activation checkpointing
-applied from outside, and DeepSpeed around the result."""
+"""Building what a rank trains: the stage's model (same seed on every rank; under ZeRO-3 built
+already partitioned over the data-parallel ranks, ``zero_init``), its ``init_from`` weights and
+frozen parts, then tensor parallelism and activation checkpointing applied from outside, and
+DeepSpeed around the result."""
 
 from __future__ import annotations
 
 import deepspeed
 import torch
+from deepspeed.accelerator import get_accelerator
 from torch import nn
 
 from pali3_train.config import Config
 from pali3_train.engine.deepspeed_config import deepspeed_config
+from pali3_train.engine.host_memory import map_large_allocations
 from pali3_train.engine.init_from import load_init_weights
 from pali3_train.engine.optim import freeze, make_optimizer, make_scheduler
+from pali3_train.engine.zero3_linear import use_memory_efficient_linears
+from pali3_train.engine.zero_init import construction
 from pali3_train.parallel import (
     DeepSpeedMPU,
     ParallelDims,
@@ -22,12 +27,19 @@ from pali3_train.stages.registry import spec_for
 
 
 def build_model(cfg: Config, dims: ParallelDims) -> nn.Module:
+    """Collective under ZeRO-3 with partitioned construction (every data-parallel rank calls).
+    ZeRO-3 on a CPU host also fixes glibc's mmap threshold for the process (``host_memory``)."""
+    if cfg.parallel.zero_stage == 3 and get_accelerator().device_name() == "cpu":
+        map_large_allocations()
     torch.manual_seed(cfg.train.seed)
-    model = spec_for(cfg).build_model(cfg.model)
+    with construction(cfg, dims):
+        model = spec_for(cfg).build_model(cfg.model)
     if cfg.stage.init_from:
         load_init_weights(model, spec_for(cfg), cfg.stage)
     freeze(model, cfg.stage.freeze)
     model = parallelize(model, dims)
+    if cfg.parallel.zero_stage == 3 and cfg.parallel.zero.memory_efficient_linear:
+        use_memory_efficient_linears(model)
     if cfg.parallel.activation_checkpointing:
         apply_activation_checkpointing(model)
     return model

@@ -4,17 +4,27 @@ The file's metadata says what kind of model wrote it; the stage's spec maps thos
 own model (a SigLIP file gives PaLI-3 its ViT). A ViT whose patch grid grew (stage 2's
 resolution increase) keeps its learned position embeddings, resampled to the new grid, unless
 ``stage.resample_position_embeddings`` is off.
+
+Tensors are read one at a time, so loading never holds the file's weights beside the model's.
+Under ZeRO-3 partitioned construction (``engine/zero_init.py``) each parameter is gathered while
+data-parallel rank 0 reads its tensor into it, then partitioned again: no rank holds the model
+whole. Everything is checked (names and shapes) before the first tensor is read.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 
+import deepspeed
 import torch
+import torch.distributed as dist
+from deepspeed.runtime.zero.partition_parameters import is_zero_param
 from torch import nn
 
 from pali3_train.config import StageConfig
-from pali3_train.convert.safetensors_io import load_weights, read_metadata
+from pali3_train.convert.safetensors_io import WeightReader
 from pali3_train.models.vit import VisionTransformer, resample_posemb
 from pali3_train.stages.spec import StageSpec
 
@@ -27,37 +37,91 @@ class InitError(RuntimeError):
 
 def load_init_weights(model: nn.Module, spec: StageSpec, stage: StageConfig) -> None:
     path = stage.init_from
-    state = spec.adapt_weights(load_weights(path), read_metadata(path).get("kind"))
-    _fit_position_embeddings(model, state, path, stage.resample_position_embeddings)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    reader = WeightReader(path)
+    sources = _model_names(reader, spec)
+    targets = model.state_dict(keep_vars=True)  # parameters (partitioned or not) and buffers
+    unexpected = sorted(set(sources) - set(targets))
     if unexpected:
-        raise InitError(
-            f"stage.init_from: {path} has weights this model lacks: {sorted(unexpected)[:5]}"
-        )
+        raise InitError(f"stage.init_from: {path} has weights this model lacks: {unexpected[:5]}")
+    vits = _position_embeddings(model)
+    stored = reader.shapes()
+    for name, source in sources.items():
+        _check_shape(name, stored[source].shape, _shape(targets[name]), vits, stage)
+    for name, target in targets.items():  # the model's order: the same on every rank
+        if name in sources:
+            read = functools.partial(_read, reader, sources[name], _shape(target), vits.get(name))
+            _assign(target, read)
+    missing = sorted(set(targets) - set(sources))
     if missing:
-        log.info(
-            "stage.init_from: %d tensors keep their initialisation: %s",
-            len(missing),
-            sorted(missing)[:8],
-        )
+        log.info("stage.init_from: %d tensors keep their initialisation: %s",
+                 len(missing), missing[:8])  # fmt: skip
 
 
-def _fit_position_embeddings(
-    model: nn.Module, state: dict[str, torch.Tensor], path: str, resample: bool
+def _model_names(reader: WeightReader, spec: StageSpec) -> dict[str, str]:
+    """Model name -> stored name: the spec renames shape-only stand-ins of the stored tensors,
+    so its mapping is known before any tensor is read."""
+    shapes = reader.shapes()
+    stored = {id(tensor): name for name, tensor in shapes.items()}
+    renamed = spec.adapt_weights(shapes, reader.metadata.get("kind"))
+    names = {}
+    for name, tensor in renamed.items():
+        if id(tensor) not in stored:
+            raise TypeError(f"{spec.objective}: adapt_weights must rename tensors, not make them")
+        names[name] = stored[id(tensor)]
+    return names
+
+
+def _position_embeddings(model: nn.Module) -> dict[str, VisionTransformer]:
+    return {
+        f"{name}.pos_embed".lstrip("."): vit
+        for name, vit in model.named_modules()
+        if isinstance(vit, VisionTransformer)
+    }
+
+
+def _shape(target: torch.Tensor) -> torch.Size:
+    return target.ds_shape if is_zero_param(target) else target.shape
+
+
+def _check_shape(
+    name: str,
+    stored: torch.Size,
+    expected: torch.Size,
+    vits: dict[str, VisionTransformer],
+    stage: StageConfig,
 ) -> None:
-    """Position embeddings of another patch grid, resampled in place in ``state``."""
-    for name, vit in model.named_modules():
-        key = f"{name}.pos_embed"
-        if not (isinstance(vit, VisionTransformer) and key in state):
-            continue
-        if state[key].shape == vit.pos_embed.shape:
-            continue
-        if not resample:
-            raise InitError(
-                f"stage.init_from: {path} has {state[key].shape[0]} position embeddings for "
-                f"{key}, the model {vit.cfg.num_patches}; set stage.resample_position_embeddings"
-                ": true to resample them"
-            )
-        log.info("stage.init_from: %s resampled from %d to %d patches",
-                 key, state[key].shape[0], vit.cfg.num_patches)  # fmt: skip
-        state[key] = resample_posemb(state[key], vit.cfg.grid_size)
+    """A ViT's position embeddings of another patch grid are resampled if allowed; any other
+    shape that differs is refused."""
+    if stored == expected:
+        return
+    if name not in vits:
+        raise InitError(
+            f"stage.init_from: {stage.init_from} has {name} of shape {list(stored)}, the model "
+            f"{list(expected)}"
+        )
+    if not stage.resample_position_embeddings:
+        raise InitError(
+            f"stage.init_from: {stage.init_from} has {stored[0]} position embeddings for "
+            f"{name}, the model {vits[name].cfg.num_patches}; set "
+            "stage.resample_position_embeddings: true to resample them"
+        )
+    log.info("stage.init_from: %s resampled from %d to %d patches",
+             name, stored[0], vits[name].cfg.num_patches)  # fmt: skip
+
+
+def _read(
+    reader: WeightReader, source: str, shape: torch.Size, vit: VisionTransformer | None
+) -> torch.Tensor:
+    """The stored tensor, resampled to ``vit``'s grid where its shape differs (checked already)."""
+    value = reader.read(source)
+    return value if value.shape == shape else resample_posemb(value, vit.cfg.grid_size)
+
+
+def _assign(target: torch.Tensor, read: Callable[[], torch.Tensor]) -> None:
+    """``target`` <- ``read()``. A partitioned parameter is gathered over its data-parallel group
+    and only that group's rank 0 reads; its value reaches the others as it is partitioned."""
+    partitioned = is_zero_param(target)
+    with deepspeed.zero.GatheredParameters([target], modifier_rank=0, enabled=partitioned):
+        if not partitioned or dist.get_rank(target.ds_process_group) == 0:
+            with torch.no_grad():
+                target.data.copy_(read())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,9 +55,23 @@ class Encoder(nn.Module):
 
 def init_linears(module: nn.Module) -> None:
     """Xavier-uniform weights and zero biases for every Linear/Conv2d below ``module``, as
-    big_vision initialises its ViT."""
+    big_vision initialises its ViT: a convolution's kernel counts as the [out, in x kh x kw]
+    matrix it flattens to. The fans come from the layer's sizes and the weight is filled
+    through ``nn.init`` itself, never through a view: a weight partitioned by ZeRO-3 has no
+    shape of its own to read (``engine/zero_init.py``)."""
     for sub in module.modules():
-        if isinstance(sub, (nn.Linear, nn.Conv2d)):
-            nn.init.xavier_uniform_(sub.weight.view(sub.weight.shape[0], -1))
-            if sub.bias is not None:
-                nn.init.zeros_(sub.bias)
+        if isinstance(sub, nn.Linear):
+            _xavier_uniform_(sub.weight, sub.in_features, sub.out_features)
+        elif isinstance(sub, nn.Conv2d):
+            fan_in = sub.in_channels // sub.groups * math.prod(sub.kernel_size)
+            _xavier_uniform_(sub.weight, fan_in, sub.out_channels)
+        else:
+            continue
+        if sub.bias is not None:
+            nn.init.zeros_(sub.bias)
+
+
+def _xavier_uniform_(weight: torch.Tensor, fan_in: int, fan_out: int) -> None:
+    # torch's xavier_uniform_ (gain 1), with the fans given rather than read off the tensor
+    bound = math.sqrt(3.0) * math.sqrt(2.0 / float(fan_in + fan_out))
+    nn.init.uniform_(weight, -bound, bound)

@@ -58,7 +58,8 @@ TP_PLAN: dict[type[nn.Module], dict[str, Shard]] = {
 def parallelize(model: nn.Module, dims: ParallelDims) -> nn.Module:
     """Apply ``TP_PLAN`` to ``model`` in place and return it. ``tp == 1`` leaves it untouched.
     For ``tp > 1``: call ``init_model_parallel(dims)`` first, and parallelize the whole model
-    before DeepSpeed sees it (the full weights are read here). Frozen parameters stay frozen."""
+    before DeepSpeed sees it (the full weights are read here, one layer at a time if ZeRO-3
+    partitioned it at construction). Frozen parameters stay frozen."""
     if dims.tp == 1:
         return model
     targets = _plan_targets(model)
@@ -73,7 +74,7 @@ def parallelize(model: nn.Module, dims: ParallelDims) -> nn.Module:
         child = getattr(owner, name)
         dtype = child.weight.dtype
         config = configs.setdefault(dtype, _megatron_config(dims, dtype))
-        setattr(owner, name, _SWAPS[shard](child, config, dims))
+        setattr(owner, name, _swap(child, _SWAPS[shard], config, dims))
     for module in model.modules():
         if isinstance(module, MultiHeadAttention):
             module.num_heads //= dims.tp  # this rank's heads, for anyone who reads the attribute
@@ -81,6 +82,22 @@ def parallelize(model: nn.Module, dims: ParallelDims) -> nn.Module:
             module.token_loss = vocab_parallel_token_cross_entropy
             module.generate = _with_full_logits(module.generate, module.ul2.lm_head)
     return model
+
+
+def _swap(child: nn.Module, swap: Callable, config: ModelParallelConfig, dims: ParallelDims):
+    """``swap(child, config, dims)``. A child that ZeRO-3 partitioned at construction
+    (``engine/zero_init.py``) is gathered over its data-parallel group while this rank's slice
+    is copied, and the new layer is partitioned at once: no rank holds more than one layer
+    whole."""
+    partitioned = [p for p in child.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        return swap(child, config, dims)
+    import deepspeed  # only a ZeRO-3 model gets here, and DeepSpeed is loaded by then
+
+    with deepspeed.zero.GatheredParameters(partitioned):
+        layer = swap(child, config, dims)
+    partitioned[0].convert_to_zero_parameters(list(layer.parameters()))
+    return layer
 
 
 def _with_full_logits(generate: Callable, lm_head: nn.Module) -> Callable:

@@ -5,6 +5,9 @@ ViT, an imported T5 as its encoder-decoder, position embeddings resampled to a n
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 
@@ -12,9 +15,10 @@ from pali3_train.config import load_config
 from pali3_train.convert.rename import add_prefix
 from pali3_train.convert.safetensors_io import save_weights
 from pali3_train.engine.build import build_model
-from pali3_train.engine.init_from import InitError
+from pali3_train.engine.init_from import InitError, load_init_weights
 from pali3_train.models import UL2, PaLI3, SigLIP
 from pali3_train.parallel import ParallelDims
+from pali3_train.stages.registry import spec_for
 from tests.engine.conftest import stage_config
 
 
@@ -89,3 +93,47 @@ def test_an_imported_t5_gives_pali3_its_encoder_decoder(demo, tmp_path):
     model = build_model(load_config(config), ParallelDims(1, 1)).state_dict()
     for name, value in add_prefix(ul2, "ul2.").items():
         assert torch.equal(model[name], value), name
+
+
+def test_a_tensor_of_another_shape_is_refused_naming_it(demo, tmp_path):
+    cfg = load_config(stage_config(demo, tmp_path / "a"))
+    state = PaLI3(cfg.model).state_dict()
+    state["ul2.lm_head.weight"] = torch.zeros(3, 64)
+    weights = tmp_path / "odd.safetensors"
+    save_weights(state, weights, {"kind": "pali3"})
+    config = stage_config(demo, tmp_path / "b", stage={"init_from": str(weights)})
+    with pytest.raises(InitError, match="ul2.lm_head.weight of shape \\[3, 64\\], the model "
+                                        "\\[1024, 64\\]"):  # fmt: skip
+        build_model(load_config(config), ParallelDims(1, 1))
+
+
+def test_a_sharded_checkpoint_loads_from_its_index(demo, tmp_path):
+    """A directory with model.safetensors.index.json: each tensor read from the shard the index
+    names."""
+    cfg = load_config(stage_config(demo, tmp_path / "a"))
+    torch.manual_seed(13)
+    trained = PaLI3(cfg.model).state_dict()
+    names = sorted(trained)
+    halves = {"part-1.safetensors": names[::2], "part-2.safetensors": names[1::2]}
+    folder = tmp_path / "sharded"
+    for shard, keys in halves.items():
+        save_weights({k: trained[k] for k in keys}, folder / shard, {"kind": "pali3"})
+    index = {"weight_map": {k: shard for shard, keys in halves.items() for k in keys}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = stage_config(demo, tmp_path / "b", stage={"init_from": str(folder)})
+    model = build_model(load_config(config), ParallelDims(1, 1))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, trained[name]), name
+
+
+def test_a_spec_whose_adaptation_makes_tensors_is_refused(demo, tmp_path):
+    """Tensors are read after the renaming, one at a time, so a spec may only rename."""
+    cfg = load_config(stage_config(demo, tmp_path / "a"))
+    weights = tmp_path / "stage1.safetensors"
+    save_weights(PaLI3(cfg.model).state_dict(), weights, {"kind": "pali3"})
+    spec = dataclasses.replace(
+        spec_for(cfg), adapt_weights=lambda state, kind: {k: v * 2 for k, v in state.items()}
+    )
+    stage = dataclasses.replace(cfg.stage, init_from=str(weights))
+    with pytest.raises(TypeError, match="adapt_weights must rename tensors, not make them"):
+        load_init_weights(PaLI3(cfg.model), spec, stage)

@@ -1,14 +1,22 @@
-"""Optimizer groups and the learning-rate schedule, against closed-form values."""
+"""Optimizer groups, the AdamW kernel per device and the learning-rate schedule, against
+closed-form values."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+import torch
 from torch import nn
 
 from pali3_train.config import TrainConfig
-from pali3_train.engine.optim import freeze, lr_factor, make_optimizer, param_groups
+from pali3_train.engine.optim import (
+    adamw_kernel,
+    freeze,
+    lr_factor,
+    make_optimizer,
+    param_groups,
+)
 
 
 class Net(nn.Module):
@@ -51,3 +59,22 @@ def test_freezing_everything_or_a_missing_module_is_refused():
     freeze(net, ("tower", "head"))
     with pytest.raises(ValueError, match="no trainable parameter"):
         make_optimizer(net, TrainConfig())
+
+
+def test_adamw_is_fused_on_cuda_and_the_plain_loop_elsewhere():
+    assert adamw_kernel(torch.device("cuda", 3)) == {"fused": True}
+    assert adamw_kernel(torch.device("cpu")) == {"foreach": False}
+    optimizer = make_optimizer(Net(), TrainConfig())  # CPU parameters
+    assert (optimizer.defaults["fused"], optimizer.defaults["foreach"]) == (None, False)
+
+
+def test_a_parameter_partitioned_at_construction_decays_by_its_full_shape():
+    """ZeRO-3's zero.Init leaves a parameter an empty 1-d tensor and its shape in ds_shape."""
+    net = Net()
+    for name, shape in (("head.weight", (2, 4)), ("head.bias", (2,))):
+        param = net.get_parameter(name)
+        param.data = torch.empty(0)
+        param.ds_shape = torch.Size(shape)
+    groups = param_groups(net, 0.1)
+    assert any(p is net.head.weight for p in groups[0]["params"])
+    assert any(p is net.head.bias for p in groups[1]["params"])
