@@ -6,9 +6,10 @@ TF32 tensor cores, as the trainer enables at start-up).
 ``bf16``:
 - weights and activations in bf16: DeepSpeed casts the module and keeps an fp32 master copy of
   every trained weight, with fp32 Adam moments (``deepspeed_section``); model inputs (images) come
-  in ``compute_dtype``. Gradients accumulate in fp32 where DeepSpeed offers it (ZeRO-1's bf16
-  optimizer); under ZeRO-0, 2 and 3 they are reduced and accumulated in bf16 and applied to the
-  fp32 master weights.
+  in ``compute_dtype``. Gradients are reduced and accumulated in bf16 and applied to the fp32
+  master weights. (DeepSpeed's fp32 accumulation, ``data_types.grad_accum_dtype``, exists only
+  for ZeRO-1 through a separate bf16 optimizer whose checkpoints its own consolidation,
+  ``zero_to_fp32``, cannot read: the final export would fail.)
 - in fp32: normalisation (LayerNorm and RMSNorm statistics and their affine, ``models.fused``:
   their weights are stored in bf16 like every weight and read in fp32); the token cross-entropy
   (logits upcast before the log-softmax, ``losses.text`` and the vocabulary-parallel loss); the
@@ -45,11 +46,7 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x.to(at_least_fp32(x.dtype))
 
 
-def deepspeed_section(precision: str, zero_stage: int) -> dict:
-    """DeepSpeed's precision entries: bf16 with fp32 master weights, and fp32 gradient
-    accumulation under ZeRO-1, the one stage whose bf16 optimizer accumulates in fp32 (DeepSpeed
-    0.19 refuses the combination for ZeRO-0 and ignores it for ZeRO-2/3)."""
-    section: dict = {"bf16": {"enabled": precision == "bf16"}}
-    if precision == "bf16" and zero_stage == 1:
-        section["data_types"] = {"grad_accum_dtype": "fp32"}
-    return section
+def deepspeed_section(precision: str) -> dict:
+    """DeepSpeed's precision entry: bf16 means bf16 weights with fp32 master copies and fp32
+    optimizer state, under every ZeRO stage."""
+    return {"bf16": {"enabled": precision == "bf16"}}

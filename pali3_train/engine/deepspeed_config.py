@@ -74,4 +74,4 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
         "zero_optimization": zero_section(cfg),
         "steps_per_print": 2**31 - 1,  # our own logging reports progress
         "wall_clock_breakdown": False,
-    } | deepspeed_section(cfg.train.precision, cfg.parallel.zero_stage)
+    } | deepspeed_section(cfg.train.precision)
