@@ -2,11 +2,12 @@
 
 Autograd's linear keeps the transposed weight, a view of it, for the backward pass; the view
 pins the gathered weight, so under ZeRO-3 every trained layer stays whole on every rank from its
-forward use to its backward use, whatever the release schedule says (on the small preset: ~170
-MiB per rank of 189 MiB partitioned). DeepSpeed's ``LinearFunctionForZeroStage3`` saves the
-parameter itself and gathers it again in the backward pass. DeepSpeed installs it by replacing
-``torch.nn.functional.linear`` process-wide inside ``zero.Init``; here it becomes the forward of
-the model's own ``nn.Linear`` layers only (``parallel.zero.memory_efficient_linear``).
+forward use to its backward use, whatever the release schedule says (the small preset on 2
+ranks: 169 MiB more per rank at the end of the forward pass). DeepSpeed's
+``LinearFunctionForZeroStage3`` saves the parameter itself and gathers it again in the backward
+pass. DeepSpeed installs it by replacing ``torch.nn.functional.linear`` process-wide inside
+``zero.Init``; here it becomes the forward of the model's own ``nn.Linear`` layers only
+(``parallel.zero.memory_efficient_linear``).
 """
 
 from __future__ import annotations
