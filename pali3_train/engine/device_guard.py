@@ -67,23 +67,24 @@ def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 class DeviceGuard(TorchFunctionMode):
-    """Re-enterable: the trainer enters it once per micro-batch."""
+    """Re-enterable (the trainer enters it once per micro-batch) and nestable."""
 
     def __init__(self, device: torch.device):
         super().__init__()
         self.device = torch.device(device)
-        self._patched: contextlib.ExitStack | None = None
+        self._patches: list[contextlib.AbstractContextManager] = []
 
     def __enter__(self):
-        self._patched = contextlib.ExitStack()
-        self._patched.enter_context(_checked_collectives(self.device))
+        patch = _checked_collectives(self.device)
+        patch.__enter__()
+        self._patches.append(patch)
         return super().__enter__()
 
     def __exit__(self, *exc):
         try:
             return super().__exit__(*exc)
         finally:
-            self._patched.close()
+            self._patches.pop().__exit__(None, None, None)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -133,11 +134,20 @@ def _checked_collectives(device: torch.device) -> Iterator[None]:
 def _checked(collective: Callable, name: str, device: torch.device) -> Callable:
     @functools.wraps(collective)
     def run(*args, **kwargs):
+        expected = _group_device(kwargs.get("group"), device)
         for value in (*args, *kwargs.values()):
-            _check_tensors(value, f"torch.distributed.{name}", device)
+            _check_tensors(value, f"torch.distributed.{name}", expected)
         return collective(*args, **kwargs)
 
     return run
+
+
+def _group_device(group, device: torch.device) -> torch.device:
+    """A gloo group serves CPU tensors, whatever the engine's device (the wait for rank-0 work
+    is one, ``engine.distributed.on_main_rank``); other groups, the engine's device."""
+    if group is not None and dist.get_backend(group) == "gloo":
+        return torch.device("cpu")
+    return device
 
 
 def _checked_p2p(batch: Callable, device: torch.device) -> Callable:

@@ -100,15 +100,25 @@ def on_main_rank(work: Callable[[], T], what: str) -> T | None:
     so however long the work takes, no watchdog fires. If it fails on rank 0, every rank raises."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return work()
+    group = _wait_group()
     failed, result = torch.zeros(1, dtype=torch.uint8, device="cpu"), None
     if dist.get_rank() == 0:
         try:
             result = work()
         except BaseException:
             failed.fill_(1)
-            dist.broadcast(failed, src=0, group=_main_rank_wait)
+            dist.broadcast(failed, src=0, group=group)
             raise
-    dist.broadcast(failed, src=0, group=_main_rank_wait)
+    dist.broadcast(failed, src=0, group=group)
     if failed.item():
         raise RuntimeError(f"rank 0 failed to {what} (its log says why)")
     return result
+
+
+def _wait_group() -> dist.ProcessGroup:
+    """The gloo group ``on_main_rank`` waits on; made here (a collective, as every caller is)
+    for a default group started without ``init_distributed``."""
+    global _main_rank_wait
+    if _main_rank_wait is None:
+        _main_rank_wait = dist.new_group(backend="gloo", timeout=MAIN_RANK_WORK_TIMEOUT)
+    return _main_rank_wait

@@ -83,3 +83,20 @@ def test_the_guard_is_off_unless_asked_for(monkeypatch):
     assert not isinstance(device_guard.device_guard(CPU), DeviceGuard)
     monkeypatch.setenv(device_guard.ENV_VAR, "1")
     assert isinstance(device_guard.device_guard(CPU), DeviceGuard)
+
+
+def test_a_gloo_group_takes_cpu_tensors_whatever_the_engine_device(gloo_world):
+    """The wait for rank-0 work is a gloo group beside the engine's (NCCL on GPUs) groups."""
+    cpu_group = dist.new_group(backend="gloo")
+    with DeviceGuard(torch.device("meta")):  # an engine elsewhere than the CPU
+        dist.broadcast(torch.zeros(1), src=0, group=cpu_group)
+        with pytest.raises(DeviceError, match="engine runs on meta"):
+            dist.broadcast(torch.zeros(1), src=0)
+
+
+def test_nested_guards_restore_torch_distributed(gloo_world):
+    original = dist.all_reduce
+    guard = DeviceGuard(CPU)
+    with guard, guard:
+        pass
+    assert dist.all_reduce is original
