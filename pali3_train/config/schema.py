@@ -364,6 +364,33 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class KernelsConfig:
+    """Which implementation runs each hot spot of a training step, all chosen here and applied by
+    ``pali3_train.kernels``. "auto" takes the fast path where the platform has one; the plain
+    PyTorch path ("off", "separate", "sdpa", "plain") is the reference every fast path is tested
+    against, and the fallback."""
+
+    # Regional torch.compile of every transformer block; auto: on for CUDA.
+    compile: Literal["auto", "on", "off"] = "auto"
+    # q/k/v (and k/v, gate/up) as one GEMM over the fused weight, or one GEMM per projection.
+    projections: Literal["fused", "separate"] = "fused"
+    # UL2's relative-position bias: FlexAttention with a score_mod over the bucket table, or SDPA
+    # with the bias broadcast over the batch; auto: flex on CUDA.
+    attention: Literal["auto", "flex", "sdpa"] = "auto"
+    # The LM head and its cross-entropy: liger-kernel's fused linear cross-entropy, token chunks
+    # recomputed in the backward, or the full logits at once; auto: liger where it applies
+    # (CUDA, tensor parallel size 1, ZeRO < 3), chunked elsewhere.
+    cross_entropy: Literal["auto", "liger", "chunked", "plain"] = "auto"
+    cross_entropy_chunk_tokens: int = 1024
+    # SigLIP's ring loss blocks: each block's logits, loss and gradients in one fused pass, or the
+    # plain composition of PyTorch ops.
+    ring_loss: Literal["fused", "plain"] = "fused"
+
+    def __post_init__(self) -> None:
+        _positive(self, "cross_entropy_chunk_tokens")
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """MLflow tracking. ``tracking_uri: null`` means a sqlite store inside the run directory."""
 
@@ -492,6 +519,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     stage: StageConfig = field(default_factory=StageConfig)
@@ -503,6 +531,12 @@ class Config:
 
     def __post_init__(self) -> None:
         tp = self.parallel.tensor_parallel_size
+        require(
+            not (self.kernels.cross_entropy == "liger" and tp > 1),
+            "kernels.cross_entropy",
+            f"liger needs the whole vocabulary on one rank; with parallel.tensor_parallel_size={tp} "
+            "use chunked (or auto)",
+        )
         for path, value in (
             ("model.ul2.num_heads", self.model.ul2.num_heads),
             ("model.vit.num_heads", self.model.vit.num_heads),
