@@ -1,6 +1,6 @@
 """Time and peak memory per rank of the chunked ring sigmoid loss against an all-gather one.
 
-    .venv/bin/python -m benchmarks.siglip_loss [--worlds 2 4] [--batches 256 512 1024 2048]
+    .venv/bin/python -m benchmarks.siglip_loss [--worlds 2 4] [--batches 256 512 1024]
         [--dim 256] [--reps 9] [--warmup 2] [--out-dir benchmarks/results]
 
 Why: ``pali3_train.losses.siglip_ring`` exists so that no rank ever holds more than one b x b
@@ -11,26 +11,27 @@ keeps of it. The goals are ~1/n of the all-gather's peak memory for at most ~1.1
 What: for each world size, fresh processes (spawn, gloo, one thread each; more processes than
 cores oversubscribe them, and the output says so) run, per local batch b, the forward and
 backward of the loss alone on fp32 leaf embeddings [b, dim] (L2-normalised, texts correlated with
-their images) with SigLIP's initial t' = log 10, b = -10, three ways: the ring one- and
-two-directional, and ``all_gather_sigmoid_loss`` below (differentiable all-gather of the texts,
-then this rank's b x (n b) logits, normalised like the ring: its rows' sum / b). Once per b, the
-losses and all gradients of the three are compared (the maximum difference is printed), so the
-comparison is between equal computations.
+their images) with SigLIP's initial t' = log 10, b = -10, four ways: the ring with fused blocks
+(``kernels.ring_loss: fused``, the default) one- and two-directional, the two-directional ring
+with plain blocks (the reference kernel, for the before/after in the same run), and
+``all_gather_sigmoid_loss`` below (differentiable all-gather of the texts, then this rank's
+b x (n b) logits, normalised like the ring: its rows' sum / b). Once per b, the losses and all
+gradients of the rings are compared with the all-gather's (the maximum difference is printed), so
+the comparison is between equal computations.
 
 Time: every repetition runs the three methods in turn, each started behind a barrier, in an
 order that rotates (so a burst of outside load, or what one method leaves to the allocator, does
 not always hit the same one); a repetition's time is its slowest rank's, and the table gives the
-median over ``--reps`` after ``--warmup``. On 2 ranks the two rings run the same schedule (the
-one hop is the rank opposite), so their difference there shows the noise.
+median over ``--reps`` after ``--warmup``. On 2 ranks the two fused rings run the same schedule
+(the one hop is the rank opposite), so their difference there shows the noise.
 
-Memory: one more run of each method under ``torch.profiler`` with ``profile_memory=True``. The
-CPU allocator then reports every allocation and free (with its size) to the profiler, gloo's
-worker threads included (they inherit the profiler state); the peak is the maximum of the
-running sum of those sizes in time order. It counts only what the loss computation allocates
-(logits, autograd's saved tensors, received chunks, gathered texts, gradients) and not the
-inputs, which exist before; process RSS would bury it under hundreds of MiB of torch and allocator
-caching. Sanity check: the all-gather's peak over b * n b * 4 bytes (one logit matrix) is printed
-and should stay a small constant as b grows, as should the ring's over b * b * 4.
+Memory: one more run of each method under ``torch.profiler`` (``benchmarks.allocations``): the
+peak of what the loss computation allocates (logits, autograd's saved tensors, received chunks,
+gathered texts, gradients), not the inputs, which exist before. Sanity check: the all-gather's
+peak over b * n b * 4 bytes (one logit matrix) is printed and should stay a small constant as b
+grows; each ring's over b * b * 4 falls with b towards its count of b x b buffers (the fused
+kernel's goal: at most 3), since the chunks, accumulators and gradients, b x dim each, weigh
+as much as a block at b = dim.
 """
 
 from __future__ import annotations
@@ -53,15 +54,16 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch._C._profiler import _EventType
-from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.allocations import peak_bytes
 from pali3_train.engine.distributed import DistEnv, free_port, init_distributed
 from pali3_train.losses.siglip_ring import ring_sigmoid_loss
 
 MiB = 2**20
 FP32 = 4
-METHODS = ("ring 1-dir", "ring 2-dir", "all-gather")
+METHODS = ("ring 1-dir", "ring 2-dir", "plain ring 2-dir", "all-gather")
+RINGS = METHODS[:3]
+FUSED = METHODS[:2]
 LossFn = Callable[..., torch.Tensor]
 
 
@@ -82,8 +84,9 @@ def all_gather_sigmoid_loss(
 
 
 LOSSES: dict[str, LossFn] = {
-    "ring 1-dir": lambda *args: ring_sigmoid_loss(*args, bidirectional=False),
-    "ring 2-dir": lambda *args: ring_sigmoid_loss(*args, bidirectional=True),
+    "ring 1-dir": lambda *args: ring_sigmoid_loss(*args, bidirectional=False, kernel="fused"),
+    "ring 2-dir": lambda *args: ring_sigmoid_loss(*args, bidirectional=True, kernel="fused"),
+    "plain ring 2-dir": lambda *args: ring_sigmoid_loss(*args, bidirectional=True, kernel="plain"),
     "all-gather": all_gather_sigmoid_loss,
 }
 
@@ -116,32 +119,16 @@ def timed(fn: LossFn, inputs: list[torch.Tensor]) -> float:
     return time.perf_counter() - start
 
 
-def peak_bytes(fn: LossFn, inputs: list[torch.Tensor]) -> int:
-    """The most bytes the step held at once, from the profiler's allocation events."""
+def step_peak(fn: LossFn, inputs: list[torch.Tensor]) -> int:
+    """The most bytes one step held at once."""
     for t in inputs:
-        t.grad = None  # freed here, not inside the profiled window
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(fn, inputs)
-    events: list[tuple[int, int]] = []
-    _allocations(prof.profiler.kineto_results.experimental_event_tree(), events)
-    held = peak = 0
-    for _, size in sorted(events):
-        held += size
-        peak = max(peak, held)
-    return peak
-
-
-def _allocations(nodes, out: list[tuple[int, int]]) -> None:
-    """(time ns, bytes: + allocated, - freed) of every allocation event under ``nodes``."""
-    for node in nodes:
-        if node.tag == _EventType.Allocation:
-            out.append((node.start_time_ns, node.extra_fields.alloc_size))
-        _allocations(node.children, out)
+        t.grad = None  # freed here, not inside the measured window
+    return peak_bytes(lambda: step(fn, inputs), torch.device("cpu"))
 
 
 def differences(inputs: list[torch.Tensor]) -> dict[str, float]:
     """Largest differences of the loss and of every gradient between the all-gather and each
-    ring variant, on this rank."""
+    ring, on this rank."""
     results = {}
     for name in METHODS:
         loss = step(LOSSES[name], inputs)
@@ -149,7 +136,7 @@ def differences(inputs: list[torch.Tensor]) -> dict[str, float]:
     base = results["all-gather"]
     return {
         f"{name} {what}": max((a - b).abs().max().item() for a, b in pairs)
-        for name in METHODS[:2]
+        for name in RINGS
         for what, pairs in (
             ("loss", [(results[name][0], base[0])]),
             ("grads", list(zip(results[name][1:], base[1:]))),
@@ -161,11 +148,12 @@ def measure_batch(b: int, args: argparse.Namespace, rank: int) -> dict:
     inputs = leaves(b, args.dim, rank)
     seconds: dict[str, list[float]] = {name: [] for name in METHODS}
     for rep in range(args.warmup + args.reps):
-        for name in METHODS[rep % 3 :] + METHODS[: rep % 3]:  # interleaved, order rotating
+        turn = rep % len(METHODS)
+        for name in METHODS[turn:] + METHODS[:turn]:  # interleaved, order rotating
             elapsed = timed(LOSSES[name], inputs)
             if rep >= args.warmup:
                 seconds[name].append(elapsed)
-    peaks = {name: peak_bytes(LOSSES[name], inputs) for name in METHODS}
+    peaks = {name: step_peak(LOSSES[name], inputs) for name in METHODS}
     return {"seconds": seconds, "peak": peaks, "diff": differences(inputs)}
 
 
@@ -195,9 +183,8 @@ class Row:
     def time_ratio(self, ring: str) -> float:
         return self.ms[ring] / self.ms["all-gather"]
 
-    @property
-    def memory_ratio(self) -> float:
-        return max(self.peak["ring 1-dir"], self.peak["ring 2-dir"]) / self.peak["all-gather"]
+    def memory_ratio(self, rings: tuple[str, ...] = FUSED) -> float:
+        return max(self.peak[ring] for ring in rings) / self.peak["all-gather"]
 
 
 def measure_world(world: int, args: argparse.Namespace) -> list[Row]:
@@ -247,19 +234,24 @@ def header(args: argparse.Namespace) -> str:
 
 
 def table(rows: list[Row]) -> list[str]:
+    """Times and peaks; "ring" is the fused kernel, "plain" the 2-dir ring on the plain one."""
     lines = [
-        "| world | b | global batch | ring 1-dir ms | ring 2-dir ms | all-gather ms | "
-        "time ring/AG (1-dir, 2-dir) | ring peak MiB (1-dir, 2-dir) | all-gather peak MiB | "
-        "memory ring/AG | 1/n |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| world | b | global batch | ring 1-dir ms | ring 2-dir ms | plain ring ms | "
+        "all-gather ms | time ring/AG (1-dir, 2-dir) | plain ring/AG | ring peak MiB (1-dir, "
+        "2-dir) | plain ring peak MiB | all-gather peak MiB | memory ring/AG | plain ring/AG | "
+        "1/n |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.world} | {r.b} | {r.world * r.b} | {r.ms['ring 1-dir']:.1f} | "
-            f"{r.ms['ring 2-dir']:.1f} | {r.ms['all-gather']:.1f} | "
-            f"{r.time_ratio('ring 1-dir'):.2f}x, {r.time_ratio('ring 2-dir'):.2f}x | "
+            f"| {r.world} | {r.b} | {r.world * r.b} | "
+            + " | ".join(f"{r.ms[name]:.1f}" for name in METHODS)
+            + f" | {r.time_ratio('ring 1-dir'):.2f}x, {r.time_ratio('ring 2-dir'):.2f}x | "
+            f"{r.time_ratio('plain ring 2-dir'):.2f}x | "
             f"{r.peak['ring 1-dir'] / MiB:.1f}, {r.peak['ring 2-dir'] / MiB:.1f} | "
-            f"{r.peak['all-gather'] / MiB:.1f} | {r.memory_ratio:.2f} | {1 / r.world:.2f} |"
+            f"{r.peak['plain ring 2-dir'] / MiB:.1f} | {r.peak['all-gather'] / MiB:.1f} | "
+            f"{r.memory_ratio():.2f} | {r.memory_ratio(('plain ring 2-dir',)):.2f} | "
+            f"{1 / r.world:.2f} |"
         )
     return lines
 
@@ -268,13 +260,21 @@ def notes(rows: list[Row]) -> list[str]:
     """The equality check and the memory sanity check (peak in units of one logit matrix)."""
     loss = max(v for r in rows for k, v in r.diff.items() if k.endswith("loss"))
     grads = max(v for r in rows for k, v in r.diff.items() if k.endswith("grads"))
-    ring = [max(r.peak["ring 1-dir"], r.peak["ring 2-dir"]) / (r.b * r.b * FP32) for r in rows]
     gather = [r.peak["all-gather"] / (r.b * r.world * r.b * FP32) for r in rows]
+
+    def blocks(rings: tuple[str, ...]) -> str:
+        """The largest over worlds, for each b."""
+        by_b = {r.b: 0.0 for r in rows}
+        for r in rows:
+            by_b[r.b] = max(by_b[r.b], *(r.peak[ring] / (r.b * r.b * FP32) for ring in rings))
+        return ", ".join(f"{ratio:.2f} (b={b})" for b, ratio in by_b.items())
+
     return [
-        f"Ring vs all-gather, every rank, world and b: max |loss difference| {loss:.1e}, max "
+        f"Rings vs all-gather, every rank, world and b: max |loss difference| {loss:.1e}, max "
         f"|gradient difference| {grads:.1e} (images, texts, t', b).",
         f"Peak in logit matrices: all-gather / (b * n b * 4 B) = {min(gather):.2f}-"
-        f"{max(gather):.2f}; ring / (b * b * 4 B) = {min(ring):.2f}-{max(ring):.2f}.",
+        f"{max(gather):.2f}; fused ring / (b * b * 4 B) = {blocks(FUSED)}; plain ring: "
+        f"{blocks(('plain ring 2-dir',))}.",
     ]
 
 
@@ -287,8 +287,8 @@ def plot(rows: list[Row], path: Path) -> None:
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colours = dict(zip(METHODS, ("tab:blue", "tab:green", "tab:red")))
-    widths = dict(zip(METHODS, (5, 1.5, 1.5)))  # the two rings coincide: 1-dir drawn under
+    colours = dict(zip(METHODS, ("tab:blue", "tab:green", "tab:orange", "tab:red")))
+    widths = dict(zip(METHODS, (5, 1.5, 1.5, 1.5)))  # the fused rings coincide: 1-dir drawn under
     styles = dict(zip(sorted({r.world for r in rows}), ("-o", "--s", ":^", "-.v")))
     for world, style in styles.items():
         mine = [r for r in rows if r.world == world]
@@ -317,7 +317,7 @@ def parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--batches", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    parser.add_argument("--batches", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)

@@ -10,13 +10,20 @@ reference every fast path is tested against.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from pali3_train.config.schema import KernelsConfig, ParallelConfig
+from pali3_train.config.schema import FieldError, KernelsConfig, ParallelConfig
+from pali3_train.losses.text import TokenLoss, per_token_cross_entropy
+from pali3_train.models.attention import MultiHeadAttention
+from pali3_train.models.pali3 import PaLI3
+from pali3_train.models.siglip import SigLIP
+from pali3_train.models.ul2 import UL2, FeedForward
 
 
 @dataclass(frozen=True)
@@ -41,17 +48,25 @@ def liger_available() -> bool:
 def resolve_kernels(
     cfg: KernelsConfig, device: torch.device, parallel: ParallelConfig, training: bool = True
 ) -> Kernels:
-    """Concrete choices for ``device`` (raises ``ValueError`` naming the field for a choice that
+    """Concrete choices for ``device`` (raises ``FieldError`` naming the field for a choice that
     cannot run there)."""
     cuda = device.type == "cuda"
     if cfg.attention == "flex" and training and not cuda:
-        raise ValueError(
-            "kernels.attention: flex needs CUDA to train (FlexAttention has no backward on "
+        raise FieldError(
+            "kernels.attention",
+            "flex needs CUDA to train (FlexAttention has no backward on "
             f"{device.type}); use sdpa or auto"
+        )
+    sharded = parallel.tensor_parallel_size > 1 or parallel.zero_stage == 3
+    if cfg.projections == "separate" and sharded:
+        raise FieldError(
+            "kernels.projections",
+            "separate slices the weights outside their layers' forward, "
+            "which tensor parallelism and ZeRO-3 do not see; use fused"
         )
     liger_fits = cuda and parallel.tensor_parallel_size == 1 and parallel.zero_stage < 3
     if cfg.cross_entropy == "liger" and not liger_available():
-        raise ValueError("kernels.cross_entropy: liger needs liger-kernel installed")
+        raise FieldError("kernels.cross_entropy", "liger needs liger-kernel installed")
     if cfg.cross_entropy == "auto":
         cross_entropy = "liger" if liger_fits and liger_available() else "chunked"
     else:
@@ -69,4 +84,34 @@ def resolve_kernels(
 def apply_kernels(model: nn.Module, kernels: Kernels) -> nn.Module:
     """Set ``kernels`` on ``model`` in place (after tensor parallelism and activation
     checkpointing) and return it."""
+    for module in model.modules():
+        if isinstance(module, UL2):
+            module.attention = kernels.attention
+        if isinstance(module, (MultiHeadAttention, FeedForward)):
+            module.projections = kernels.projections
+        if isinstance(module, PaLI3):
+            module.token_loss = _token_loss(kernels, module.token_loss)
+        if isinstance(module, SigLIP):
+            module.ring_loss = kernels.ring_loss
+    if kernels.compile:
+        # Imported only when chosen: pali3_train.parallel loads megatron-core, which the
+        # planning paths (engine.memory, cluster.plan) that import this module do without.
+        from pali3_train.parallel.compile import compile_blocks
+
+        compile_blocks(model)
     return model
+
+
+def _token_loss(kernels: Kernels, current: TokenLoss) -> Callable:
+    """PaLI-3's token loss on the chosen path; ``current`` is the plain one, whose per-token
+    cross-entropy tensor parallelism may have made vocabulary-parallel."""
+    if kernels.cross_entropy == "chunked":
+        return dataclasses.replace(current, chunk_tokens=kernels.cross_entropy_chunk_tokens)
+    if kernels.cross_entropy == "liger":
+        if current.per_token is not per_token_cross_entropy:
+            raise ValueError("kernels.cross_entropy: liger needs the whole vocabulary on one rank")
+        # Imported only when chosen: liger loads triton, which reads TRITON_INTERPRET at import.
+        from pali3_train.losses.liger import liger_token_loss
+
+        return liger_token_loss
+    return current

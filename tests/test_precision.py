@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pali3_train.config import load_config
+from pali3_train.losses.text import TokenLoss
 from pali3_train.models import PaLI3, SigLIP
 from pali3_train.models.fused import LayerNorm, RMSNorm
 from pali3_train.precision import at_least_fp32, deepspeed_section, upcast
@@ -44,8 +45,10 @@ def test_norms_compute_in_fp32_and_return_bf16(kind):
     assert not torch.equal(_bf16_norm(x, norm.weight, kind == "layer"), got)  # tells them apart
 
 
-def test_a_bf16_pali3_returns_an_fp32_loss_from_bf16_logits():
+@pytest.mark.parametrize("chunk_tokens", [None, 3], ids=["all logits", "chunked"])
+def test_a_bf16_pali3_returns_an_fp32_loss_from_bf16_logits(chunk_tokens):
     model = PaLI3(TINY).to(torch.bfloat16)
+    model.token_loss = TokenLoss(chunk_tokens=chunk_tokens)
     vit = TINY.vit
     images = torch.randn(2, 3, vit.image_size_px, vit.image_size_px, dtype=torch.bfloat16)
     prompt, target = torch.randint(2, 100, (2, 5)), torch.randint(2, 100, (2, 4))
@@ -53,8 +56,9 @@ def test_a_bf16_pali3_returns_an_fp32_loss_from_bf16_logits():
     out = model(
         images, prompt, ones(prompt, dtype=torch.bool), target, ones(target, dtype=torch.bool)
     )
-    assert out.logits.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
-    by_hand = F.cross_entropy(out.logits.float().flatten(0, 1), target.flatten())
+    logits = model.ul2.lm_head(out.hidden)
+    assert logits.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+    by_hand = F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
     assert out.loss.item() == pytest.approx(by_hand.item(), rel=1e-6)
 
 

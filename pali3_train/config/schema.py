@@ -534,8 +534,8 @@ class Config:
         require(
             not (self.kernels.cross_entropy == "liger" and tp > 1),
             "kernels.cross_entropy",
-            f"liger needs the whole vocabulary on one rank; with parallel.tensor_parallel_size={tp} "
-            "use chunked (or auto)",
+            "liger needs the whole vocabulary on one rank; with "
+            f"parallel.tensor_parallel_size={tp} use chunked (or auto)",
         )
         for path, value in (
             ("model.ul2.num_heads", self.model.ul2.num_heads),

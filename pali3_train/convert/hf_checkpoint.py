@@ -51,7 +51,10 @@ def import_hf(kind: Kind, src: str | Path, out: str | Path) -> dict[str, object]
     src = Path(src)
     sections = _sections_from_hf(kind, _read_hf_config(src))
     weights = load_weights(src)
-    state = siglip.siglip_from_hf(weights) if kind == "siglip" else t5.ul2_from_hf(weights)
+    if kind == "siglip":
+        state = siglip.siglip_from_hf(weights, sections["vit"], sections["text"])
+    else:
+        state = t5.ul2_from_hf(weights)
     metadata = {
         "format": FORMAT,
         "kind": kind,
@@ -79,7 +82,7 @@ def export_hf(path: str | Path, out_dir: str | Path) -> Path:
     kind, sections, state = read_ours(path)
     if kind == "siglip":
         hf_state, hf_cfg = (
-            siglip.siglip_to_hf(state),
+            siglip.siglip_to_hf(state, sections["vit"], sections["text"]),
             siglip.hf_config(sections["vit"], sections["text"]),
         )
     else:

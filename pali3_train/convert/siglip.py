@@ -2,17 +2,22 @@
 
 Published checkpoints nest the towers under ``vision_model.`` / ``text_model.``; a vision-only
 state dict (e.g. from ``SiglipVisionModel``) converts too, into the image tower and MAP head alone.
-HF keeps the MAP head's attention as ``nn.MultiheadAttention`` (one fused in-projection); we keep
-separate q/k/v projections, so those tensors are split on import and concatenated on export.
+HF keeps the MAP head's attention as ``nn.MultiheadAttention`` (one in-projection, [q; k; v]) and
+the towers' q/k/v as separate projections. Both are renamed to our separate names (``RULES``) and
+fused in our layout (``convert/fusion.py``): the towers' q/k/v into one weight each, the MAP head's
+k/v (its probe's query is projected apart). That layout orders rows by head, so converting needs
+each tower's head count, which a SigLIP checkpoint does not hold: the configs are passed in.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Mapping
 
 import torch
 
 from pali3_train.config import TextConfig, ViTConfig
+from pali3_train.convert.fusion import fuse_projections, split_projections
 from pali3_train.convert.rename import StateDict, rename
 
 _IN_PROJ = "vision_model.head.attention.in_proj_"
@@ -59,26 +64,48 @@ RULES = [
 ]
 
 
-def siglip_from_hf(hf_state: Mapping[str, torch.Tensor]) -> StateDict:
-    """HF ``SiglipModel`` state dict -> our ``SigLIP`` state dict. ``position_ids`` buffers are
-    not weights and are dropped."""
+def siglip_from_hf(
+    hf_state: Mapping[str, torch.Tensor], vit: ViTConfig, text: TextConfig | None = None
+) -> StateDict:
+    """HF ``SiglipModel`` state dict -> our ``SigLIP`` state dict (``text`` may be left out for a
+    vision-only one). ``position_ids`` buffers are not weights and are dropped."""
     state = {k: v for k, v in hf_state.items() if not k.endswith("position_ids")}
     for kind in ("weight", "bias"):
         fused = state.pop(_IN_PROJ + kind, None)
         if fused is not None:
             for proj, part in zip(_QKV, fused.chunk(3)):
                 state[f"vision_model.head.attention.{proj}.{kind}"] = part
-    return rename(state, RULES, to_hf=False)
+    state = rename(state, RULES, to_hf=False)
+    return fuse_projections(state, _head_dims(vit, text), joint=_tower_attention)
 
 
-def siglip_to_hf(state: Mapping[str, torch.Tensor]) -> StateDict:
+def siglip_to_hf(
+    state: Mapping[str, torch.Tensor], vit: ViTConfig, text: TextConfig | None = None
+) -> StateDict:
     """Our ``SigLIP`` state dict -> HF ``SiglipModel`` layout (as published checkpoints are)."""
-    hf = rename(state, RULES, to_hf=True)
+    hf = rename(split_projections(state, _head_dims(vit, text)), RULES, to_hf=True)
     for kind in ("weight", "bias"):
         parts = [hf.pop(f"vision_model.head.attention.{proj}.{kind}", None) for proj in _QKV]
         if all(p is not None for p in parts):
             hf[_IN_PROJ + kind] = torch.cat(parts)
     return hf
+
+
+def _tower_attention(module: str) -> bool:
+    """Whether ``module`` takes q, k and v from one input: every tower block's self-attention,
+    not the MAP head's (its probe queries the image tokens)."""
+    return not module.startswith("image_head.")
+
+
+def _head_dims(vit: ViTConfig, text: TextConfig | None) -> Callable[[str], int]:
+    def head_dim(module: str) -> int:
+        if module.startswith("text."):
+            if text is None:
+                raise ValueError(f"{module}: converting the text tower needs its config")
+            return text.width // text.num_heads
+        return vit.width // vit.num_heads
+
+    return head_dim
 
 
 def vit_config_from_hf(vision: Mapping[str, Any]) -> ViTConfig:

@@ -2,7 +2,10 @@
 
 HF stores the relative-position table inside the first block of each stack and repeats the shared
 embedding as ``encoder.embed_tokens`` / ``decoder.embed_tokens``; we keep one of each, and write the
-copies back on export so that the files load like published ones.
+copies back on export so that the files load like published ones. HF's separate q/k/v and
+wi_0/wi_1 are renamed to our separate names (``RULES``) and fused (``convert/fusion.py``): the
+encoder's q/k/v into one weight, the decoder's k/v (its queries are projected apart), gate/up.
+The head size comes from the file itself: the relative-position table has a column per head.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Any, Mapping
 import torch
 
 from pali3_train.config import UL2Config
+from pali3_train.convert.fusion import fuse_projections, split_projections
 from pali3_train.convert.rename import StateDict, rename
 
 _TIED_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
@@ -63,14 +67,32 @@ def ul2_from_hf(hf_state: Mapping[str, torch.Tensor]) -> StateDict:
             "LM head are supported"
         )
     state = {k: v for k, v in hf_state.items() if k not in _TIED_COPIES}
-    return rename(state, RULES, to_hf=False)
+    state = rename(state, RULES, to_hf=False)
+    head_dim = _head_dim(state)
+    return fuse_projections(state, lambda _: head_dim, joint=_encoder_attention)
 
 
 def ul2_to_hf(state: Mapping[str, torch.Tensor]) -> StateDict:
-    hf = rename(state, RULES, to_hf=True)
+    head_dim = _head_dim(state)
+    hf = rename(split_projections(state, lambda _: head_dim), RULES, to_hf=True)
     for name in _TIED_COPIES:
         hf[name] = hf["shared.weight"]
     return hf
+
+
+def _encoder_attention(module: str) -> bool:
+    """Whether ``module`` takes q, k and v from one input: the encoder's self-attention. The
+    decoder's self-attention caches its keys and values, its cross-attention takes them from the
+    encoder: both project them apart from the queries."""
+    return module.startswith("encoder_layers.")
+
+
+def _head_dim(state: Mapping[str, torch.Tensor]) -> int:
+    """d_kv, from our names: the attention width (any out_proj's input features) over the heads
+    (the relative-position table's columns)."""
+    heads = state["encoder_bias.embed.weight"].shape[1]
+    inner = next(v for k, v in state.items() if k.endswith(".out_proj.weight")).shape[1]
+    return inner // heads
 
 
 def ul2_config_from_hf(cfg: Mapping[str, Any]) -> UL2Config:

@@ -1,7 +1,7 @@
 """Building what a rank trains: the stage's model (same seed on every rank; under ZeRO-3 built
 already partitioned over the data-parallel ranks, ``zero_init``), its ``init_from`` weights and
-frozen parts, then tensor parallelism and activation checkpointing applied from outside, and
-DeepSpeed around the result."""
+frozen parts, then tensor parallelism, activation checkpointing and the kernels (``kernels:``,
+compiled blocks included) applied from outside, and DeepSpeed around the result."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pali3_train.engine.init_from import load_init_weights
 from pali3_train.engine.optim import freeze, make_optimizer, make_scheduler
 from pali3_train.engine.zero3_linear import use_memory_efficient_linears
 from pali3_train.engine.zero_init import construction
+from pali3_train.kernels import apply_kernels, resolve_kernels
 from pali3_train.parallel import (
     DeepSpeedMPU,
     ParallelDims,
@@ -42,7 +43,8 @@ def build_model(cfg: Config, dims: ParallelDims) -> nn.Module:
         use_memory_efficient_linears(model)
     if cfg.parallel.activation_checkpointing:
         apply_activation_checkpointing(model)
-    return model
+    device = torch.device(get_accelerator().device_name())
+    return apply_kernels(model, resolve_kernels(cfg.kernels, device, cfg.parallel))
 
 
 def make_engine(cfg: Config, model: nn.Module, dims: ParallelDims, extra: dict | None = None):

@@ -1,9 +1,9 @@
 """Everything a start can refuse before any process group exists, each refusal one
 ``ConfigError`` naming the file and the field: the layout and batch split, the objective's own
-rules (``StageSpec.check``), ``--stage`` against the config, the data, the tokenizer, the
-``--resume`` checkpoint and the ``init_from`` weights. ``launcher/run.py`` runs them on every
-start, ``--dry-run`` prints what they found, ``cluster.submit`` runs the layout checks for the
-job's world size.
+rules (``StageSpec.check``), ``--stage`` against the config, the kernels on this machine, the
+data, the tokenizer, the ``--resume`` checkpoint and the ``init_from`` weights.
+``launcher/run.py`` runs them on every start, ``--dry-run`` prints what they found,
+``cluster.submit`` runs the layout checks for the job's world size.
 """
 
 from __future__ import annotations
@@ -11,10 +11,14 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from data_pipeline.loader import resolve_sources
 from pali3_train.config import Config, ConfigError
+from pali3_train.config.schema import FieldError
 from pali3_train.engine.checkpoint import CheckpointError, read_meta, resolve
 from pali3_train.engine.deepspeed_config import accumulation_steps
+from pali3_train.kernels import resolve_kernels
 from pali3_train.stages.curriculum import CURRICULUM
 from pali3_train.stages.registry import spec_for
 from pali3_train.tokenizer import Tokenizer
@@ -99,12 +103,22 @@ def check_init_from(cfg: Config, where: str) -> None:
         raise ConfigError(where, "stage.init_from", missing)
 
 
+def check_kernels(cfg: Config, where: str, training: bool = True) -> None:
+    """The ``kernels:`` choices resolve on this machine's device (the one its ranks will use)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolve_kernels(cfg.kernels, device, cfg.parallel, training)
+    except FieldError as exc:
+        raise ConfigError(where, exc.field_path, exc.message) from None
+
+
 def check_before_start(
     cfg: Config, world_size: int, where: str, resume: str, training: bool = True
 ) -> list[str]:
     """Every check a real start runs after ``check_stage_flag``, in the order a user would fix
     them; returns the objective's warnings about settings it ignores."""
     _, warnings = check_layout(cfg, world_size, where, training)
+    check_kernels(cfg, where, training)
     check_data(cfg, where)
     check_resume(cfg, resume)
     check_init_from(cfg, where)

@@ -20,6 +20,7 @@ from pali3_train.engine.deepspeed_config import deepspeed_config
 from pali3_train.engine.flops import SampleFlops
 from pali3_train.engine.memory import (
     BYTES,
+    LOSS_PATHS,
     Activations,
     Count,
     GiB,
@@ -203,7 +204,10 @@ def format_plan(plan: Plan, data: str, resume: str) -> str:
     if on and a.recompute:
         lines.append(f"    {'recompute':<12}{_size(a.recompute)}  the largest block, once")
     if a.logits:
-        lines.append(f"    {'logits':<12}{_size(a.logits)}  fp32 loss over the vocabulary/{tp}")
+        lines.append(
+            f"    {'logits':<12}{_size(a.logits)}  token cross-entropy over the vocabulary/{tp}: "
+            f"{LOSS_PATHS[a.loss_path].format(chunk=cfg.kernels.cross_entropy_chunk_tokens)}"
+        )
     lines += [
         "    per block s*b*h*(10+24/t) B at 16 bit (Korthikanti et al. 2022 without attention",
         "    scores); checkpointed w*s*b*h; plus attention bias, cross-attention K/V, logits",

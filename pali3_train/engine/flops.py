@@ -87,18 +87,18 @@ class Tally:
 
 
 def attention(t: Tally, path: str, q: bool, kv: bool, q_len: int, kv_len: int, dim: int,
-              inner: int, bias: bool, kv_grads: tuple[bool, bool] | None = None,
-              scores: bool = False) -> bool:  # fmt: skip
-    """``MultiHeadAttention``: q, k, v and out projections around scores and their weighted sum.
-    ``kv_grads``: keys and values projected beforehand (UL2's cross-attention); ``scores``:
-    whether a trainable bias is added to the scores (T5's relative positions)."""
-    if kv_grads is None:
-        kv_grads = tuple(
-            t.linear(f"{path}.{name}", kv, kv_len, dim, inner, bias)
-            for name in ("k_proj", "v_proj")
-        )
-    query = t.linear(f"{path}.q_proj", q, q_len, dim, inner, bias)
-    k, v = kv_grads
+              inner: int, bias: bool, joint: bool = False,
+              kv_grads: tuple[bool, bool] | None = None, scores: bool = False) -> bool:  # fmt: skip
+    """``MultiHeadAttention``: the q/k/v and out projections around scores and their weighted
+    sum. ``joint``: q, k and v from one product (``qkv_proj``; self-attention over one input),
+    otherwise ``q_proj`` and ``kv_proj``. ``kv_grads``: keys and values projected beforehand
+    (UL2's cross-attention); ``scores``: whether a trainable bias is added to the scores (T5's
+    relative positions)."""
+    if joint:
+        query = k = v = t.linear(f"{path}.qkv_proj", q, q_len, dim, 3 * inner, bias)
+    else:
+        k, v = kv_grads or (t.linear(f"{path}.kv_proj", kv, kv_len, dim, 2 * inner, bias),) * 2
+        query = t.linear(f"{path}.q_proj", q, q_len, dim, inner, bias)
     weights = t.product(2 * q_len * kv_len * inner, query, k) or scores
     mixed = t.product(2 * q_len * kv_len * inner, weights, v)
     return t.linear(f"{path}.out_proj", mixed, q_len, inner, dim, bias)
@@ -112,7 +112,7 @@ def encoder(t: Tally, path: str, x: bool, tokens: int, width: int, depth: int, m
 
     def block(x: bool, at: str) -> bool:
         h = x or t.trains(f"{at}.norm1")
-        x = attention(t, f"{at}.attn", h, h, tokens, tokens, width, width, bias=True) or x
+        x = attention(t, f"{at}.attn", h, h, tokens, tokens, width, width, True, joint=True) or x
         h = x or t.trains(f"{at}.norm2")
         h = t.linear(f"{at}.mlp.fc1", h, tokens, width, mlp, bias=True)
         return t.linear(f"{at}.mlp.fc2", h, tokens, mlp, width, bias=True) or x
@@ -151,9 +151,9 @@ def text_tower(t: Tally, path: str, cfg: TextConfig, tokens: int, embed_dim: int
 
 
 def feed_forward(t: Tally, path: str, h: bool, tokens: int, cfg: UL2Config) -> bool:
-    gate = t.linear(f"{path}.wi_gate", h, tokens, cfg.d_model, cfg.d_ff, bias=False)
-    up = t.linear(f"{path}.wi_up", h, tokens, cfg.d_model, cfg.d_ff, bias=False)
-    return t.linear(f"{path}.wo", gate or up, tokens, cfg.d_ff, cfg.d_model, bias=False)
+    """``FeedForward``: gate and up from one product (``wi``), then ``wo``."""
+    gate_up = t.linear(f"{path}.wi", h, tokens, cfg.d_model, 2 * cfg.d_ff, bias=False)
+    return t.linear(f"{path}.wo", gate_up, tokens, cfg.d_ff, cfg.d_model, bias=False)
 
 
 def ul2(t: Tally, path: str, cfg: UL2Config, prefix: bool, prefix_len: int, prompt_len: int,
@@ -167,7 +167,8 @@ def ul2(t: Tally, path: str, cfg: UL2Config, prefix: bool, prefix_len: int, prom
 
     def encoder_layer(x: bool, at: str) -> bool:
         h = x or t.trains(f"{at}.norm_attn")
-        x = attention(t, f"{at}.attn", h, h, seq, seq, d, inner, False, scores=enc_bias) or x
+        x = attention(t, f"{at}.attn", h, h, seq, seq, d, inner, False, joint=True,
+                      scores=enc_bias) or x  # fmt: skip
         return feed_forward(t, f"{at}.ff", x or t.trains(f"{at}.norm_ff"), seq, cfg) or x
 
     x = prefix or embed
@@ -177,10 +178,7 @@ def ul2(t: Tally, path: str, cfg: UL2Config, prefix: bool, prefix_len: int, prom
 
     layers = [f"{path}.decoder_layers.{i}" for i in range(cfg.num_decoder_layers)]
     cross = {
-        at: tuple(
-            t.linear(f"{at}.cross_attn.{name}", memory, seq, d, inner, bias=False)
-            for name in ("k_proj", "v_proj")
-        )
+        at: (t.linear(f"{at}.cross_attn.kv_proj", memory, seq, d, 2 * inner, bias=False),) * 2
         for at in layers
     }  # ``start_decoding``: once, outside the checkpointed layers
 

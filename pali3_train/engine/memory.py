@@ -27,9 +27,10 @@ sequence parallelism) less the attention-score term, which the fused kernels of
 16 bit (twice that in fp32). With activation checkpointing a block keeps only its input, w*s*b*h,
 and one block at a time is recomputed whole. A tower that trains nothing and receives no gradient
 (the frozen ViT of stage 1) keeps nothing. Added whole: UL2's encoder attention bias
-[b, heads/t, s, s], the decoder's cross-attention keys and values of every layer, and the logits
-(w + 4 bytes, the loss works in fp32). Real use also has allocator fragmentation, communication
-buffers and the CUDA context (~1 GiB): keep a margin.
+[b, heads/t, s, s], the decoder's cross-attention keys and values of every layer, and the token
+cross-entropy's own memory on the path ``kernels.cross_entropy`` takes on a GPU
+(``cross_entropy_bytes``). Real use also has allocator fragmentation, communication buffers and
+the CUDA context (~1 GiB): keep a margin.
 """
 
 from __future__ import annotations
@@ -38,14 +39,17 @@ import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import torch
 from torch import nn
 
 from pali3_train.config import Config, ConfigError
+from pali3_train.kernels import Kernels, resolve_kernels
 from pali3_train.params import count
 
 GiB = 2**30
 BYTES = {"bf16": 2, "fp32": 4}
 OPTIMIZER_BYTES = 16  # fp32 master weights + fp32 gradients + Adam's two moments, per parameter
+LOGIT_BYTES = 12  # the token cross-entropy's peak per logit held at once (``cross_entropy_bytes``)
 
 
 # ------------------------------------------------------------------------------ model states
@@ -175,7 +179,8 @@ class Tower(NamedTuple):
 @dataclass(frozen=True)
 class Activations:
     towers: tuple[Tower, ...]
-    logits: float
+    logits: float  # the token cross-entropy's bytes (``cross_entropy_bytes``)
+    loss_path: str = "plain"  # its ``kernels.cross_entropy`` path
 
     @property
     def recompute(self) -> float:
@@ -185,6 +190,44 @@ class Activations:
         if checkpointing:
             return sum(t.checkpointed for t in self.towers) + self.recompute + self.logits
         return sum(t.plain for t in self.towers) + self.logits
+
+
+# kernels.cross_entropy -> what the dry run says of it ({chunk}: the chunk's tokens)
+LOSS_PATHS = {
+    "plain": "all logits at once, fp32",
+    "chunked": "{chunk}-token chunks of logits recomputed in the backward, fp32",
+    "liger": "liger-kernel's fused linear cross-entropy, fp32",
+}
+
+
+def planned_kernels(cfg: Config) -> Kernels:
+    """The kernels a run of ``cfg`` uses on the GPUs a plan is made for."""
+    return resolve_kernels(cfg.kernels, torch.device("cuda"), cfg.parallel)
+
+
+def cross_entropy_bytes(
+    path: str, tokens: int, vocab: int, width: int, chunk_tokens: int, precision: str
+) -> float:
+    """What the token cross-entropy holds at its peak beyond the decoder's activations and one
+    head gradient (which every path writes once, and the model states count): ``tokens`` of one
+    micro-batch, ``vocab`` = the head's outputs on one TP rank, ``width`` its inputs. Measured
+    with ``benchmarks/cross_entropy.py``:
+
+    plain: 12 bytes a logit, fp32 or bf16: the fp32 logits (or the fp32 copy of 16-bit ones),
+    their fp32 log-softmax kept for the backward pass and its fp32 gradient.
+    chunked: the same for one chunk (recomputed in the backward pass), and, with two chunks or
+    more, two more head gradients: autograd sums the chunks' head gradients as they come, out of
+    place for the first two, so three exist at once.
+    liger: the head gradient's fp32 accumulator when the weights are 16-bit (in fp32 it is the
+    head gradient itself), the input gradient kept from the forward pass and a chunk of about
+    tokens x width logits."""
+    w = BYTES[precision]
+    if path == "chunked":
+        accumulating = 2 * w * vocab * width if tokens > chunk_tokens else 0
+        return LOGIT_BYTES * min(chunk_tokens, tokens) * vocab + accumulating
+    if path == "liger":
+        return (4 * vocab * width if w < 4 else 0) + 2 * w * tokens * width
+    return LOGIT_BYTES * tokens * vocab
 
 
 def trains(*modules: nn.Module) -> bool:

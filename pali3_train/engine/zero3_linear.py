@@ -20,10 +20,11 @@ from torch import nn
 
 
 def use_memory_efficient_linears(model: nn.Module) -> nn.Module:
-    """Every plain ``nn.Linear`` of ``model`` (tensor-parallel layers are megatron's, and keep the
-    parameter already) computes through DeepSpeed's ZeRO-3 linear, in place; returns ``model``."""
+    """Every ``nn.Linear`` of ``model``, fused projections included (tensor-parallel layers are
+    megatron's, not ``nn.Linear``, and keep the parameter already), computes through DeepSpeed's
+    ZeRO-3 linear, in place; returns ``model``."""
     for module in model.modules():
-        if type(module) is nn.Linear and "forward" not in vars(module):
+        if isinstance(module, nn.Linear) and "forward" not in vars(module):
             # Bound to the instance (not a closure over it), so copy.deepcopy rebinds it.
             module.forward = types.MethodType(_forward, module)
     return model

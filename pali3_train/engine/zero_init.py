@@ -14,9 +14,9 @@ DeepSpeed's ``zero.Init`` partitions each module's parameters as soon as that mo
   (the same draws as the plain build), then the parameter is gathered, overwritten from it on
   data-parallel rank 0 and partitioned again: one parameter whole at a time.
 
-A model must therefore write its partitioned children's weights through ``torch.nn.init`` and on
-the parameter itself (not on a view of it); ``tests/engine/test_zero_init.py`` checks every
-model against its unpartitioned build.
+A model must therefore write its partitioned children's weights through ``torch.nn.init`` (or
+``models.projections.normal_parts_``, redirected alike) and on the parameter itself (not on a view
+of it); ``tests/engine/test_zero_init.py`` checks every model against its unpartitioned build.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from torch import nn
 
 from pali3_train.config import Config
 from pali3_train.engine.deepspeed_config import deepspeed_config
+from pali3_train.models import projections
 from pali3_train.parallel import DeepSpeedMPU, ParallelDims, dp_group
 
 # The in-place initialisers of torch.nn.init (each takes the tensor first, fills and returns it).
@@ -88,16 +89,21 @@ class _PlainInit(deepspeed.zero.Init):
         super()._post_init_method(module)
 
 
+# (module, name) of every initialiser redirected: torch's, and ours for a fused projection whose
+# parts are drawn at different scales (it writes through a view of the weight).
+_REDIRECTED = (*((nn.init, name) for name in INITIALISERS), (projections, "normal_parts_"))
+
+
 @contextlib.contextmanager
 def _initialisers_redirected() -> Iterator[None]:
-    originals = {name: getattr(nn.init, name) for name in INITIALISERS}
-    for name, initialiser in originals.items():
-        setattr(nn.init, name, _on_full_copy(initialiser))
+    originals = {(owner, name): getattr(owner, name) for owner, name in _REDIRECTED}
+    for (owner, name), initialiser in originals.items():
+        setattr(owner, name, _on_full_copy(initialiser))
     try:
         yield
     finally:
-        for name, initialiser in originals.items():
-            setattr(nn.init, name, initialiser)
+        for (owner, name), initialiser in originals.items():
+            setattr(owner, name, initialiser)
 
 
 def _on_full_copy(initialiser: Callable) -> Callable:

@@ -6,9 +6,10 @@ after n - 1 hops every image has met every text of the global batch, and no rank
 than a block of logits or more than two chunks of foreign texts. The next chunk is in flight while
 the current block is computed.
 
-The backward pass recirculates the texts the same way (nothing from the forward is kept but the
-inputs), and each travelling chunk carries an accumulator of the gradient its texts received on
-the way; a last hop returns every accumulator to the rank that owns those texts.
+The gradients circulate the same way (the plain kernel sends the texts round again in its
+backward, the fused one computes them in the forward's trip; see below): each travelling chunk
+carries an accumulator of the gradient its texts received on the way, and a last hop returns
+every accumulator to the rank that owns those texts.
 
 Normalisation. Each rank returns l_r = (1/b) * sum over its images i and all texts j of
 -log sigmoid(z_ij (t <x_i, y_j> + b)). The mean of l_r over ranks is the paper's loss over the
@@ -18,6 +19,23 @@ do): the texts' owners receive the sum of every rank's contribution.
 ``bidirectional=True`` sends chunks both ways at once, so ceil((n - 1) / 2) steps instead of
 n - 1.
 
+Two kernels for the blocks (``kernels.ring_loss``, set on the model by ``pali3_train.kernels``):
+
+- ``"plain"``, the reference: the forward scores each block (logits, labels, log-sigmoid), the
+  backward recirculates the texts (nothing from the forward is kept but the inputs) and composes
+  each block's gradients from PyTorch ops; autograd records neither, but a backward block holds
+  6-13 b x b buffers at once.
+- ``"fused"``: the loss is a scalar, so its gradients are ``grad_out`` times those of the loss
+  itself. The forward computes both in one trip round the ring (the text gradients travel with
+  their chunks there) and the backward only scales them: three GEMMs a block instead of four, one
+  circulation instead of two, and one b x b buffer per block, reused in place. With
+  z = t <x, y> + b and the positives only on the diagonal of the local block, the block's loss is
+  sum softplus(z) - sum diag(z) and d loss / dz = sigmoid(z) - [positive], so labels are never
+  built, and d / dt' = sum_i <x_i, (D Y)_i> re-uses the image gradient's GEMM instead of a b x b
+  product. The softplus's output is the only other b x b buffer, briefly: at most 2 at once.
+  Eager PyTorch on purpose: no compile time, the same code on CPU and GPU; what is left between
+  the GEMMs is four passes over the block (softplus, its sum, the sigmoid in place, its sum).
+
 Precision (``pali3_train.precision``): the loss is computed in fp32 whatever the embeddings'
 dtype. Texts travel in their own dtype (bf16 texts are exact in bf16: half the bytes on the
 wire) and are upcast where they are scored; logits, sums and the travelling gradient
@@ -25,6 +43,9 @@ accumulators are fp32; the gradients are returned in the inputs' dtypes.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -43,13 +64,22 @@ def ring_sigmoid_loss(
     logit_bias: torch.Tensor,
     group: ProcessGroup | None = None,
     bidirectional: bool = True,
+    kernel: str = "plain",
 ) -> torch.Tensor:
     """image_emb, text_emb [b, E] (this rank's pairs, L2-normalised); logit_scale t' and
     logit_bias b, shape [1] -> this rank's share l_r of the global loss (see the module text).
-    ``group``: the data-parallel group (default: the world); one process is the dense loss."""
+    ``group``: the data-parallel group (default: the world); one process is the dense loss.
+    ``kernel``: "plain" or "fused" blocks (the module text)."""
     _check_batches(image_emb, text_emb, group)
-    return _RingSigmoidLoss.apply(image_emb, text_emb, logit_scale, logit_bias, group,
-                                  bidirectional)  # fmt: skip
+    if kernel == "plain":
+        return _RingSigmoidLoss.apply(image_emb, text_emb, logit_scale, logit_bias, group,
+                                      bidirectional)  # fmt: skip
+    if kernel != "fused":
+        raise ValueError(f"ring loss kernel {kernel!r}: expected 'fused' or 'plain'")
+    inputs = (image_emb, text_emb, logit_scale, logit_bias)
+    # Decided here (autograd turns grad mode off inside forward), and alike on every rank.
+    wants_grads = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    return _FusedRingSigmoidLoss.apply(*inputs, group, bidirectional, wants_grads)
 
 
 # ------------------------------------------------------------------------------- the schedule
@@ -100,17 +130,43 @@ def _block_loss(img, txt, scale, bias, local: bool) -> torch.Tensor:
 
 
 def _block_grads(img, txt, scale, bias, local: bool, upstream):
-    """Gradients of ``upstream * _block_loss`` w.r.t. (img, txt, t', b), in img's dtype."""
+    """Gradients of ``upstream * _block_loss`` w.r.t. (txt, img, t', b), in img's dtype: the
+    texts' first, as ``_circulate`` takes them."""
     txt = txt.to(img.dtype)
     dots = img @ txt.T
     labels = _labels(len(img), local, img)
     dlogits = -labels * torch.sigmoid(-labels * (dots * scale + bias)) * upstream
     return (
-        dlogits @ txt * scale,
         dlogits.T @ img * scale,
+        dlogits @ txt * scale,
         (dlogits * dots).sum() * scale,  # d logits / d t' = t * <x, y>
         dlogits.sum(),
     )
+
+
+@dataclass(frozen=True)
+class _FusedBlock:
+    """One block's loss and gradient terms in one pass over one b x b buffer (the module text).
+    ``img_t`` = t x, ``bias`` in its dtype; ``upstream`` = 1/b, or None for the loss alone."""
+
+    img_t: torch.Tensor
+    bias: torch.Tensor
+    upstream: float | None
+
+    def __call__(self, txt: torch.Tensor, local: bool) -> tuple:
+        """-> (the texts' gradient, the loss, D Y [b, E], sum D), D = d loss / dz; or
+        (None, the loss) without gradients."""
+        txt = txt.to(self.img_t.dtype)
+        logits = torch.addmm(self.bias, self.img_t, txt.T)  # z [b, b]
+        loss = F.softplus(logits).sum()
+        if local:
+            loss = loss - logits.diagonal().sum()  # positives: softplus(-z) = softplus(z) - z
+        if self.upstream is None:
+            return None, loss
+        dz = logits.sigmoid_()  # D for the negatives, over z's buffer
+        if local:
+            dz.diagonal().sub_(1)
+        return (dz.T @ self.img_t).mul_(self.upstream), loss, dz @ txt, dz.sum()
 
 
 # ------------------------------------------------------------------------------ communication
@@ -151,8 +207,12 @@ class _Ring:
 
 # ------------------------------------------------------------------------------ autograd
 
+Score = Callable[[torch.Tensor, bool], tuple]
+
 
 class _RingSigmoidLoss(torch.autograd.Function):
+    """The plain kernel: the loss in the forward, the texts sent round again in the backward."""
+
     @staticmethod
     def forward(ctx, img, txt, logit_scale, logit_bias, group, bidirectional):
         ring = _Ring(group)
@@ -160,42 +220,92 @@ class _RingSigmoidLoss(torch.autograd.Function):
         scale, bias = upcast(logit_scale).exp(), upcast(logit_bias)
         # Values, not the parameters: a sharded optimizer may have released those by backward.
         ctx.save_for_backward(img, txt, scale.detach().clone(), bias.detach().clone())
-        ctx.ring, ctx.steps, ctx.shape = ring, steps, logit_scale.shape
-        ctx.dtypes = (img.dtype, txt.dtype, logit_scale.dtype, logit_bias.dtype)
-
-        pending = _start_hop(ring, steps, 0, {d: txt for d in (1, -1)})
+        ctx.ring, ctx.steps = ring, steps
+        _remember_dtypes(ctx, img, txt, logit_scale, logit_bias)
         img = upcast(img)
-        total = _block_loss(img, txt, scale, bias, local=True)
-        for k in range(len(steps)):
-            held = _Ring.finish(pending)
-            pending = _start_hop(ring, steps, k + 1, held)  # next chunks fly while we compute
-            for d in steps[k]:
-                total = total + _block_loss(img, held[d], scale, bias, local=False)
+        _, (total,) = _circulate(
+            ring, steps, txt, lambda held, local: (None, _block_loss(img, held, scale, bias, local))
+        )
         return total / len(img)
 
     @staticmethod
     def backward(ctx, grad_out):
-        img, txt, scale, logit_bias = ctx.saved_tensors
-        ring, steps = ctx.ring, ctx.steps
+        img, txt, scale, bias = ctx.saved_tensors
         img, upstream = upcast(img), upcast(grad_out) / len(img)
+        g_txt, (g_img, g_scale, g_bias) = _circulate(
+            ctx.ring, ctx.steps, txt,
+            lambda held, local: _block_grads(img, held, scale, bias, local, upstream),
+        )  # fmt: skip
+        return *_in_dtypes(ctx, g_img, g_txt, g_scale, g_bias), None, None
 
-        g_img, g_txt, g_scale, g_bias = _block_grads(img, txt, scale, logit_bias, True, upstream)
-        accumulators: dict[int, torch.Tensor] = {}
-        pending = _start_hop(ring, steps, 0, {d: txt for d in (1, -1)})
-        for k in range(len(steps)):
-            held = _Ring.finish(pending)
-            pending = _start_hop(ring, steps, k + 1, held)
-            if k > 0:  # each accumulator follows its chunk, one hop behind the texts
-                moving = {d: accumulators[d] for d in steps[k]}
-                accumulators |= _Ring.finish(ring.start(moving, {d: d for d in moving}, TAG_GRAD))
-            for d in steps[k]:
-                gi, gt, gs, gb = _block_grads(img, held[d], scale, logit_bias, False, upstream)
-                g_img, g_scale, g_bias = g_img + gi, g_scale + gs, g_bias + gb
-                accumulators[d] = accumulators[d] + gt if k > 0 else gt
-        for returned in _return_home(ring, steps, accumulators).values():
-            g_txt = g_txt + returned
-        grads = (g_img, g_txt, g_scale.reshape(ctx.shape), g_bias.reshape(ctx.shape))
-        return *(g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)), None, None
+
+class _FusedRingSigmoidLoss(torch.autograd.Function):
+    """The fused kernel: loss and gradients in the forward's one trip round the ring."""
+
+    @staticmethod
+    def forward(ctx, img, txt, logit_scale, logit_bias, group, bidirectional, wants_grads):
+        ring = _Ring(group)
+        _remember_dtypes(ctx, img, txt, logit_scale, logit_bias)
+        x, b = upcast(img), len(img)
+        scale = upcast(logit_scale).exp().to(x.dtype)
+        block = _FusedBlock(
+            x * scale, upcast(logit_bias).to(x.dtype), 1 / b if wants_grads else None
+        )
+        g_txt, (loss, *terms) = _circulate(ring, hops(ring.world, bidirectional), txt, block)
+        if wants_grads:
+            dz_y, dz_sum = terms
+            g_img = dz_y.mul_(scale / b)
+            # d / dt' = (1/b) sum_ij D_ij t <x_i, y_j> = sum_i <x_i, g_img_i>
+            g_scale = torch.dot(x.reshape(-1), g_img.reshape(-1))
+            ctx.save_for_backward(g_img, g_txt, g_scale, dz_sum / b)
+        return loss / b
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        upstream = upcast(grad_out)
+        grads = (g * upstream for g in ctx.saved_tensors)
+        return *_in_dtypes(ctx, *grads), None, None, None
+
+
+def _remember_dtypes(ctx, img, txt, logit_scale, logit_bias) -> None:
+    ctx.shape = logit_scale.shape
+    ctx.dtypes = (img.dtype, txt.dtype, logit_scale.dtype, logit_bias.dtype)
+
+
+def _in_dtypes(ctx, g_img, g_txt, g_scale, g_bias) -> tuple[torch.Tensor, ...]:
+    """The fp32 gradients as the inputs' shapes and dtypes."""
+    grads = (g_img, g_txt, g_scale.reshape(ctx.shape), g_bias.reshape(ctx.shape))
+    return tuple(g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
+
+
+def _circulate(ring: _Ring, steps, txt: torch.Tensor, score: Score):
+    """Score this rank's images against every text chunk of the group, its own first:
+    ``score(chunk, local)`` -> (the gradient for the chunk's texts, or None, *terms). Each text
+    gradient travels with its chunk, one hop behind it, gathering every rank's share, and a last
+    hop returns it to the owner. Returns (this rank's text gradient or None, the terms summed
+    over the blocks). Every hop but the last is in flight while a block is computed."""
+    pending = _start_hop(ring, steps, 0, {d: txt for d in (1, -1)})
+    g_txt, *totals = score(txt, True)
+    accumulators: dict[int, torch.Tensor] = {}
+    for k in range(len(steps)):
+        held = _Ring.finish(pending)
+        pending = _start_hop(ring, steps, k + 1, held)
+        moving = {d: accumulators[d] for d in steps[k] if d in accumulators}
+        arriving = ring.start(moving, {d: d for d in moving}, TAG_GRAD)
+        fresh = {}
+        for d in steps[k]:
+            fresh[d], *terms = score(held[d], False)
+            for total, term in zip(totals, terms):
+                total.add_(term)  # the local block's fresh terms: summed in place
+        arrived = _Ring.finish(arriving)
+        if g_txt is not None:
+            accumulators |= {d: arrived[d].add_(gt) if d in arrived else gt
+                             for d, gt in fresh.items()}  # fmt: skip
+    if g_txt is None:
+        return None, totals
+    for returned in _return_home(ring, steps, accumulators).values():
+        g_txt.add_(returned)  # the local block's, fresh
+    return g_txt, totals
 
 
 def _start_hop(ring: _Ring, steps, k: int, held: dict[int, torch.Tensor]):

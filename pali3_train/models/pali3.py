@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pali3_train.config import ModelConfig
-from pali3_train.losses.text import token_cross_entropy
+from pali3_train.losses.text import TokenLoss
 from pali3_train.models.decoding import beam_search
 from pali3_train.models.ul2 import UL2, shift_right
 from pali3_train.models.vit import VisionTransformer
@@ -20,7 +20,9 @@ from pali3_train.models.vit import VisionTransformer
 
 class PaLI3Output(NamedTuple):
     loss: torch.Tensor  # scalar, mean over real target tokens
-    logits: torch.Tensor  # [B, T, vocab]; under tensor parallelism this rank's [B, T, vocab / tp]
+    # [B, T, d_model]: the decoder's final hidden states; ``ul2.lm_head`` turns them into logits
+    # (under tensor parallelism this rank's vocabulary shard). The loss need not keep all logits.
+    hidden: torch.Tensor
 
 
 class PaLI3(nn.Module):
@@ -30,9 +32,10 @@ class PaLI3(nn.Module):
         self.vit = VisionTransformer(cfg.vit)
         self.projection = nn.Linear(cfg.vit.width, cfg.ul2.d_model)
         self.ul2 = UL2(cfg.ul2)
-        # (logits, target, mask) -> mean over real target tokens. A vocabulary-sharded LM head
-        # needs a collective loss: pali3_train.parallel swaps one in; the model stays unaware.
-        self.token_loss = token_cross_entropy
+        # (hidden states, LM head, target, mask) -> mean over real target tokens: all logits at
+        # once by default. From outside, pali3_train.parallel swaps in a collective loss for a
+        # vocabulary-sharded head and pali3_train.kernels one that holds fewer logits at a time.
+        self.token_loss = TokenLoss()
         nn.init.xavier_uniform_(self.projection.weight)
         nn.init.zeros_(self.projection.bias)
 
@@ -58,8 +61,9 @@ class PaLI3(nn.Module):
         """target [B, T] (ending in EOS, right-padded), target_mask [B, T]."""
         memory, memory_mask = self.encode(images, prompt, prompt_mask)
         state = self.ul2.start_decoding(memory, memory_mask, use_cache=False)
-        logits = self.ul2.decode(shift_right(target, self.cfg.ul2.pad_id), state)
-        return PaLI3Output(self.token_loss(logits, target, target_mask.bool()), logits)
+        hidden = self.ul2.decode_hidden(shift_right(target, self.cfg.ul2.pad_id), state)
+        loss = self.token_loss(hidden, self.ul2.lm_head, target, target_mask.bool())
+        return PaLI3Output(loss, hidden)
 
     @torch.no_grad()
     def generate(

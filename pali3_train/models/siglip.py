@@ -26,6 +26,8 @@ class SigLIP(nn.Module):
         # Shape [1], as in HF's SigLIP: DeepSpeed's ZeRO cannot flatten 0-dim parameters.
         self.logit_scale = nn.Parameter(torch.tensor([math.log(10.0)]))
         self.logit_bias = nn.Parameter(torch.tensor([-10.0]))
+        # The ring loss's block kernel ("plain" | "fused"), set by ``pali3_train.kernels``.
+        self.ring_loss = "plain"
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> L2-normalised [B, width], in fp32 (or fp64) whatever the towers'

@@ -10,6 +10,7 @@ from torch import nn
 
 from pali3_train.models.attention import MultiHeadAttention
 from pali3_train.models.fused import LayerNorm
+from pali3_train.models.projections import FusedLinear
 
 
 class MLP(nn.Module):
@@ -56,11 +57,14 @@ class Encoder(nn.Module):
 def init_linears(module: nn.Module) -> None:
     """Xavier-uniform weights and zero biases for every Linear/Conv2d below ``module``, as
     big_vision initialises its ViT: a convolution's kernel counts as the [out, in x kh x kw]
-    matrix it flattens to. The fans come from the layer's sizes and the weight is filled
-    through ``nn.init`` itself, never through a view: a weight partitioned by ZeRO-3 has no
-    shape of its own to read (``engine/zero_init.py``)."""
+    matrix it flattens to, a fused projection's fan-out is that of one of its parts (q, k and v
+    are initialised as the separate matrices they stand for). The fans come from the layer's
+    sizes and the weight is filled through ``nn.init`` itself, never through a view: a weight
+    partitioned by ZeRO-3 has no shape of its own to read (``engine/zero_init.py``)."""
     for sub in module.modules():
-        if isinstance(sub, nn.Linear):
+        if isinstance(sub, FusedLinear):
+            _xavier_uniform_(sub.weight, sub.in_features, sub.part_features)
+        elif isinstance(sub, nn.Linear):
             _xavier_uniform_(sub.weight, sub.in_features, sub.out_features)
         elif isinstance(sub, nn.Conv2d):
             fan_in = sub.in_channels // sub.groups * math.prod(sub.kernel_size)

@@ -15,8 +15,17 @@ import torch
 from torch import nn
 
 from pali3_train.config import UL2Config
+from pali3_train.models import projections
 from pali3_train.models.attention import KV, MultiHeadAttention, padding_bias
+from pali3_train.models.flex_bias import (
+    FlexBias,
+    block_mask,
+    causal,
+    key_padding,
+    relative_score_mod,
+)
 from pali3_train.models.fused import RMSNorm, gated_activation
+from pali3_train.models.projections import FusedLinear, Projections, project
 
 
 def relative_position_bucket(
@@ -60,22 +69,40 @@ class RelativePositionBias(nn.Module):
         )
         return self.embed(buckets).permute(2, 0, 1)[None]
 
+    def per_offset(self, q_len: int, k_len: int) -> torch.Tensor:
+        """-> [q_len + k_len - 1, H]: row o + q_len - 1 holds the bias of key - query offset o,
+        for queries at 0 .. q_len - 1. What FlexAttention's ``score_mod`` indexes: the same values
+        as ``forward`` without the [q_len, k_len] grid. Looked up through the embedding module
+        (not its weight), so that ZeRO-3 gathers the table."""
+        offsets = torch.arange(1 - q_len, k_len, device=self.embed.weight.device)
+        buckets = relative_position_bucket(
+            offsets, self.bidirectional, self.num_buckets, self.max_distance
+        )
+        return self.embed(buckets)
+
 
 class FeedForward(nn.Module):
+    """wo(act(gate) * up), gate and up from one GEMM: ``wi``'s rows are [hidden unit, {gate, up}]
+    (``models/projections.py``)."""
+
     def __init__(self, cfg: UL2Config):
         super().__init__()
         self.kind = cfg.feed_forward
-        self.wi_gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.wi_up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        # "fused" | "separate" (one GEMM each for gate and up; ``pali3_train.kernels`` sets it)
+        self.projections: Projections = "fused"
+        self.wi = FusedLinear(cfg.d_model, cfg.d_ff, 2, 1, bias=False)
         self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.wo(gated_activation(self.wi_gate(x), self.wi_up(x), self.kind))
+        gate, up = (h.flatten(-2) for h in project(self.wi, x, 2, 1, self.projections))
+        return self.wo(gated_activation(gate, up, self.kind))
 
 
-def _attention(cfg: UL2Config) -> MultiHeadAttention:
+def _attention(cfg: UL2Config, joint_qkv: bool = True) -> MultiHeadAttention:
     # T5 does not scale logits by 1/sqrt(d_kv); its initialisation accounts for it.
-    return MultiHeadAttention(cfg.d_model, cfg.num_heads, cfg.d_kv, bias=False, scale=1.0)
+    return MultiHeadAttention(
+        cfg.d_model, cfg.num_heads, cfg.d_kv, bias=False, scale=1.0, joint_qkv=joint_qkv
+    )
 
 
 class EncoderLayer(nn.Module):
@@ -95,9 +122,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: UL2Config):
         super().__init__()
         self.norm_self = RMSNorm(cfg.d_model, cfg.layer_norm_eps)
-        self.self_attn = _attention(cfg)
+        self.self_attn = _attention(cfg, joint_qkv=False)  # its keys/values are cached
         self.norm_cross = RMSNorm(cfg.d_model, cfg.layer_norm_eps)
-        self.cross_attn = _attention(cfg)
+        self.cross_attn = _attention(cfg, joint_qkv=False)
         self.norm_ff = RMSNorm(cfg.d_model, cfg.layer_norm_eps)
         self.ff = FeedForward(cfg)
 
@@ -127,6 +154,7 @@ class DecoderState:
 
     cross_kv: list[KV]
     cross_bias: torch.Tensor
+    memory_mask: torch.Tensor  # [B, L]; FlexAttention builds its block mask from it
     self_kv: list[KV] | None  # None: no cache, every call decodes the whole prefix
     length: int = 0  # tokens already in the cache
 
@@ -140,6 +168,8 @@ class UL2(nn.Module):
     def __init__(self, cfg: UL2Config):
         super().__init__()
         self.cfg = cfg
+        # "sdpa": dense biases; "flex": FlexAttention (``pali3_train.kernels`` sets it)
+        self.attention = "sdpa"
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)  # shared by encoder and decoder
         self.encoder_bias = RelativePositionBias(cfg, bidirectional=True)
         self.encoder_layers = nn.ModuleList(
@@ -162,13 +192,17 @@ class UL2(nn.Module):
         nn.init.normal_(self.lm_head.weight, std=cfg.d_model**-0.5)
         for module in self.modules():
             if isinstance(module, MultiHeadAttention):
-                nn.init.normal_(module.q_proj.weight, std=(cfg.d_model * cfg.d_kv) ** -0.5)
-                for proj in (module.k_proj, module.v_proj):
-                    nn.init.normal_(proj.weight, std=cfg.d_model**-0.5)
+                q_std, kv_std = (cfg.d_model * cfg.d_kv) ** -0.5, cfg.d_model**-0.5
+                if module.joint_qkv:
+                    # through its module, which ZeRO-3's partitioned construction redirects
+                    stds = (q_std, kv_std, kv_std)
+                    projections.normal_parts_(module.qkv_proj.weight, stds, cfg.d_kv)
+                else:
+                    nn.init.normal_(module.q_proj.weight, std=q_std)
+                    nn.init.normal_(module.kv_proj.weight, std=kv_std)
                 nn.init.normal_(module.out_proj.weight, std=(cfg.num_heads * cfg.d_kv) ** -0.5)
             elif isinstance(module, FeedForward):
-                nn.init.normal_(module.wi_gate.weight, std=cfg.d_model**-0.5)
-                nn.init.normal_(module.wi_up.weight, std=cfg.d_model**-0.5)
+                nn.init.normal_(module.wi.weight, std=cfg.d_model**-0.5)  # gate and up alike
                 nn.init.normal_(module.wo.weight, std=cfg.d_ff**-0.5)
             elif isinstance(module, RelativePositionBias):
                 nn.init.normal_(module.embed.weight, std=cfg.d_model**-0.5)
@@ -176,7 +210,13 @@ class UL2(nn.Module):
     def encode(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x [B, L, d_model] embeddings, mask [B, L] (True = real) -> hidden [B, L, d_model]."""
         length = x.shape[1]
-        bias = self.encoder_bias(length, length) + padding_bias(mask, x.dtype)
+        if self.attention == "flex":
+            bias = FlexBias(
+                relative_score_mod(self.encoder_bias.per_offset(length, length), length),
+                block_mask(key_padding(mask), len(mask), length, length, mask.device),
+            )
+        else:
+            bias = self.encoder_bias(length, length) + padding_bias(mask, x.dtype)
         for layer in self.encoder_layers:
             x = layer(x, bias)
         return self.encoder_norm(x)
@@ -188,28 +228,61 @@ class UL2(nn.Module):
         return DecoderState(
             cross_kv=[layer.cross_attn.project_kv(memory) for layer in self.decoder_layers],
             cross_bias=padding_bias(memory_mask, memory.dtype),
+            memory_mask=memory_mask,
             self_kv=[] if use_cache else None,
         )
 
     def decode(self, tokens: torch.Tensor, state: DecoderState) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, vocab]. With a cache, ``tokens`` continue the cached
         prefix; without one, they are the whole decoder input."""
+        return self.lm_head(self.decode_hidden(tokens, state))
+
+    def decode_hidden(self, tokens: torch.Tensor, state: DecoderState) -> torch.Tensor:
+        """``decode`` short of the LM head: -> the normalised final hidden states [B, T, d_model].
+        Training hands them with the head to the loss, which need not hold all the logits."""
         offset = state.length if state.self_kv is not None else 0
         q_len = tokens.shape[1]
         k_len = offset + q_len
         x = self.embed(tokens)
-        q_pos = torch.arange(offset, k_len, device=tokens.device)[:, None]
-        future = torch.arange(k_len, device=tokens.device)[None, :] > q_pos
-        bias = self.decoder_bias(q_len, k_len, offset).masked_fill(future, torch.finfo(x.dtype).min)
+        self_bias, cross_bias = self._decoder_biases(state, offset, q_len, x.dtype)
         caching = state.self_kv is not None
         for i, layer in enumerate(self.decoder_layers):
             past = state.self_kv[i] if caching and state.length else None
-            x, kv = layer(x, bias, state.cross_kv[i], state.cross_bias, past)
+            x, kv = layer(x, self_bias, state.cross_kv[i], cross_bias, past)
             if caching:
                 state.self_kv[i : i + 1] = [kv]
         if caching:
             state.length = k_len
-        return self.lm_head(self.decoder_norm(x))
+        return self.decoder_norm(x)
+
+    def _decoder_biases(self, state: DecoderState, offset: int, q_len: int, dtype: torch.dtype):
+        """(self-attention, cross-attention) biases for queries at offset .. offset + q_len - 1.
+        FlexAttention serves teacher forcing; a step that extends a cache (generation, one query
+        at a time) takes the dense biases."""
+        k_len = offset + q_len
+        if self.attention == "flex" and state.self_kv is None:
+            memory_mask = state.memory_mask
+            return (
+                FlexBias(
+                    relative_score_mod(self.decoder_bias.per_offset(q_len, k_len), q_len),
+                    block_mask(causal, None, q_len, k_len, memory_mask.device),
+                ),
+                FlexBias(
+                    None,
+                    block_mask(
+                        key_padding(memory_mask),
+                        len(memory_mask),
+                        q_len,
+                        memory_mask.shape[1],
+                        memory_mask.device,
+                    ),
+                ),
+            )
+        device = state.memory_mask.device
+        q_pos = torch.arange(offset, k_len, device=device)[:, None]
+        future = torch.arange(k_len, device=device)[None, :] > q_pos
+        bias = self.decoder_bias(q_len, k_len, offset).masked_fill(future, torch.finfo(dtype).min)
+        return bias, state.cross_bias
 
     def forward(
         self, input_tokens: torch.Tensor, input_mask: torch.Tensor, decoder_tokens: torch.Tensor

@@ -68,7 +68,7 @@ class MAPHead(nn.Module):
         super().__init__()
         self.probe = nn.Parameter(torch.empty(1, 1, cfg.width))
         self.attn = MultiHeadAttention(
-            cfg.width, cfg.num_heads, cfg.width // cfg.num_heads, bias=True
+            cfg.width, cfg.num_heads, cfg.width // cfg.num_heads, bias=True, joint_qkv=False
         )
         self.norm = LayerNorm(cfg.width, cfg.layer_norm_eps)
         self.mlp = MLP(cfg.width, cfg.mlp_dim)

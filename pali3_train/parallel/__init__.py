@@ -23,7 +23,7 @@ from pali3_train.parallel.tensor_parallel import (
     Shard,
     full_state_dict,
     parallelize,
-    vocab_parallel_token_cross_entropy,
+    vocab_parallel_cross_entropy,
 )
 
 __all__ = [
@@ -44,5 +44,5 @@ __all__ = [
     "parallelize",
     "tp_group",
     "tp_rank",
-    "vocab_parallel_token_cross_entropy",
+    "vocab_parallel_cross_entropy",
 ]

@@ -50,13 +50,17 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if type(module) in AC_PLAN and "forward" not in vars(module):
             # Bound to the instance (not a closure over it), so copy.deepcopy rebinds it.
+            # ``inner_forward`` is what is recomputed: the block's own forward, which
+            # parallel/compile.py may replace with its compiled form.
+            module.inner_forward = types.MethodType(type(module).forward, module)
             module.forward = types.MethodType(_checkpointed_forward, module)
     return model
 
 
 def _checkpointed_forward(self: nn.Module, *args, **kwargs):
-    forward = type(self).forward.__get__(self)  # the block's own forward
+    forward = self.inner_forward
     when = AC_PLAN[type(self)]
-    if torch.is_grad_enabled() and when(inspect.signature(forward).bind(*args, **kwargs)):
+    call = inspect.signature(type(self).forward).bind(self, *args, **kwargs)
+    if torch.is_grad_enabled() and when(call):
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
     return forward(*args, **kwargs)

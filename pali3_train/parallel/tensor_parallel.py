@@ -6,13 +6,15 @@ holding this rank's slice of the original weights, so the parallel model compute
 function as the unsharded one. Attention is split by heads (q/k/v column-parallel, out row-parallel,
 the relative position bias keeps this rank's heads), feed-forwards by hidden units, and UL2's
 vocabulary by contiguous slices (embedding and LM head). Under TP the LM head yields this rank's
-vocabulary shard of the logits, [B, T, vocab / tp], and PaLI-3's loss becomes megatron-core's
-vocabulary-parallel cross-entropy. Generation gathers the full logits (it picks ids from the whole
-vocabulary), so every TP rank decodes the same tokens.
+vocabulary shard of the logits, [B, T, vocab / tp], and PaLI-3's token loss computes megatron-core's
+vocabulary-parallel cross-entropy over them (all logits at once, or in token chunks when
+``pali3_train.kernels`` chooses so afterwards). Generation gathers the full logits (it picks ids
+from the whole vocabulary), so every TP rank decodes the same tokens.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from enum import Enum
 
@@ -39,14 +41,17 @@ class Shard(Enum):
 # Owner module type -> {child attribute: how it is split}. Consecutive COLUMN/ROW pairs need one
 # all-reduce forward (ROW) and one backward (COLUMN's input gradient) per block.
 TP_PLAN: dict[type[nn.Module], dict[str, Shard]] = {
+    # Either qkv_proj or q_proj + kv_proj. The fused weights' rows are ordered by head
+    # (models/projections.py), so a rank's contiguous chunk holds whole heads' q, k and v.
     MultiHeadAttention: {
+        "qkv_proj": Shard.COLUMN,
         "q_proj": Shard.COLUMN,
-        "k_proj": Shard.COLUMN,
-        "v_proj": Shard.COLUMN,
+        "kv_proj": Shard.COLUMN,
         "out_proj": Shard.ROW,
     },
     MLP: {"fc1": Shard.COLUMN, "fc2": Shard.ROW},  # SigLIP ViT/text blocks and the MAP head
-    FeedForward: {"wi_gate": Shard.COLUMN, "wi_up": Shard.COLUMN, "wo": Shard.ROW},  # UL2
+    # UL2; wi is gate and up fused, its rows ordered by hidden unit
+    FeedForward: {"wi": Shard.COLUMN, "wo": Shard.ROW},
     RelativePositionBias: {"embed": Shard.HEADS},
     UL2: {"embed": Shard.VOCAB, "lm_head": Shard.COLUMN},  # lm_head: logits for this vocab slice
 }
@@ -79,7 +84,9 @@ def parallelize(model: nn.Module, dims: ParallelDims) -> nn.Module:
         if isinstance(module, MultiHeadAttention):
             module.num_heads //= dims.tp  # this rank's heads, for anyone who reads the attribute
         if isinstance(module, PaLI3):
-            module.token_loss = vocab_parallel_token_cross_entropy
+            module.token_loss = dataclasses.replace(
+                module.token_loss, per_token=vocab_parallel_cross_entropy
+            )
             module.generate = _with_full_logits(module.generate, module.ul2.lm_head)
     return model
 
@@ -134,9 +141,11 @@ def _plan_targets(model: nn.Module) -> list[tuple[str, nn.Module, str, Shard]]:
     targets = []
     for path, owner in model.named_modules():
         for name, shard in TP_PLAN.get(type(owner), {}).items():
+            if not hasattr(owner, name):  # attention with the other projection layout
+                continue
             child = getattr(owner, name)
             expected = nn.Embedding if shard in (Shard.VOCAB, Shard.HEADS) else nn.Linear
-            if type(child) is not expected:
+            if not isinstance(child, expected):  # megatron's layers are neither
                 raise TypeError(
                     f"{path}.{name}: expected {expected.__name__}, found "
                     f"{type(child).__name__} (is the model parallelized already?)"
@@ -154,6 +163,8 @@ def _check_divisible(path: str, owner: nn.Module, child: nn.Module, shard: Shard
 def _split_size(owner: nn.Module, child: nn.Module, shard: Shard) -> tuple[str, int]:
     if isinstance(owner, MultiHeadAttention):  # a rank must hold whole heads
         return "attention heads", owner.num_heads
+    if isinstance(owner, FeedForward):  # ... and whole hidden units, gate and up together
+        return "hidden units", owner.wo.in_features
     if shard is Shard.COLUMN:
         return "output features", child.out_features
     if shard is Shard.ROW:
@@ -289,16 +300,12 @@ def _copy_full(param: nn.Parameter, full: torch.Tensor) -> None:
 # ------------------------------------------------------------------------------------- loss
 
 
-def vocab_parallel_token_cross_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """``token_cross_entropy`` for vocabulary-sharded logits: logits [B, T, vocab / tp] (this TP
-    rank's contiguous vocabulary slice), targets [B, T] global ids, mask [B, T] True on real
-    tokens -> the mean over real tokens, the same scalar on every rank of the TP group."""
+def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``losses.text.per_token_cross_entropy`` for vocabulary-sharded logits: logits
+    [N, vocab / tp] (this TP rank's contiguous vocabulary slice), targets [N] global ids -> fp32
+    per-token losses [N], the same on every rank of the TP group (all-reduces over it)."""
     # megatron's kernel turns its input into softmax probabilities in place when it is already
     # fp32 (`.float()` is then a no-op): give it a copy, so the caller's logits stay logits.
-    per_token = tensor_parallel.vocab_parallel_cross_entropy(
+    return tensor_parallel.vocab_parallel_cross_entropy(
         logits.to(torch.float32, copy=True), targets
     )
-    weights = mask.to(per_token.dtype)
-    return (per_token * weights).sum() / weights.sum().clamp(min=1.0)

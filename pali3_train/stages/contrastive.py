@@ -35,8 +35,9 @@ class ContrastiveSigLIP(SigLIP):
 
         image_emb, text_emb = self.embed_images(images), self.embed_texts(tokens)
         return ring_sigmoid_loss(
-            image_emb, text_emb, self.logit_scale, self.logit_bias, group=dp_group()
-        )
+            image_emb, text_emb, self.logit_scale, self.logit_bias, group=dp_group(),
+            kernel=self.ring_loss,
+        )  # fmt: skip
 
 
 def loss(model: nn.Module, batch: Batch) -> torch.Tensor:

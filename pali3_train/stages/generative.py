@@ -11,7 +11,14 @@ from data_pipeline.transforms import Batch
 from pali3_train.config import Config, ConfigError
 from pali3_train.convert.rename import StateDict, add_prefix, strip_prefix
 from pali3_train.engine.flops import SampleFlops, Tally, ul2, vit
-from pali3_train.engine.memory import BYTES, Activations, tower, trains
+from pali3_train.engine.memory import (
+    BYTES,
+    Activations,
+    cross_entropy_bytes,
+    planned_kernels,
+    tower,
+    trains,
+)
 from pali3_train.eval.answers import AnswerEvaluator
 from pali3_train.eval.evaluator import EvalContext, Evaluator, held_out
 from pali3_train.models import PaLI3
@@ -86,6 +93,10 @@ def activations(cfg: Config, model: nn.Module) -> Activations:
     dec_keeps = enc_keeps or trains(model.ul2.decoder_layers, model.ul2.lm_head)
     bias = b * (ul2.num_heads // t) * seq**2 * w  # [b, heads/t, s, s], shared by all layers
     cross_kv = ul2.num_decoder_layers * 2 * b * seq * ul2.num_heads * ul2.d_kv / t * w
+    kernels = planned_kernels(cfg)
+    loss = cross_entropy_bytes(kernels.cross_entropy, b * target, ul2.vocab_size // t,
+                               ul2.d_model, kernels.cross_entropy_chunk_tokens,
+                               cfg.train.precision)  # fmt: skip
     return Activations(
         (
             tower(cfg, "vit", vit.depth, vit.num_patches, vit.width, vit_keeps),
@@ -94,7 +105,8 @@ def activations(cfg: Config, model: nn.Module) -> Activations:
                 cfg, "ul2 decoder", ul2.num_decoder_layers, target, ul2.d_model, dec_keeps, cross_kv
             ),  # fmt: skip
         ),
-        logits=b * target * ul2.vocab_size / t * (w + 4) if dec_keeps else 0.0,
+        logits=loss if dec_keeps else 0.0,
+        loss_path=kernels.cross_entropy,
     )
 
 

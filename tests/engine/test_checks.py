@@ -68,10 +68,15 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                           timeout=120)  # fmt: skip
 
 
-def test_the_launcher_refuses_a_stage_mismatch_and_a_split_contrastive_batch():
+def test_the_launcher_refuses_a_stage_mismatch_a_split_contrastive_batch_and_cpu_flex():
     mismatch = _run("--stage", "0", "--config", str(STAGE1))
     split = _run("--config", str(STAGE0), "--set", "train.micro_batch_size=8")
-    for result, field in ((mismatch, "stage.name"), (split, "train.micro_batch_size")):
+    flex = _run("--config", str(STAGE1), "--set", "kernels.attention=flex")  # no CPU backward
+    for result, field in (
+        (mismatch, "stage.name"),
+        (split, "train.micro_batch_size"),
+        (flex, "kernels.attention"),
+    ):
         assert result.returncode == 2, result.stderr[-2000:]
         assert result.stderr.startswith(f"error: {ROOT}/configs/tiny/stage")
         assert f": {field}: " in result.stderr and len(result.stderr.splitlines()) == 1

@@ -21,7 +21,7 @@ CONFIGS = {
     "tiny stage 2": ("configs/tiny/stage2.yaml", []),
     "tiny, one weight and one decoder layer frozen": (
         "configs/tiny/stage2.yaml",
-        ["stage.freeze=[vit.encoder.blocks.0.attn.q_proj.weight,ul2.decoder_layers.1]"],
+        ["stage.freeze=[vit.encoder.blocks.0.attn.qkv_proj.weight,ul2.decoder_layers.1]"],
     ),
     "tiny, everything before the decoder frozen": (
         "configs/tiny/stage2.yaml",

@@ -137,3 +137,41 @@ def test_a_spec_whose_adaptation_makes_tensors_is_refused(demo, tmp_path):
     stage = dataclasses.replace(cfg.stage, init_from=str(weights))
     with pytest.raises(TypeError, match="adapt_weights must rename tensors, not make them"):
         load_init_weights(PaLI3(cfg.model), spec, stage)
+
+
+def _separate_layout(state: dict, cfg) -> dict:
+    """``state`` as pali3-train wrote it before the projections were fused: separate q/k/v (and
+    k/v) per attention, wi_gate/wi_up per feed-forward, cut out of the fused rows by hand."""
+    heads = {"vit": (cfg.vit.num_heads, cfg.vit.width // cfg.vit.num_heads),
+             "ul2": (cfg.ul2.num_heads, cfg.ul2.d_kv)}  # fmt: skip
+    parts = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "kv_proj": ("k_proj", "v_proj")}
+    old = {}
+    for name, value in state.items():
+        path, _, kind = name.rpartition(".")
+        module, _, proj = path.rpartition(".")
+        if proj in parts:
+            h, d = heads[name.split(".")[0]]
+            rows = value.view(h, len(parts[proj]), d, *value.shape[1:])
+            for i, part in enumerate(parts[proj]):
+                old[f"{module}.{part}.{kind}"] = rows[:, i].reshape(h * d, *value.shape[1:])
+        elif proj == "wi":
+            old[f"{module}.wi_gate.{kind}"] = value[0::2]  # rows [hidden unit, {gate, up}]
+            old[f"{module}.wi_up.{kind}"] = value[1::2]
+        else:
+            old[name] = value
+    return old
+
+
+def test_an_export_of_the_separate_projection_layout_still_starts_a_stage(demo, tmp_path):
+    cfg = load_config(stage_config(demo, tmp_path / "a"))
+    torch.manual_seed(17)
+    trained = PaLI3(cfg.model).state_dict()
+    old = _separate_layout(trained, cfg.model)
+    assert {"vit.encoder.blocks.0.attn.v_proj.bias", "ul2.encoder_layers.0.ff.wi_up.weight",
+            "ul2.decoder_layers.0.cross_attn.k_proj.weight"} <= old.keys()  # fmt: skip
+    weights = tmp_path / "old.safetensors"
+    save_weights(old, weights, {"kind": "pali3"})
+    config = stage_config(demo, tmp_path / "b", stage={"init_from": str(weights)})
+    model = build_model(load_config(config), ParallelDims(1, 1))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, trained[name]), name

@@ -127,8 +127,12 @@ def test_a_layer_that_tp_cannot_split_is_named():
 
 def test_activations_by_hand_for_the_tiny_stage1(tmp_path):
     """Tiny preset, fp32, TP 1, micro-batch 8: 16 patches + 24 prompt tokens into 2 encoder
-    blocks of width 64 (4 heads), 24 target tokens through 2 decoder blocks, vocabulary 1024."""
-    cfg = load_config(ROOT / "configs/tiny/stage1.yaml", ["train.micro_batch_size=8"])
+    blocks of width 64 (4 heads), 24 target tokens through 2 decoder blocks, vocabulary 1024;
+    the cross-entropy over all logits at once."""
+    cfg = load_config(
+        ROOT / "configs/tiny/stage1.yaml",
+        ["train.micro_batch_size=8", "kernels.cross_entropy=plain"],
+    )
     act = spec_for(cfg).activations(cfg, stage_model(cfg, "t"))
     b, w, h = 8, 4, 64
     block = lambda s: s * b * h * (10 + 24) * w / 2  # noqa: E731
@@ -139,7 +143,7 @@ def test_activations_by_hand_for_the_tiny_stage1(tmp_path):
     assert encoder.checkpointed == 2 * w * 40 * b * h + bias
     cross_kv = 2 * 2 * b * 40 * 64 * w  # 2 layers x (K, V) of the encoder output
     assert decoder.plain == 2 * block(24) + cross_kv
-    assert act.logits == b * 24 * 1024 * (w + 4)
+    assert act.logits == b * 24 * 1024 * 12 and act.loss_path == "plain"
     assert act.total(False) == encoder.plain + decoder.plain + act.logits
     assert act.total(True) == encoder.checkpointed + decoder.checkpointed + block(40) + act.logits
 
@@ -148,3 +152,34 @@ def test_activations_by_hand_for_the_tiny_stage1(tmp_path):
     )
     vit = spec_for(unfrozen).activations(unfrozen, stage_model(unfrozen, "t")).towers[0]
     assert vit.plain == 2 * block(16)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "path", "expected"),
+    [
+        # 192 tokens, vocabulary 1024 / TP, width 64, fp32: one 64-token chunk of logits at 12 B
+        # a logit, and two more head gradients (1024 / TP x 64 x 4 B each).
+        (["kernels.cross_entropy_chunk_tokens=64"], "chunked", 64 * 1024 * 12 + 2 * 1024 * 64 * 4),
+        (
+            ["kernels.cross_entropy_chunk_tokens=64", "parallel.tensor_parallel_size=2"],
+            "chunked",
+            64 * 512 * 12 + 2 * 512 * 64 * 4,
+        ),
+        (["kernels.cross_entropy_chunk_tokens=192"], "chunked", 192 * 1024 * 12),  # one chunk
+        # the fp32 input gradient and a chunk of logits of about as many elements
+        (["kernels.cross_entropy=liger"], "liger", 2 * 4 * 192 * 64),
+        # bf16: the head gradient's fp32 accumulator too
+        (
+            ["kernels.cross_entropy=liger", "train.precision=bf16"],
+            "liger",
+            4 * 1024 * 64 + 2 * 2 * 192 * 64,
+        ),
+    ],
+)
+def test_the_loss_term_follows_the_cross_entropy_path(overrides, path, expected):
+    """What the dry run counts for the loss is what the chosen path holds (a plan is for GPUs:
+    auto takes liger at TP 1 below ZeRO-3, chunked otherwise)."""
+    base = ["train.micro_batch_size=8", "kernels.cross_entropy=chunked"]
+    cfg = load_config(ROOT / "configs/tiny/stage1.yaml", base + overrides)
+    act = spec_for(cfg).activations(cfg, stage_model(cfg, "t"))
+    assert act.loss_path == path and act.logits == expected

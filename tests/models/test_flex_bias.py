@@ -11,7 +11,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pali3_train.config import ParallelConfig, TextConfig, ViTConfig
-from pali3_train.config.schema import KernelsConfig
+from pali3_train.config.schema import FieldError, KernelsConfig
 from pali3_train.kernels import Kernels, apply_kernels, resolve_kernels
 from pali3_train.models import UL2
 from pali3_train.models.flex_bias import relative_score_mod
@@ -113,8 +113,9 @@ def test_the_resolved_choice_reaches_the_model_and_cpu_training_refuses_flex():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_kernels(KernelsConfig(), cpu, ParallelConfig()).attention == "sdpa"
     assert resolve_kernels(KernelsConfig(), cuda, ParallelConfig()).attention == "flex"
-    with pytest.raises(ValueError, match="kernels.attention"):
+    with pytest.raises(FieldError, match="no backward on cpu") as refused:
         resolve_kernels(KernelsConfig(attention="flex"), cpu, ParallelConfig())
+    assert refused.value.field_path == "kernels.attention"
     model = UL2(ul2_config("gated-silu"))
     apply_kernels(model, Kernels(False, "fused", "flex", "plain", 1024, "plain"))
     assert model.attention == "flex"

@@ -8,7 +8,7 @@ from pali3_train.convert.pali3 import NEW_IN_PALI3, pali3_from_towers
 from pali3_train.convert.siglip import siglip_from_hf
 from pali3_train.convert.t5 import ul2_from_hf
 from pali3_train.models import PaLI3
-from tests.hf_reference import VIT, hf_siglip, hf_t5, model_config, ul2_config
+from tests.hf_reference import TEXT, VIT, hf_siglip, hf_t5, model_config, ul2_config
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def models():
     model = PaLI3(cfg).eval()
     missing, unexpected = model.load_state_dict(
         pali3_from_towers(
-            siglip_from_hf(hf_vision.state_dict()), ul2_from_hf(hf_text.state_dict())
+            siglip_from_hf(hf_vision.state_dict(), VIT, TEXT), ul2_from_hf(hf_text.state_dict())
         ),
         strict=False,
     )
@@ -49,7 +49,8 @@ def test_loss_and_logits_match_huggingface_composition(models):
             inputs_embeds=embeds, attention_mask=mask, labels=target.masked_fill(~target_mask, -100)
         )
         ours = model(images, prompt, prompt_mask, target, target_mask)
-    torch.testing.assert_close(ours.logits, reference.logits, atol=1e-5, rtol=1e-5)
+    logits = model.ul2.lm_head(ours.hidden)
+    torch.testing.assert_close(logits, reference.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours.loss, reference.loss, atol=1e-5, rtol=1e-5)
 
 

@@ -13,7 +13,7 @@ from tests.hf_reference import TEXT, VIT, hf_siglip, model_config, ul2_config
 def test_logits_and_loss_match_huggingface():
     hf = hf_siglip()
     ours = SigLIP(model_config(ul2_config("gated-gelu"))).eval()
-    ours.load_state_dict(siglip_from_hf(hf.state_dict()))
+    ours.load_state_dict(siglip_from_hf(hf.state_dict(), VIT, TEXT))
     images = torch.randn(5, 3, VIT.image_size_px, VIT.image_size_px)
     tokens = torch.randint(0, TEXT.vocab_size, (5, TEXT.max_len))
     with torch.no_grad():

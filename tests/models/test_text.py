@@ -11,7 +11,7 @@ from tests.hf_reference import TEXT, VIT, hf_siglip, model_config, ul2_config
 def test_pooled_embedding_matches_huggingface():
     hf = hf_siglip()
     ours = SigLIP(model_config(ul2_config("gated-gelu"))).eval()
-    ours.load_state_dict(siglip_from_hf(hf.state_dict()))
+    ours.load_state_dict(siglip_from_hf(hf.state_dict(), VIT, TEXT))
     tokens = torch.randint(0, TEXT.vocab_size, (4, TEXT.max_len))
     with torch.no_grad():
         reference = hf.text_model(input_ids=tokens).pooler_output

@@ -6,14 +6,14 @@ import torch
 
 from pali3_train.convert.siglip import siglip_from_hf
 from pali3_train.models import MAPHead, SigLIP, VisionTransformer, resample_posemb
-from tests.hf_reference import VIT, hf_siglip, model_config, ul2_config
+from tests.hf_reference import TEXT, VIT, hf_siglip, model_config, ul2_config
 
 
 @pytest.fixture(scope="module")
 def towers():
     hf = hf_siglip()
     ours = SigLIP(model_config(ul2_config("gated-gelu"))).eval()
-    ours.load_state_dict(siglip_from_hf(hf.state_dict()))
+    ours.load_state_dict(siglip_from_hf(hf.state_dict(), VIT, TEXT))
     return hf, ours
 
 
