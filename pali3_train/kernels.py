@@ -55,14 +55,14 @@ def resolve_kernels(
         raise FieldError(
             "kernels.attention",
             "flex needs CUDA to train (FlexAttention has no backward on "
-            f"{device.type}); use sdpa or auto"
+            f"{device.type}); use sdpa or auto",
         )
     sharded = parallel.tensor_parallel_size > 1 or parallel.zero_stage == 3
     if cfg.projections == "separate" and sharded:
         raise FieldError(
             "kernels.projections",
             "separate slices the weights outside their layers' forward, "
-            "which tensor parallelism and ZeRO-3 do not see; use fused"
+            "which tensor parallelism and ZeRO-3 do not see; use fused",
         )
     liger_fits = cuda and parallel.tensor_parallel_size == 1 and parallel.zero_stage < 3
     if cfg.cross_entropy == "liger" and not liger_available():

@@ -5,11 +5,11 @@ TF32 tensor cores, as the trainer enables at start-up).
 
 ``bf16``:
 - weights and activations in bf16: DeepSpeed casts the module (under ZeRO-3 our partitioned
-  construction casts each module as it partitions it, ``engine.zero_init``) and keeps an fp32
-  master copy of every trained weight, with fp32 Adam moments (``deepspeed_section``); model
-  inputs (images) come in ``compute_dtype``. Gradients are reduced and accumulated in bf16 and applied to the fp32
-  master weights. (DeepSpeed's fp32 accumulation, ``data_types.grad_accum_dtype``, exists only
-  for ZeRO-1 through a separate bf16 optimizer whose checkpoints its own consolidation,
+  construction casts each module as it partitions it, ``engine.zero_init``) and keeps an fp32 master
+  copy of every trained weight, with fp32 Adam moments (``deepspeed_section``); model inputs
+  (images) come in ``compute_dtype``. Gradients are reduced and accumulated in bf16 and applied to
+  the fp32 master weights. (DeepSpeed's fp32 accumulation, ``data_types.grad_accum_dtype``, exists
+  only for ZeRO-1 through a separate bf16 optimizer whose checkpoints its own consolidation,
   ``zero_to_fp32``, cannot read: the final export would fail.)
 - in fp32: normalisation (LayerNorm and RMSNorm statistics and their affine, ``models.fused``:
   their weights are stored in bf16 like every weight and read in fp32); the token cross-entropy
