@@ -4,24 +4,25 @@ checkpointing and before DeepSpeed wraps the model.
 
 Regions, not the whole model: the blocks are where the time goes and they repeat, so one graph
 per block type serves every layer (dynamo caches by code object, and torch >= 2.5 treats a
-module's parameters as graph inputs, not constants: N identical blocks compile once). Compiling
-takes seconds per block type instead of minutes for a whole model, and the glue between blocks
-(embeddings, masks, the loss) stays eager.
+module's parameters as graph inputs, not constants: N identical blocks compile once). The glue
+between blocks (embeddings, masks, the loss) stays eager.
 
 What is compiled is the block's own forward, inside activation checkpointing's recomputed region
 (``parallel/checkpointing.py`` calls the block's ``inner_forward``): the checkpoint runs eagerly
-around a compiled graph, which recomputes by running that graph again. Compiling around the
-checkpoint instead breaks with torch 2.13 as soon as dynamo cannot trace the block whole (under
-ZeRO-3, where DeepSpeed's per-module parameter fetches are ``torch.compiler.disable``d hooks, the
-block then runs eagerly; in a frozen tower inductor refuses the checkpoint's RNG bookkeeping).
+around a compiled graph and recomputes by running that graph again. Compiling around the
+checkpoint fails with torch 2.13: a graph break inside it (every ZeRO-3 layer has one) makes
+dynamo run the whole checkpoint eagerly, and it rebuilds the block's forward as ``self.forward``
+there (an endless recursion once that is replaced); in a frozen tower inductor refuses the
+checkpoint's RNG bookkeeping.
 
-Under ZeRO-3 each submodule's fetch/release hook is a graph break by DeepSpeed's design, so a
-block compiles into the pieces between its layers (norms, activations, residuals, attention
-fused; the GEMMs stay DeepSpeed's): correct, and the same as DeepSpeed's own ``engine.compile()``
-without DeepCompile. Megatron-core's tensor-parallel linears run eagerly inside the compiled
-block, the same kind of break: traced, their asynchronous all-reduces and process-group
-attributes break the graph several times per layer, their one shared forward runs into dynamo's
-recompile limit, and the ranks could end up with different graphs around a collective.
+Under ZeRO-3 each submodule's parameter fetch/release hook is a ``torch.compiler.disable``d graph
+break by DeepSpeed's design, so a block compiles into the pieces between its layers' calls
+(norms, activations, residuals, attention): correct, and what DeepSpeed's own
+``engine.compile()`` does without DeepCompile. Megatron-core's tensor-parallel linears run
+eagerly inside the compiled block, the same kind of break: traced, their asynchronous
+all-reduces and process-group attributes break the graph several times per layer, their one
+shared forward runs into dynamo's recompile limit, and the ranks can end up with different
+graphs around a collective.
 
 Only while autograd records: evaluation and generation (``no_grad``) run the blocks eagerly, so
 a decoder extending its key/value cache never recompiles for each new length, and no inference
@@ -52,7 +53,9 @@ EAGER_LAYERS = (tensor_parallel.ColumnParallelLinear, tensor_parallel.RowParalle
 
 def compile_blocks(model: nn.Module) -> nn.Module:
     """Compile the forward of every block of ``model`` listed in ``BLOCKS``, in place (state-dict
-    keys unchanged); returns ``model``. Applying it twice changes nothing."""
+    keys unchanged); returns ``model``. Applying it twice changes nothing. Call it after tensor
+    parallelism and activation checkpointing: checkpointing applied later would skip a block
+    whose forward is replaced already."""
     for module in model.modules():
         if type(module) in BLOCKS:
             _replace_forward(module, INNER if INNER in vars(module) else "forward", _compiled)

@@ -194,7 +194,7 @@ def _rank(rank: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def distributed(tmp_path_factory) -> dict[str, list[dict]]:
     out = tmp_path_factory.mktemp("compile")
-    mp.start_processes(_rank, (free_port(), str(out)), nprocs=WORLD, start_method="fork")
+    mp.start_processes(_rank, (free_port(), str(out)), nprocs=WORLD, start_method="spawn")
     ranks = [torch.load(Path(out) / f"rank{r}.pt") for r in range(WORLD)]
     return {label: [results[label] for results in ranks] for label, *_ in CASES}
 
