@@ -14,8 +14,10 @@ TF32 tensor cores, as the trainer enables at start-up).
 - in fp32: normalisation (LayerNorm and RMSNorm statistics and their affine, ``models.fused``:
   their weights are stored in bf16 like every weight and read in fp32); the token cross-entropy
   (logits upcast before the log-softmax, ``losses.text`` and the vocabulary-parallel loss); the
-  whole SigLIP sigmoid loss (embeddings, temperature and bias upcast; logits, sums and the
-  gradient accumulators that travel round the ring in fp32, ``losses.siglip_ring``).
+  whole SigLIP sigmoid loss (embeddings upcast; logits, sums and the gradient accumulators
+  that travel round the ring in fp32, ``losses.siglip_ring``). Its temperature and bias are
+  stored as bf16 offsets from their initial values and added to them in fp32
+  (``models.siglip``): stored whole, bf16 would round away every update they get.
 - attention's softmax statistics (running max and sum) are kept in fp32 by SDPA's fused kernels
   (flash, memory-efficient and cuDNN on GPU, the flash kernel on CPU); the additive attention
   bias enters in the activations' dtype, as SDPA requires.

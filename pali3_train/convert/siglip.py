@@ -19,10 +19,12 @@ import torch
 from pali3_train.config import TextConfig, ViTConfig
 from pali3_train.convert.fusion import fuse_projections, split_projections
 from pali3_train.convert.rename import StateDict, rename
+from pali3_train.models.siglip import BIAS_INIT, LOG_TEMPERATURE_INIT
 
 _IN_PROJ = "vision_model.head.attention.in_proj_"
 _QKV = ("q_proj", "k_proj", "v_proj")
-_SCALARS = ("logit_scale", "logit_bias")
+# HF holds t' and b themselves; we hold their offsets from the initialisation (``models.siglip``).
+_SCALARS = {"logit_scale": LOG_TEMPERATURE_INIT, "logit_bias": BIAS_INIT}
 
 
 def _affine(hf: str, ours: str) -> list[tuple[str, str]]:
@@ -60,7 +62,7 @@ RULES = [
     *_encoder_rules("text_model.", "text."),
     *_affine("text_model.final_layer_norm", "text.encoder.norm"),
     *_affine("text_model.head", "text.head"),
-    *[(name, name) for name in _SCALARS],
+    *[(name, f"{name}_offset") for name in _SCALARS],
 ]
 
 
@@ -75,6 +77,7 @@ def siglip_from_hf(
         if fused is not None:
             for proj, part in zip(_QKV, fused.chunk(3)):
                 state[f"vision_model.head.attention.{proj}.{kind}"] = part
+    state = _shift_scalars(state, -1)
     state = rename(state, RULES, to_hf=False)
     return fuse_projections(state, _head_dims(vit, text), joint=_tower_attention)
 
@@ -88,7 +91,16 @@ def siglip_to_hf(
         parts = [hf.pop(f"vision_model.head.attention.{proj}.{kind}", None) for proj in _QKV]
         if all(p is not None for p in parts):
             hf[_IN_PROJ + kind] = torch.cat(parts)
-    return hf
+    return _shift_scalars(hf, +1)
+
+
+def _shift_scalars(hf_named: Mapping[str, torch.Tensor], sign: int) -> StateDict:
+    """Add (+1: offsets -> values) or subtract (-1) the initial t' and b, in the tensors' dtype."""
+    out = dict(hf_named)
+    for name, init in _SCALARS.items():
+        if name in out:
+            out[name] = out[name] + sign * init
+    return out
 
 
 def _tower_attention(module: str) -> bool:

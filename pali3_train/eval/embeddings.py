@@ -35,7 +35,7 @@ class EmbeddingEvaluator:
             texts.append(model.embed_texts(batch.target))
             captions += self.tokenizer.batch_decode(batch.target)
         image_emb, text_emb = torch.cat(images), torch.cat(texts)
-        metrics = recall_at_k(image_emb, text_emb)
+        metrics = recall_at_k(image_emb, text_emb, caption_ids=_caption_ids(captions))
         for task in self.zero_shot:
             embed = self._prompt_embedder(model, image_emb.device)
             found = zero_shot_accuracy(image_emb, captions, task.classes, task.template, embed)
@@ -49,3 +49,9 @@ class EmbeddingEvaluator:
             return model.embed_texts(tokens.to(device))
 
         return embed
+
+
+def _caption_ids(captions: list[str]) -> torch.Tensor:
+    """One id per distinct caption, so that repeated captions count as the same right answer."""
+    ids: dict[str, int] = {}
+    return torch.tensor([ids.setdefault(c, len(ids)) for c in captions])

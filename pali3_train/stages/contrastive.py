@@ -35,7 +35,7 @@ class ContrastiveSigLIP(SigLIP):
 
         image_emb, text_emb = self.embed_images(images), self.embed_texts(tokens)
         return ring_sigmoid_loss(
-            image_emb, text_emb, self.logit_scale, self.logit_bias, group=dp_group(),
+            image_emb, text_emb, self.logit_scale(), self.logit_bias(), group=dp_group(),
             kernel=self.ring_loss,
         )  # fmt: skip
 
@@ -65,8 +65,8 @@ def batch_tokens(cfg: Config, batch: Batch) -> dict[str, int]:
 
 def step_metrics(model: nn.Module, cfg: Config, seconds: float) -> dict[str, float]:
     return {
-        "temperature": model.logit_scale.exp().item(),
-        "bias": model.logit_bias.item(),
+        "temperature": model.logit_scale().exp().item(),
+        "bias": model.logit_bias().item(),
         "pairs_per_s": cfg.train.global_batch_size**2 / seconds,
     }
 

@@ -151,7 +151,7 @@ def _reference(cfg, stage: str, dp: int) -> tuple[list[float], dict[str, torch.T
 def _dense_siglip_loss(model: SigLIP, group: list[Batch]) -> torch.Tensor:
     images = torch.cat([b.images for b in group])
     image_emb, text_emb = model(images, torch.cat([b.target for b in group]))
-    return sigmoid_loss(image_emb, text_emb, model.logit_scale, model.logit_bias)
+    return sigmoid_loss(image_emb, text_emb, model.logit_scale(), model.logit_bias())
 
 
 def _tp_slices(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
