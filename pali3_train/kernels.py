@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -64,11 +65,11 @@ def resolve_kernels(
             "separate slices the weights outside their layers' forward, "
             "which tensor parallelism and ZeRO-3 do not see; use fused",
         )
-    liger_fits = cuda and parallel.tensor_parallel_size == 1 and parallel.zero_stage < 3
-    if cfg.cross_entropy == "liger" and not liger_available():
-        raise FieldError("kernels.cross_entropy", "liger needs liger-kernel installed")
+    whole_head = parallel.tensor_parallel_size == 1 and parallel.zero_stage < 3
+    if cfg.cross_entropy == "liger":
+        _check_liger(device, whole_head)
     if cfg.cross_entropy == "auto":
-        cross_entropy = "liger" if liger_fits and liger_available() else "chunked"
+        cross_entropy = "liger" if cuda and whole_head and liger_available() else "chunked"
     else:
         cross_entropy = cfg.cross_entropy
     return Kernels(
@@ -79,6 +80,24 @@ def resolve_kernels(
         cross_entropy_chunk_tokens=cfg.cross_entropy_chunk_tokens,
         ring_loss=cfg.ring_loss,
     )
+
+
+def _check_liger(device: torch.device, whole_head: bool) -> None:
+    """Refuse liger where it cannot run (see ``losses.liger``)."""
+    if not liger_available():
+        raise FieldError("kernels.cross_entropy", "liger needs liger-kernel installed")
+    if not whole_head:
+        raise FieldError(
+            "kernels.cross_entropy",
+            "liger reads the whole LM head weight, which tensor parallelism splits and ZeRO-3 "
+            "gathers only inside the head's forward; use chunked or auto",
+        )
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise FieldError(
+            "kernels.cross_entropy",
+            f"liger's Triton kernels need CUDA (on {device.type} only Triton's interpreter, "
+            "TRITON_INTERPRET=1, runs them: for tests); use chunked or auto",
+        )
 
 
 def apply_kernels(model: nn.Module, kernels: Kernels) -> nn.Module:

@@ -154,6 +154,8 @@ def _convert(tp: Any, value: Any, dotted: str, origins: Origins, default_source:
         return _convert(inner, value, dotted, origins, default_source)
     if origin is typing.Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on / off as a boolean
         if value not in choices:
             fail(f"must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
         return value
