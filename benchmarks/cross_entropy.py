@@ -8,10 +8,11 @@ Why: PaLI-3's loss turns [tokens, d_model] hidden states into [tokens, vocab] lo
 in fp32 they and what autograd keeps of them are the largest activation of a generative step
 (2,048 tokens at mT5's vocabulary of 250,112: 2 GB per logit matrix). ``kernels.cross_entropy``
 chooses how many exist at once (``pali3_train.losses``): all ("plain", the reference), chunks of
-``--chunks`` tokens recomputed in the backward ("chunked"), or liger-kernel's fused linear
-cross-entropy ("liger", CUDA only here: Triton runs on CPU tensors only in its interpreter, ~25 s
-for 256 tokens at vocabulary 32k, and no timing means anything there). The goal: the chunked
-peak at most 1/4 of the plain one at 2,048 tokens and both vocabularies.
+``--chunks`` tokens recomputed in the backward ("chunked"), chunks whose gradients are
+computed in the forward and summed in place ("fused", ``losses.fused_linear``), or liger-kernel's
+fused linear cross-entropy (the same walk in Triton: "liger", CUDA only here: Triton runs on CPU tensors only in its interpreter, ~25 s
+for 256 tokens at vocabulary 32k, and no timing means anything there). The goal: a peak at most
+1/4 of the plain one at 2,048 tokens and both vocabularies.
 
 What: the forward and backward of the loss alone, from fp32 leaf hidden states [1, tokens,
 d_model] through a d_model -> vocab head (the UL2 LM head: no bias, T5's initialisation) to the
@@ -45,6 +46,7 @@ import torch
 from torch import nn
 
 from benchmarks.allocations import peak_bytes
+from pali3_train.losses.fused_linear import FusedLinearCrossEntropy
 from pali3_train.losses.text import TokenLoss
 
 MiB = 2**20
@@ -83,6 +85,7 @@ def make_inputs(tokens: int, vocab: int, d_model: int, device: torch.device) -> 
 def methods(chunks: list[int], device: torch.device) -> dict[str, LossFn]:
     found: dict[str, LossFn] = {"plain": TokenLoss()}
     found |= {f"chunked {c}": TokenLoss(chunk_tokens=c) for c in chunks}
+    found |= {f"fused {c}": FusedLinearCrossEntropy(c) for c in chunks}
     if device.type == "cuda":
         from pali3_train.losses.liger import liger_token_loss  # loads triton: CUDA only
 
@@ -157,7 +160,7 @@ def report(rows: list[Row], args: argparse.Namespace, device: torch.device) -> s
     cuda = device.type == "cuda"
     method = "torch.cuda.max_memory_allocated" if cuda else "torch.profiler allocation events"
     lines = [
-        "# Token cross-entropy: plain vs chunked vs liger",
+        "# Token cross-entropy: plain vs chunked vs fused vs liger",
         "",
         f"`python -m benchmarks.cross_entropy --device {device.type} --tokens {args.tokens} "
         f"--vocabs {' '.join(map(str, args.vocabs))} --d-model {args.d_model} "
@@ -183,19 +186,22 @@ def report(rows: list[Row], args: argparse.Namespace, device: torch.device) -> s
         )
     vocabs = sorted({r.vocab for r in rows})
     head_grad = {v: v * args.d_model * FP32 for v in vocabs}
-    chunked = [r for r in rows if r.path.startswith("chunked")]
+    def in_heads(prefix: str) -> str:
+        found = [r for r in rows if r.path.startswith(prefix)]
+        return ", ".join(f"{r.peak / head_grad[r.vocab]:.2f} ({r.path}, {r.vocab:,})" for r in found)
+
     lines += [
         "",
         "One fp32 logit matrix [tokens, vocab]: "
         + ", ".join(f"{args.tokens * v * FP32 / MiB:.0f} MiB at {v:,}" for v in vocabs)
         + "; one head gradient [vocab, d_model]: "
         + ", ".join(f"{head_grad[v] / MiB:.0f} MiB" for v in vocabs)
-        + ". Chunked peaks in head gradients: "
-        + ", ".join(f"{r.peak / head_grad[r.vocab]:.2f} ({r.path}, {r.vocab:,})" for r in chunked)
+        + ". Chunked peaks in head gradients: " + in_heads("chunked")
         + ": autograd sums the chunks' head-gradient contributions as they come (the first two "
         "out of place), so about three [vocab, d_model] tensors exist at once besides the "
-        "chunk's logits. Each is d_model / tokens of a logit matrix: with small chunks this "
-        "floor, not the logits, bounds the chunked peak.",
+        "chunk's logits. Fused peaks in head gradients: " + in_heads("fused")
+        + ": one accumulator, summed into in place, one chunk's logits (each a head gradient "
+        "when the chunk has d_model tokens) and the input gradient.",
     ]
     if not cuda:
         lines.append(

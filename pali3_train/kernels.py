@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from pali3_train.config.schema import FieldError, KernelsConfig, ParallelConfig
+from pali3_train.losses.fused_linear import FusedLinearCrossEntropy
 from pali3_train.losses.text import TokenLoss, per_token_cross_entropy
 from pali3_train.models.attention import MultiHeadAttention
 from pali3_train.models.pali3 import PaLI3
@@ -34,7 +35,7 @@ class Kernels:
     compile: bool
     projections: str  # "fused" | "separate"
     attention: str  # "flex" | "sdpa"
-    cross_entropy: str  # "liger" | "chunked" | "plain"
+    cross_entropy: str  # "liger" | "fused" | "chunked" | "plain"
     cross_entropy_chunk_tokens: int
     ring_loss: str  # "fused" | "plain"
 
@@ -66,12 +67,18 @@ def resolve_kernels(
             "which tensor parallelism and ZeRO-3 do not see; use fused",
         )
     whole_head = parallel.tensor_parallel_size == 1 and parallel.zero_stage < 3
+    if cfg.cross_entropy in ("liger", "fused") and not whole_head:
+        raise FieldError(
+            "kernels.cross_entropy",
+            f"{cfg.cross_entropy} reads the whole LM head weight, which tensor parallelism "
+            "splits and ZeRO-3 gathers only inside the head's forward; use chunked or auto",
+        )
     if cfg.cross_entropy == "liger":
-        _check_liger(device, whole_head)
-    if cfg.cross_entropy == "auto":
-        cross_entropy = "liger" if cuda and whole_head and liger_available() else "chunked"
-    else:
-        cross_entropy = cfg.cross_entropy
+        _check_liger(device)
+    cross_entropy = cfg.cross_entropy
+    if cross_entropy == "auto":
+        fused = "liger" if cuda and liger_available() else "fused"
+        cross_entropy = fused if whole_head else "chunked"
     return Kernels(
         compile=cfg.compile == "on" or (cfg.compile == "auto" and cuda),
         projections=cfg.projections,
@@ -82,21 +89,15 @@ def resolve_kernels(
     )
 
 
-def _check_liger(device: torch.device, whole_head: bool) -> None:
-    """Refuse liger where it cannot run (see ``losses.liger``)."""
+def _check_liger(device: torch.device) -> None:
+    """Refuse liger where its kernels cannot run (see ``losses.liger``)."""
     if not liger_available():
         raise FieldError("kernels.cross_entropy", "liger needs liger-kernel installed")
-    if not whole_head:
-        raise FieldError(
-            "kernels.cross_entropy",
-            "liger reads the whole LM head weight, which tensor parallelism splits and ZeRO-3 "
-            "gathers only inside the head's forward; use chunked or auto",
-        )
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise FieldError(
             "kernels.cross_entropy",
             f"liger's Triton kernels need CUDA (on {device.type} only Triton's interpreter, "
-            "TRITON_INTERPRET=1, runs them: for tests); use chunked or auto",
+            "TRITON_INTERPRET=1, runs them: for tests); use fused or auto",
         )
 
 
@@ -126,9 +127,16 @@ def _token_loss(kernels: Kernels, current: TokenLoss) -> Callable:
     cross-entropy tensor parallelism may have made vocabulary-parallel."""
     if kernels.cross_entropy == "chunked":
         return dataclasses.replace(current, chunk_tokens=kernels.cross_entropy_chunk_tokens)
+    if (
+        kernels.cross_entropy in ("fused", "liger")
+        and current.per_token is not per_token_cross_entropy
+    ):
+        raise ValueError(
+            f"kernels.cross_entropy: {kernels.cross_entropy} needs the whole vocabulary on one rank"
+        )
+    if kernels.cross_entropy == "fused":
+        return FusedLinearCrossEntropy(kernels.cross_entropy_chunk_tokens)
     if kernels.cross_entropy == "liger":
-        if current.per_token is not per_token_cross_entropy:
-            raise ValueError("kernels.cross_entropy: liger needs the whole vocabulary on one rank")
         # Imported only when chosen: liger loads triton, which reads TRITON_INTERPRET at import.
         from pali3_train.losses.liger import liger_token_loss
 

@@ -18,27 +18,32 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 WHOLE = ParallelConfig(zero_stage=2)
 
 
-def test_auto_takes_liger_only_on_cuda_with_the_whole_head_on_one_rank():
+def test_auto_fuses_the_cross_entropy_where_the_whole_head_is_on_one_rank():
+    """liger on CUDA, the PyTorch walk elsewhere; chunks where TP or ZeRO-3 split the head."""
     auto = KernelsConfig()
     assert resolve_kernels(auto, CUDA, WHOLE).cross_entropy == "liger"
-    assert resolve_kernels(auto, CPU, WHOLE).cross_entropy == "chunked"
+    assert resolve_kernels(auto, CPU, WHOLE).cross_entropy == "fused"
     for split in (ParallelConfig(tensor_parallel_size=2), ParallelConfig(zero_stage=3)):
-        assert resolve_kernels(auto, CUDA, split).cross_entropy == "chunked"
+        for device in (CPU, CUDA):
+            assert resolve_kernels(auto, device, split).cross_entropy == "chunked"
 
 
 @pytest.mark.parametrize(
-    "device, parallel, says",
+    "path, device, parallel, says",
     [
-        (CPU, WHOLE, "need CUDA"),
-        (CUDA, ParallelConfig(tensor_parallel_size=2), "whole LM head"),
-        (CUDA, ParallelConfig(zero_stage=3), "whole LM head"),
+        ("liger", CPU, WHOLE, "need CUDA"),
+        ("liger", CUDA, ParallelConfig(tensor_parallel_size=2), "whole LM head"),
+        ("fused", CPU, ParallelConfig(tensor_parallel_size=2), "whole LM head"),
+        ("fused", CUDA, ParallelConfig(zero_stage=3), "whole LM head"),
     ],
-    ids=["cpu", "tp2", "zero3"],
+    ids=["liger-cpu", "liger-tp2", "fused-tp2", "fused-zero3"],
 )
-def test_liger_is_refused_where_it_cannot_run(monkeypatch, device, parallel, says):
+def test_a_fused_cross_entropy_is_refused_where_it_cannot_run(
+    monkeypatch, path, device, parallel, says
+):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(FieldError, match=says) as refusal:
-        resolve_kernels(KernelsConfig(cross_entropy="liger"), device, parallel)
+        resolve_kernels(KernelsConfig(cross_entropy=path), device, parallel)
     assert refusal.value.field_path == "kernels.cross_entropy"
 
 

@@ -377,11 +377,16 @@ class KernelsConfig:
     # UL2's relative-position bias: FlexAttention with a score_mod over the bucket table, or SDPA
     # with the bias broadcast over the batch; auto: flex on CUDA.
     attention: Literal["auto", "flex", "sdpa"] = "auto"
-    # The LM head and its cross-entropy: liger-kernel's fused linear cross-entropy, token chunks
-    # recomputed in the backward, or the full logits at once; auto: liger where it applies
-    # (CUDA, tensor parallel size 1, ZeRO < 3), chunked elsewhere.
-    cross_entropy: Literal["auto", "liger", "chunked", "plain"] = "auto"
-    cross_entropy_chunk_tokens: int = 1024
+    # The LM head and its cross-entropy: liger-kernel's fused linear cross-entropy (Triton), the
+    # same fused walk in PyTorch ops (``losses.fused_linear``), token chunks recomputed in the
+    # backward, or the full logits at once. The fused ones need the whole head on one rank
+    # (tensor parallel size 1, ZeRO < 3); auto: liger there on CUDA, fused there elsewhere,
+    # chunked otherwise.
+    cross_entropy: Literal["auto", "liger", "fused", "chunked", "plain"] = "auto"
+    # Tokens per chunk (chunked, fused): the chunk's [tokens, vocab] fp32 logits against the
+    # head gradient's [vocab, d_model], which the fused path holds once and the chunked one
+    # thrice; 256 keeps a chunk below the head at d_model >= 256, and its GEMMs large.
+    cross_entropy_chunk_tokens: int = 256
     # SigLIP's ring loss blocks: each block's logits, loss and gradients in one fused pass, or the
     # plain composition of PyTorch ops.
     ring_loss: Literal["fused", "plain"] = "fused"

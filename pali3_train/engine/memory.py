@@ -196,6 +196,7 @@ class Activations:
 LOSS_PATHS = {
     "plain": "all logits at once, fp32",
     "chunked": "{chunk}-token chunks of logits recomputed in the backward, fp32",
+    "fused": "{chunk}-token chunks, gradients in the forward pass, fp32",
     "liger": "liger-kernel's fused linear cross-entropy, fp32",
 }
 
@@ -220,8 +221,14 @@ def cross_entropy_bytes(
     place for the first two, so three exist at once.
     liger: the head gradient's fp32 accumulator when the weights are 16-bit (in fp32 it is the
     head gradient itself), the input gradient kept from the forward pass and a chunk of about
-    tokens x width logits."""
+    tokens x width logits.
+    fused: the same accumulator and input gradient, and one chunk of logits: 4 bytes a logit in
+    fp32, 6 in bf16 (the fp32 copy beside the 16-bit GEMM's output or input)."""
     w = BYTES[precision]
+    if path == "fused":
+        accumulator = 4 * vocab * width if w < 4 else 0
+        chunk = (4 if w == 4 else 4 + w) * min(chunk_tokens, tokens) * vocab
+        return accumulator + w * tokens * width + chunk
     if path == "chunked":
         accumulating = 2 * w * vocab * width if tokens > chunk_tokens else 0
         return LOGIT_BYTES * min(chunk_tokens, tokens) * vocab + accumulating

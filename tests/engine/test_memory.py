@@ -168,6 +168,19 @@ def test_activations_by_hand_for_the_tiny_stage1(tmp_path):
         (["kernels.cross_entropy_chunk_tokens=192"], "chunked", 192 * 1024 * 12),  # one chunk
         # the fp32 input gradient and a chunk of logits of about as many elements
         (["kernels.cross_entropy=liger"], "liger", 2 * 4 * 192 * 64),
+        # the fp32 input gradient and one 64-token chunk of fp32 logits
+        (
+            ["kernels.cross_entropy=fused", "kernels.cross_entropy_chunk_tokens=64"],
+            "fused",
+            4 * 192 * 64 + 4 * 64 * 1024,
+        ),
+        # bf16: the head gradient's fp32 accumulator, a bf16 input gradient, 6 B a chunk logit
+        (
+            ["kernels.cross_entropy=fused", "kernels.cross_entropy_chunk_tokens=64",
+             "train.precision=bf16"],
+            "fused",
+            4 * 1024 * 64 + 2 * 192 * 64 + 6 * 64 * 1024,
+        ),  # fmt: skip
         # bf16: the head gradient's fp32 accumulator too
         (
             ["kernels.cross_entropy=liger", "train.precision=bf16"],
