@@ -281,10 +281,11 @@ class ZeroConfig:
     The stage3_* knobs matter under ZeRO-3 only."""
 
     # Gradient elements reduced per collective; with contiguous_gradients, also the size of the
-    # buffer they are copied into (DeepSpeed's 5e8 is a 2 GB fp32 buffer). null: h*h.
+    # buffer they are copied into (DeepSpeed's 5e8 is a 2 GB fp32 buffer). null: h*h, at least
+    # 2**22 (a collective's fixed cost, ``engine/deepspeed_config.py``).
     reduce_bucket_size: int | None = None
     # ZeRO-1/2: updated parameter elements all-gathered per collective after a step (used only
-    # where torch lacks all_gather_into_tensor). Even. null: h*h, rounded up to even.
+    # where torch lacks all_gather_into_tensor). Even. null: as reduce_bucket_size, made even.
     allgather_bucket_size: int | None = None
     # Parameter elements gathered ahead of their use. null: int(0.9*h*h).
     stage3_prefetch_bucket_size: int | None = None

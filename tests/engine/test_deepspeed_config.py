@@ -45,14 +45,14 @@ TINY = {"vit": {"width": 64}, "text": {"width": 48}, "ul2": {"d_model": 64}}  # 
 
 
 def test_zero3_knobs_are_derived_from_the_widest_tower():
-    """h = 64 (ViT and UL2; the text tower is narrower): buckets h*h = 4096, prefetch
-    int(0.9 * 4096) = 3686, persistence 10*h = 640, live, reuse and sub-group 12*h*h = 49152;
+    """h = 64 (ViT and UL2; the text tower is narrower): buckets of the floor 2**22 (h*h = 4096
+    is below it), prefetch int(0.9 * 4096) = 3686, persistence 10*h = 640, live, reuse and sub-group 12*h*h = 49152;
     DeepSpeed's process-wide linear swap off (the model's linears get it, engine/zero3_linear)."""
     zero = deepspeed_config(_cfg(model=TINY, parallel={"zero_stage": 3}), 1)["zero_optimization"]
     assert zero == {
         "stage": 3,
-        "reduce_bucket_size": 4096,
-        "allgather_bucket_size": 4096,
+        "reduce_bucket_size": 2**22,
+        "allgather_bucket_size": 2**22,
         "contiguous_gradients": True,
         "stage3_prefetch_bucket_size": 3686,
         "stage3_param_persistence_threshold": 640,
@@ -78,14 +78,15 @@ def test_the_5b_preset_gets_buckets_of_its_ul2_width():
 
 
 def test_below_zero3_only_the_buckets_are_set_and_an_odd_square_is_rounded_up():
-    """A 63-wide model: h*h = 3969 for the reduce bucket, 3970 for the all-gather one (even)."""
-    model = {"vit": {"width": 63, "num_heads": 3}, "text": {"width": 63, "num_heads": 3},
+    """A 2049-wide model: h*h = 4,198,401 (above the floor) for the reduce bucket, 4,198,402
+    for the all-gather one (even)."""
+    model = {"vit": {"width": 2049, "num_heads": 3}, "text": {"width": 63, "num_heads": 3},
              "ul2": {"d_model": 60}}  # fmt: skip
     zero = deepspeed_config(_cfg(model=model, parallel={"zero_stage": 2}), 1)["zero_optimization"]
     assert zero == {
         "stage": 2,
-        "reduce_bucket_size": 3969,
-        "allgather_bucket_size": 3970,
+        "reduce_bucket_size": 4198401,
+        "allgather_bucket_size": 4198402,
         "contiguous_gradients": True,
     }
 
@@ -115,8 +116,8 @@ def test_deepspeed_reads_the_generated_zero_section_as_written():
     parsed = DeepSpeedZeroConfig(**deepspeed_config(cfg, 1)["zero_optimization"])
     assert (parsed.stage, parsed.reduce_bucket_size, parsed.allgather_bucket_size) == (
         3,
-        4096,
-        4096,
+        2**22,
+        2**22,
     )
     assert (parsed.prefetch_bucket_size, parsed.param_persistence_threshold) == (3686, 640)
     assert (parsed.max_live_parameters, parsed.max_reuse_distance) == (49152, 49152)
