@@ -148,7 +148,8 @@ def kernels_for(device: torch.device, compile: bool) -> Kernels:
 def section_model(device: torch.device, reps: int) -> list[Row]:
     """PaLI-3 of the small preset (ViT-S/16 at 224 px, UL2 shaped like T5 v1.1 Small), ours
     against the same computation assembled from HuggingFace's towers: SiglipVisionModel's
-    tokens (no pooling head), the same linear projection, prepended to T5's embedded prompt."""
+    tokens (no pooling head), the same linear projection, prepended to T5's embedded prompt.
+    The error is the loss's (``loss_only``)."""
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
     from pali3_train.convert.pali3 import pali3_from_towers
@@ -194,15 +195,24 @@ def section_model(device: torch.device, reps: int) -> list[Row]:
         return fwd_bwd(loss, model.parameters())
 
     hf_params = [*hf_vit.parameters(), *projection.parameters(), *hf_ul2.parameters()]
-    variants = [
-        Variant("HuggingFace", fwd_bwd(hf_loss, hf_params)),
-        Variant("ours, plain", ours(PLAIN)),
-        Variant("ours, kernels", ours(kernels_for(device, compile=False))),
-        Variant("ours, kernels + compile", ours(kernels_for(device, compile=True))),
-    ]
+    runs = {
+        "HuggingFace": fwd_bwd(hf_loss, hf_params),
+        "ours, plain": ours(PLAIN),
+        "ours, kernels": ours(kernels_for(device, compile=False)),
+        "ours, kernels + compile": ours(kernels_for(device, compile=True)),
+    }
+    variants = [Variant(name, loss_only(run)) for name, run in runs.items()]
     visual = (size // cfg.vit.patch_size_px) ** 2
     case = f"PaLI-3 small, {batch} x ({visual} + {prompt_len} -> {answer_len} tokens)"
     return compare(case, variants, device, reps)
+
+
+def loss_only(run: Callable[[], list[torch.Tensor]]) -> Callable[[], list[torch.Tensor]]:
+    """``run`` (forward and backward) compared by its loss alone: the layouts differ (ours fuses
+    q/k/v and gate/up), and at HuggingFace's random T5 initialisation the network is so
+    sensitive (gradient norm ~2.6e7) that a GEMM of another shape, rounding otherwise, moves the
+    gradients visibly. Parity with HuggingFace is the tests' job (``tests/models``)."""
+    return lambda: run()[:1]
 
 
 def section_adamw(device: torch.device, reps: int) -> list[Row]:
