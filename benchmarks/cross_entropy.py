@@ -9,9 +9,10 @@ in fp32 they and what autograd keeps of them are the largest activation of a gen
 (2,048 tokens at mT5's vocabulary of 250,112: 2 GB per logit matrix). ``kernels.cross_entropy``
 chooses how many exist at once (``pali3_train.losses``): all ("plain", the reference), chunks of
 ``--chunks`` tokens recomputed in the backward ("chunked"), chunks whose gradients are
-computed in the forward and summed in place ("fused", ``losses.fused_linear``), or liger-kernel's
-fused linear cross-entropy (the same walk in Triton: "liger", CUDA only here: Triton runs on CPU tensors only in its interpreter, ~25 s
-for 256 tokens at vocabulary 32k, and no timing means anything there). The goal: a peak at most
+computed in the forward and summed in place ("fused", ``losses.fused_linear``), or
+liger-kernel's fused linear cross-entropy (the same walk in Triton: "liger", CUDA only here:
+Triton runs on CPU tensors only in its interpreter, ~25 s for 256 tokens at vocabulary 32k, and
+no timing means anything there). The goal: a peak at most
 1/4 of the plain one at 2,048 tokens and both vocabularies.
 
 What: the forward and backward of the loss alone, from fp32 leaf hidden states [1, tokens,
@@ -186,9 +187,12 @@ def report(rows: list[Row], args: argparse.Namespace, device: torch.device) -> s
         )
     vocabs = sorted({r.vocab for r in rows})
     head_grad = {v: v * args.d_model * FP32 for v in vocabs}
+
     def in_heads(prefix: str) -> str:
         found = [r for r in rows if r.path.startswith(prefix)]
-        return ", ".join(f"{r.peak / head_grad[r.vocab]:.2f} ({r.path}, {r.vocab:,})" for r in found)
+        return ", ".join(
+            f"{r.peak / head_grad[r.vocab]:.2f} ({r.path}, {r.vocab:,})" for r in found
+        )
 
     lines += [
         "",
@@ -196,10 +200,12 @@ def report(rows: list[Row], args: argparse.Namespace, device: torch.device) -> s
         + ", ".join(f"{args.tokens * v * FP32 / MiB:.0f} MiB at {v:,}" for v in vocabs)
         + "; one head gradient [vocab, d_model]: "
         + ", ".join(f"{head_grad[v] / MiB:.0f} MiB" for v in vocabs)
-        + ". Chunked peaks in head gradients: " + in_heads("chunked")
+        + ". Chunked peaks in head gradients: "
+        + in_heads("chunked")
         + ": autograd sums the chunks' head-gradient contributions as they come (the first two "
         "out of place), so about three [vocab, d_model] tensors exist at once besides the "
-        "chunk's logits. Fused peaks in head gradients: " + in_heads("fused")
+        "chunk's logits. Fused peaks in head gradients: "
+        + in_heads("fused")
         + ": one accumulator, summed into in place, one chunk's logits (each a head gradient "
         "when the chunk has d_model tokens) and the input gradient.",
     ]

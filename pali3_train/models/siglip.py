@@ -14,7 +14,6 @@ from pali3_train.models.text import TextTransformer
 from pali3_train.models.vit import MAPHead, VisionTransformer
 from pali3_train.precision import upcast
 
-
 # t' = log 10 and b = -10, the paper's initialisation: with many more negatives than positives, a
 # strongly negative bias keeps the initial loss from being dominated by them. The parameters hold
 # the offsets from these values because under bf16 the module's copy of a weight keeps 8

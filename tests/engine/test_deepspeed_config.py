@@ -46,8 +46,9 @@ TINY = {"vit": {"width": 64}, "text": {"width": 48}, "ul2": {"d_model": 64}}  # 
 
 def test_zero3_knobs_are_derived_from_the_widest_tower():
     """h = 64 (ViT and UL2; the text tower is narrower): buckets of the floor 2**22 (h*h = 4096
-    is below it), prefetch int(0.9 * 4096) = 3686, persistence 10*h = 640, live, reuse and sub-group 12*h*h = 49152;
-    DeepSpeed's process-wide linear swap off (the model's linears get it, engine/zero3_linear)."""
+    is below it), prefetch int(0.9 * 4096) = 3686, persistence 10*h = 640, live, reuse and
+    sub-group 12*h*h = 49152; DeepSpeed's process-wide linear swap off (the model's linears
+    get it, engine/zero3_linear)."""
     zero = deepspeed_config(_cfg(model=TINY, parallel={"zero_stage": 3}), 1)["zero_optimization"]
     assert zero == {
         "stage": 3,

@@ -176,8 +176,11 @@ def test_activations_by_hand_for_the_tiny_stage1(tmp_path):
         ),
         # bf16: the head gradient's fp32 accumulator, a bf16 input gradient, 6 B a chunk logit
         (
-            ["kernels.cross_entropy=fused", "kernels.cross_entropy_chunk_tokens=64",
-             "train.precision=bf16"],
+            [
+                "kernels.cross_entropy=fused",
+                "kernels.cross_entropy_chunk_tokens=64",
+                "train.precision=bf16",
+            ],
             "fused",
             4 * 1024 * 64 + 2 * 192 * 64 + 6 * 64 * 1024,
         ),  # fmt: skip
