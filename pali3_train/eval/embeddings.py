@@ -35,7 +35,8 @@ class EmbeddingEvaluator:
             texts.append(model.embed_texts(batch.target))
             captions += self.tokenizer.batch_decode(batch.target)
         image_emb, text_emb = torch.cat(images), torch.cat(texts)
-        metrics = recall_at_k(image_emb, text_emb, caption_ids=_caption_ids(captions))
+        ids = _caption_ids(captions, image_emb.device)
+        metrics = recall_at_k(image_emb, text_emb, caption_ids=ids)
         for task in self.zero_shot:
             embed = self._prompt_embedder(model, image_emb.device)
             found = zero_shot_accuracy(image_emb, captions, task.classes, task.template, embed)
@@ -51,7 +52,7 @@ class EmbeddingEvaluator:
         return embed
 
 
-def _caption_ids(captions: list[str]) -> torch.Tensor:
+def _caption_ids(captions: list[str], device: torch.device) -> torch.Tensor:
     """One id per distinct caption, so that repeated captions count as the same right answer."""
     ids: dict[str, int] = {}
-    return torch.tensor([ids.setdefault(c, len(ids)) for c in captions])
+    return torch.tensor([ids.setdefault(c, len(ids)) for c in captions], device=device)
