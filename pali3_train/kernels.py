@@ -93,7 +93,8 @@ def _check_liger(device: torch.device) -> None:
     """Refuse liger where its kernels cannot run (see ``losses.liger``)."""
     if not liger_available():
         raise FieldError("kernels.cross_entropy", "liger needs liger-kernel installed")
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    interpreted = os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
+    if device.type != "cuda" and not interpreted:
         raise FieldError(
             "kernels.cross_entropy",
             f"liger's Triton kernels need CUDA (on {device.type} only Triton's interpreter, "
