@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -30,7 +31,9 @@ from pali3_train.config import Config, ConfigError, add_overrides_option, load_c
 from pali3_train.engine.checks import check_before_start, check_stage_flag
 from pali3_train.engine.distributed import DistEnv, init_distributed, read_env
 from pali3_train.engine.dry_run import dry_run
+from pali3_train.engine.lifeline import die_with_parent
 from pali3_train.engine.peak import enable_tf32
+from pali3_train.engine.run_lock import RunLocked, lock_run_dir
 from pali3_train.stages.curriculum import CURRICULUM
 
 REFUSAL_GRACE_S = 3.0  # how long a refusing rank waits for its peers' refusals before exiting
@@ -42,6 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="stage YAML (see configs/); default: --stage's recipe")
     add_overrides_option(parser)
     parser.add_argument("--resume", default="auto", help="auto | none | a checkpoint folder")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="let the resumed checkpoint unpickle any type (only for a "
+                        "checkpoint from a source you trust)")  # fmt: skip
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by deepspeed
     parser.add_argument("--eval-only", action="store_true", help="evaluate, do not train")
     parser.add_argument("--dry-run", action="store_true", help="check and print the plan only")
@@ -71,6 +77,8 @@ def load_stage_config(args: argparse.Namespace, env: DistEnv) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if "RANK" in os.environ:  # started by torchrun or deepspeed: die with it (engine.lifeline)
+        die_with_parent()
     env = read_env()
     try:
         cfg = load_stage_config(args, env)
@@ -92,21 +100,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is first imported
+    from pali3_train.engine.checkpoint import CheckpointError
     from pali3_train.engine.init_from import InitError
     from pali3_train.engine.trainer import EXIT_FAILED, Trainer, TrainingError
     from pali3_train.parallel import ParallelDims, destroy_model_parallel, init_model_parallel
 
     device = init_distributed(env, cfg.parallel.collective_timeout_s)
+    try:
+        lock = lock_run_dir(Path(cfg.run_dir), env.is_main)
+    except RunLocked as exc:
+        if env.is_main:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        torch.distributed.destroy_process_group()
+        return 2
     enable_tf32(device)  # fp32 runs' matmuls on tensor cores (their MFU then uses TF32's peak)
     dims = ParallelDims(env.world_size, cfg.parallel.tensor_parallel_size)
     init_model_parallel(dims, cfg.parallel.collective_timeout_s)
     try:
-        trainer = Trainer(cfg, env, device, dims, args.resume)
+        trainer = Trainer(cfg, env, device, dims, args.resume, args.trust_checkpoint)
         return trainer.evaluate_only() if args.eval_only else trainer.run()
-    except (TrainingError, InitError) as exc:
+    except (TrainingError, InitError, CheckpointError) as exc:
         logging.getLogger("launcher").error("%s", exc)
         return EXIT_FAILED
     finally:
+        if lock is not None:
+            lock.release()
         destroy_model_parallel()
         torch.distributed.destroy_process_group()
 

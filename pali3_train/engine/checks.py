@@ -16,7 +16,7 @@ import torch
 from data_pipeline.loader import resolve_sources
 from pali3_train.config import Config, ConfigError
 from pali3_train.config.schema import FieldError
-from pali3_train.engine.checkpoint import CheckpointError, read_meta, resolve
+from pali3_train.engine.checkpoint import CheckpointError, read_meta, resolve, sizes_only
 from pali3_train.engine.deepspeed_config import accumulation_steps
 from pali3_train.kernels import resolve_kernels
 from pali3_train.stages.curriculum import CURRICULUM
@@ -86,9 +86,10 @@ def check_data(cfg: Config, where: str) -> str:
 
 
 def check_resume(cfg: Config, resume: str) -> Path | None:
-    """``--resume``: the checkpoint a start would load (None: a fresh start)."""
+    """``--resume``: the checkpoint a start would load (None: a fresh start), by the files'
+    presence and sizes; their checksums are verified once the ranks share the work."""
     try:
-        found = resolve(resume, Path(cfg.checkpoint_dir))
+        found = resolve(resume, Path(cfg.checkpoint_dir), sizes_only)
         if found is not None:
             read_meta(found)
         return found

@@ -115,6 +115,17 @@ def on_main_rank(work: Callable[[], T], what: str) -> T | None:
     return result
 
 
+def gather_objects(value: T) -> list[T]:
+    """Collective: every rank's ``value`` (small, picklable data of our own, such as file digests
+    or error messages), in rank order, on every rank; over the gloo group, so on GPUs too
+    nothing touches the device. One process: ``[value]``."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value, group=_wait_group())
+    return values
+
+
 def _wait_group() -> dist.ProcessGroup:
     """The gloo group ``on_main_rank`` waits on; made here (a collective, as every caller is)
     for a default group started without ``init_distributed``."""

@@ -26,6 +26,7 @@ from pali3_train.engine.checkpoint import (
     verify,
 )
 from pali3_train.engine.distributed import on_main_rank
+from pali3_train.engine.safe_load import weights_only_loads
 from pali3_train.stages.registry import spec_for
 
 
@@ -45,7 +46,8 @@ def consolidated_weights(checkpoint: Path) -> tuple[CheckpointMeta, StateDict]:
         return meta, {k: v.float() for k, v in state.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return meta, get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=ENGINE_TAG)
+    with weights_only_loads():
+        return meta, get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=ENGINE_TAG)
 
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
