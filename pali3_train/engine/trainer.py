@@ -62,7 +62,8 @@ class Progress:
 class Trainer:
     """One stage's run on this rank. Owns the DeepSpeed engine, the training data (built once),
     the stage's evaluators, the tracker and the progress counters; restores all of them from a
-    checkpoint (``resume``: auto | none | a folder) and saves them."""
+    checkpoint (``resume``: auto | none | a folder; its files are verified first, and read
+    without unpickling code unless ``trust_checkpoint``) and saves them."""
 
     def __init__(
         self,
@@ -71,6 +72,7 @@ class Trainer:
         device: torch.device,
         dims: ParallelDims,
         resume: str = "auto",
+        trust_checkpoint: bool = False,
     ):
         self.cfg, self.env, self.device, self.dims = cfg, env, device, dims
         self.spec = spec_for(cfg)
@@ -81,11 +83,12 @@ class Trainer:
         self.stop_requested = False
         self.guard = device_guard(device)  # PALI3_DEVICE_GUARD=1: device bugs fail on CPU too
 
-        restored = checkpoint.resolve(resume, self.ckpt_root)
+        self.trusted = trust_checkpoint
+        restored = checkpoint.resolve(resume, self.ckpt_root, checkpoint.verify_on_all_ranks)
         meta = checkpoint.read_meta(restored) if restored is not None else None
         reshard = meta is not None and meta.world_size != env.world_size
-        if reshard:
-            checkpoint.convert_to_universal(restored)  # before the engine exists: its config says
+        if reshard:  # before the engine exists: its config says which format it loads
+            checkpoint.convert_to_universal(restored, self.trusted)
         self.engine = make_engine(
             cfg, build_model(cfg, dims).to(device), dims, checkpoint.load_options(reshard)
         )
@@ -115,7 +118,7 @@ class Trainer:
                             image_dtype=compute_dtype(cfg.train.precision))  # fmt: skip
 
     def _restore(self, path: Path, reshard: bool) -> Progress:
-        meta, rank_state = checkpoint.load(self.engine, path, reshard)
+        meta, rank_state = checkpoint.load(self.engine, path, reshard, self.trusted)
         if reshard:
             log.warning(
                 "resharded %s from %d to %d ranks: model and optimizer state restored, "
