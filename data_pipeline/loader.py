@@ -112,6 +112,8 @@ class DataPipeline:
             open_shards_per_source=data.open_shards_per_source,
             max_skip_fraction=data.max_skip_fraction,
             skip_check_min_samples=data.skip_check_min_samples,
+            read_retries=data.read_retries,
+            read_retry_delay_s=data.read_retry_delay_s,
         )
         self.loader = StatefulDataLoader(
             self.dataset,

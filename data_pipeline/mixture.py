@@ -81,12 +81,14 @@ class SourceStream:
         mode: Mode,
         open_shards: int,
         health: Health,
+        retries: tuple[int, float] = (0, 0.0),
     ):
         self.name = source.spec.name
         self.urls = source.urls
         self.layout, self.seed, self.mode = layout, seed, mode
         self.open_shards = open_shards
         self.health = health
+        self.retries, self.retry_delay_s = retries  # for remote shards (shards.read_shard)
         self.next_turn = 0  # this worker's next turn in the sequence: position g + turn * G
         self.open: list[_OpenShard] = []
         self._order_cache: tuple[int, np.ndarray] | None = None
@@ -121,7 +123,9 @@ class SourceStream:
                 self.open[int(rng.integers(len(self.open)))] if len(self.open) > 1 else self.open[0]
             )
             if shard.samples is None:
-                shard.samples = shards.read_shard(shard.url, shard.taken, self._shard_error)
+                shard.samples = shards.read_shard(
+                    shard.url, shard.taken, self._shard_error, self.retries, self.retry_delay_s
+                )
             raw = next(shard.samples, None)
             if raw is not None:
                 shard.taken += 1
@@ -167,6 +171,8 @@ class MixtureDataset(IterableDataset):
     open_shards_per_source: int
     max_skip_fraction: float
     skip_check_min_samples: int
+    read_retries: int = 0
+    read_retry_delay_s: float = 0.0
 
     def __iter__(self) -> MixtureIterator:
         info = get_worker_info()
@@ -188,9 +194,16 @@ class MixtureIterator:
             np.random.PCG64([dataset.seed, layout.rank, layout.worker_id])
         )
         self.sources = [s for s in dataset.sources if s.spec.weight > 0]
+        retries = (dataset.read_retries, dataset.read_retry_delay_s)
         self.streams = [
             SourceStream(
-                s, layout, dataset.seed, dataset.mode, dataset.open_shards_per_source, self.health
+                s,
+                layout,
+                dataset.seed,
+                dataset.mode,
+                dataset.open_shards_per_source,
+                self.health,
+                retries,
             )
             for s in self.sources
         ]

@@ -9,12 +9,16 @@ exact resume) and telling the caller what went wrong (needed to count skips): bo
 from __future__ import annotations
 
 import itertools
+import logging
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander
+
+log = logging.getLogger(__name__)
 
 # (url, message): reading the shard failed somewhere
 ErrorCallback = Callable[[str, str], None]
@@ -34,7 +38,9 @@ def missing_local_shards(urls: list[str]) -> list[str]:
     return [u for u in urls if is_local(u) and not Path(u).is_file()]
 
 
-def read_shard(url: str, skip: int, on_error: ErrorCallback) -> Iterator[dict]:
+def read_shard(
+    url: str, skip: int, on_error: ErrorCallback, retries: int = 0, retry_delay_s: float = 1.0
+) -> Iterator[dict]:
     """Raw samples (``{"__key__", "__url__", "<field>": bytes}``) of one shard, from sample
     ``skip`` on.
 
@@ -42,8 +48,35 @@ def read_shard(url: str, skip: int, on_error: ErrorCallback) -> Iterator[dict]:
     cut download, which tar readers otherwise take for a normal end) yields what it can and is
     reported once, when it is exhausted. Reporting at the end makes the count the same whether
     or not a run was interrupted and resumed inside the shard.
+
+    A remote shard (``pipe:``, http) that fails is first reopened up to ``retries`` times, after
+    ``retry_delay_s``, then twice that, ...: a network blip is not corruption. Each retry goes
+    on after the samples already yielded; the last sample of a failed attempt is held back (it
+    may be cut), so nothing is yielded twice or lost. A local file is read once: its damage is
+    in the file.
     """
-    problems: list[str] = []
+    retries = 0 if is_local(url) else retries
+    taken = skip
+    for attempt in range(retries + 1):
+        problems: list[str] = []
+        for sample in _read_attempt(url, taken, problems, hold_back_last=attempt < retries):
+            taken += 1
+            yield sample
+        if not problems:
+            return
+        if attempt < retries:
+            delay = retry_delay_s * 2**attempt
+            log.warning(
+                "reading %s failed (attempt %d of %d: %s); retrying from sample %d in %.1f s",
+                url, attempt + 1, retries + 1, problems[0], taken, delay,
+            )  # fmt: skip
+            time.sleep(delay)
+    on_error(url, "; ".join(problems[:3]))
+
+
+def _read_attempt(url: str, skip: int, problems: list[str], hold_back_last: bool) -> Iterator[dict]:
+    """One pass over the shard from sample ``skip``; what went wrong is added to ``problems``.
+    With ``hold_back_last`` the last sample is yielded only if the pass had no problem."""
 
     def handler(exc: Exception) -> bool:
         problems.append(f"{type(exc).__name__}: {exc.args[0] if exc.args else exc}")
@@ -52,20 +85,27 @@ def read_shard(url: str, skip: int, on_error: ErrorCallback) -> Iterator[dict]:
     try:
         stream = _TailRecorder(gopen(url), url)
     except Exception as exc:  # gopen raises OSError, ValueError, ... depending on the scheme
-        on_error(url, f"cannot open: {exc}")
+        problems.append(f"cannot open: {exc}")
         return
+    held: dict | None = None
     try:
         files = tar_file_expander([{"url": url, "stream": stream}], handler=handler)
-        yield from itertools.islice(group_by_keys(files, handler=handler), skip, None)
+        for sample in itertools.islice(group_by_keys(files, handler=handler), skip, None):
+            if hold_back_last:
+                sample, held = held, sample
+            if sample is not None:
+                yield sample
         if not problems and not stream.ends_like_a_tar():
             problems.append("truncated: no end-of-archive marker")
+    except OSError as exc:  # a pipe: command that failed, noticed at a read after the tar
+        handler(exc)
     finally:
         try:
             stream.close()  # a pipe: command that failed raises here
         except Exception as exc:
             problems.append(f"{type(exc).__name__}: {exc}")
-    if problems:
-        on_error(url, "; ".join(problems[:3]))
+    if held is not None and not problems:
+        yield held
 
 
 class _TailRecorder:

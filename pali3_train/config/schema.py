@@ -205,11 +205,22 @@ class DataConfig:
     # once the worker has read ``skip_check_min_samples``), naming the shard with most skips.
     max_skip_fraction: float = 0.05
     skip_check_min_samples: int = 200
+    # A remote shard (pipe:, http) whose read fails is reopened this many times, after
+    # read_retry_delay_s, then twice that, ..., and continued after the samples it already gave,
+    # before it counts as unreadable: a network blip loses no samples. Local files are not retried.
+    read_retries: int = 3
+    read_retry_delay_s: float = 1.0
 
     def __post_init__(self) -> None:
         _positive(self, "max_prompt_tokens", "max_target_tokens", "open_shards_per_source")
         _positive(self, "skip_check_min_samples")
         require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        require(self.read_retries >= 0, "read_retries", f"must be >= 0, got {self.read_retries}")
+        require(
+            self.read_retry_delay_s >= 0,
+            "read_retry_delay_s",
+            f"must be >= 0, got {self.read_retry_delay_s}",
+        )
         require(
             0 <= self.max_skip_fraction <= 1,
             "max_skip_fraction",

@@ -189,6 +189,14 @@ BAD = [
         "not divisible by parallel.tensor_parallel_size=3",
     ),
     ("zero sized layer", {"model": {"ul2": {"d_ff": 0}}}, [], "model.ul2.d_ff", "must be > 0"),
+    ("negative read retries", {"data": {"read_retries": -1}}, [], "data.read_retries", ">= 0"),
+    (
+        "negative retry delay",
+        {"data": {"read_retry_delay_s": -0.5}},
+        [],
+        "data.read_retry_delay_s",
+        "must be >= 0, got -0.5",
+    ),
     (
         "unknown task in the mixture",
         {"data": {"sources": [{"name": "a", "shards": "a.tar", "task": "captioning"}]}},

@@ -49,6 +49,19 @@ def cut_before(path: Path, key: str) -> None:
     path.write_bytes(path.read_bytes()[:cut])
 
 
+def flaky_pipe(tmp_path: Path, shard: str, failures: int, cut: int) -> str:
+    """A ``pipe:`` URL whose first ``failures`` runs emit the shard's first ``cut`` bytes and
+    exit 1 (a connection dropped mid-download); later runs emit all of it."""
+    counter = tmp_path / "runs"
+    script = tmp_path / "flaky.sh"
+    script.write_text(
+        f"n=$(cat {counter} 2>/dev/null || echo 0); echo $((n + 1)) > {counter}\n"
+        f'if [ "$n" -lt {failures} ]; then head -c {cut} {shard}; sleep 0.2; exit 1; fi\n'
+        f"cat {shard}\n"
+    )
+    return f"pipe:sh {script}"
+
+
 @dataclass(frozen=True)
 class Corpus:
     root: Path

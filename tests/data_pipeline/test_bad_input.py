@@ -10,7 +10,7 @@ import pytest
 import webdataset as wds
 
 from data_pipeline.health import DataQualityError
-from tests.data_pipeline.corpus import Corpus, cut_before, example, pipeline
+from tests.data_pipeline.corpus import Corpus, cut_before, example, flaky_pipe, pipeline
 
 GOOD = 8  # samples per damaged shard before damage
 
@@ -53,7 +53,7 @@ def damaged(corpus: Corpus, tmp_path: Path) -> list[dict]:
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_each_kind_of_damage_is_skipped_and_counted(corpus, damaged, workers):
-    cfg = corpus.config(damaged, num_workers=workers, max_skip_fraction=0.5)
+    cfg = corpus.config(damaged, num_workers=workers, max_skip_fraction=0.5, read_retry_delay_s=0)
     data = pipeline(cfg, 0, 1, 4, mode="epoch")
     keys = [k for batch in data for k in batch.keys]
 
@@ -76,7 +76,7 @@ def test_each_kind_of_damage_is_skipped_and_counted(corpus, damaged, workers):
 
 
 def test_skips_are_logged_with_shard_and_key(corpus, damaged, caplog):
-    cfg = corpus.config(damaged, num_workers=0, max_skip_fraction=0.5)
+    cfg = corpus.config(damaged, num_workers=0, max_skip_fraction=0.5, read_retry_delay_s=0)
     list(pipeline(cfg, 0, 1, 4, mode="epoch"))
     lines = [r.getMessage() for r in caplog.records if r.name == "data_pipeline.health"]
     assert any("'cats-00001'" in m and "cats-0.tar" in m and "corrupt_image" in m for m in lines)
@@ -94,6 +94,33 @@ def test_too_much_damage_stops_the_run_naming_the_worst_shard(corpus, damaged, w
 
 def test_a_training_source_with_nothing_readable_stops_instead_of_spinning(corpus, tmp_path):
     dead = {"name": "dead", "shards": f"pipe:cat {tmp_path / 'gone-{0..2}.tar'}", "task": "ocr"}
-    cfg = corpus.config([dead], num_workers=0, max_skip_fraction=1.0)
+    cfg = corpus.config([dead], num_workers=0, max_skip_fraction=1.0, read_retry_delay_s=0)
     with pytest.raises(DataQualityError, match="source dead: no readable sample in"):
         next(iter(pipeline(cfg, 0, 1, 4, mode="train")))
+
+
+@pytest.mark.parametrize("failures,workers", [(2, 0), (2, 2), (100, 0)])
+def test_a_remote_shard_that_fails_is_retried_before_it_counts_as_bad(
+    corpus, tmp_path, caplog, failures, workers
+):
+    """Failing twice then working: every sample once, nothing counted. Always failing: counted
+    once, as an unreadable shard named by its URL."""
+    _write(tmp_path / "remote-0.tar", [_good("remote", i) for i in range(3 * GOOD)])
+    _write(tmp_path / "remote-1.tar", [_good("remote", 3 * GOOD + i) for i in range(GOOD)])
+    url = flaky_pipe(tmp_path, str(tmp_path / "remote-0.tar"), failures, 6000)
+    remote = {"name": "remote", "shards": f"{url}::pipe:cat {tmp_path}/remote-1.tar",
+              "task": "caption"}  # fmt: skip
+    cfg = corpus.config([remote], num_workers=workers, read_retries=3, read_retry_delay_s=0.01,
+                        max_skip_fraction=1.0)  # fmt: skip
+    data = pipeline(cfg, 0, 1, 4, mode="epoch")
+    keys = [k for batch in data for k in batch.keys]
+
+    if failures < 3:
+        assert sorted(keys) == [f"remote-{i:05d}" for i in range(4 * GOOD)]
+        assert data.stats().skipped == {} and data.stats().served == {"remote": 4 * GOOD}
+    else:
+        assert data.stats().skipped == {"remote/unreadable_shard": 1}
+        assert sorted(keys) == [f"remote-{i:05d}" for i in range(3 * GOOD, 4 * GOOD)]
+        if workers == 0:
+            skips = [r.getMessage() for r in caplog.records if r.name == "data_pipeline.health"]
+            assert len(skips) == 1 and url in skips[0] and "unreadable_shard" in skips[0]
