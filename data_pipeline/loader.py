@@ -20,7 +20,7 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from data_pipeline import shards
-from data_pipeline.health import Health, total
+from data_pipeline.health import SKIP_REASONS, Health, total
 from data_pipeline.mixture import MixtureDataset, Mode, ResolvedSource
 from data_pipeline.tasks import template_error
 from data_pipeline.transforms import Batch, model_input
@@ -134,6 +134,18 @@ class DataPipeline:
         """Samples served and skipped by this rank's workers up to the last batch consumed."""
         health: Health = total(list(self._health.values()))
         return PipelineStats(dict(health.served), dict(health.skipped))
+
+    def quality_counts(self) -> dict[str, int]:
+        """``stats()`` as metrics: ``data/<source>/served`` and ``data/<source>/skipped/<reason>``
+        for every source of the config and every reason of ``health.SKIP_REASONS``, zeros
+        included, so that every rank has the same keys in the same order (to sum them over
+        ranks in one collective)."""
+        stats, counts = self.stats(), {}
+        for name in (s.spec.name for s in self.dataset.sources):
+            counts[f"data/{name}/served"] = stats.served.get(name, 0)
+            for reason in SKIP_REASONS:
+                counts[f"data/{name}/skipped/{reason}"] = stats.skipped.get(f"{name}/{reason}", 0)
+        return counts
 
     def state_dict(self) -> dict:
         return {

@@ -33,7 +33,7 @@ from pali3_train.engine.peak import device_peak_flops
 from pali3_train.engine.reporting import RunReport
 from pali3_train.engine.step_memory import peak_memory_gib, reset_peak_memory
 from pali3_train.eval.evaluator import EvalContext, evaluate
-from pali3_train.parallel import ParallelDims, dp_group, dp_rank, dp_size
+from pali3_train.parallel import ParallelDims, dp_group, dp_rank, dp_size, tp_rank
 from pali3_train.precision import compute_dtype
 from pali3_train.stages.registry import spec_for
 from pali3_train.tokenizer import Tokenizer
@@ -242,23 +242,29 @@ class Trainer:
         ``tflops_per_device`` and ``mfu``: model FLOPs, ``hfu``: hardware FLOPs, which add
         activation checkpointing's recompute (``engine.flops``); MFU and HFU only on a device
         whose peak is known (``engine.peak``)."""
+        quality = self.data.quality_counts()  # the same keys on every rank
+        own_data = float(tp_rank() == 0)  # a TP group's ranks share one data share: count it once
         counts = [float(tokens["visual"]), float(tokens["text"])]
-        stats = torch.cat([loss.float().reshape(1), torch.tensor(counts, device=self.device)])
-        dist.all_reduce(stats)  # loss: mean over ranks; tokens: sum (TP peers count twice)
+        counts += [own_data * count for count in quality.values()]
+        counts = torch.tensor(counts, dtype=torch.float64, device=self.device)  # exact > 2^24
+        stats = torch.cat([loss.double().reshape(1), counts])
+        dist.all_reduce(stats)  # world: loss mean; tokens sum (TP peers twice); data counts sum
+        summed = stats.tolist()
         world, batch = self.env.world_size, self.cfg.train.global_batch_size
         per_device = batch / seconds / world  # samples per second
         flops, checkpointing = self.flops_per_sample, self.cfg.parallel.activation_checkpointing
         metrics = {
-            "loss": stats[0].item() / world,
+            "loss": summed[0] / world,
             "lr": lr,
             "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
             "samples_per_s": batch / seconds,
-            "visual_tokens_per_s": stats[1].item() / self.dims.tp / seconds,
-            "text_tokens_per_s": stats[2].item() / self.dims.tp / seconds,
+            "visual_tokens_per_s": summed[1] / self.dims.tp / seconds,
+            "text_tokens_per_s": summed[2] / self.dims.tp / seconds,
             "step_time_s": seconds,
             **peak_memory_gib(self.device),
             "tflops_per_device": flops.model * per_device / 1e12,
             "bad_losses": float(self.progress.bad_losses),
+            **dict(zip(quality, summed[3:])),  # since the run began, over data-parallel ranks
         }
         peak = device_peak_flops(self.device, self.cfg.train.precision)
         if peak:
