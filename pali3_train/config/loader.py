@@ -27,14 +27,56 @@ Origins = dict[str, str]
 
 
 class ConfigError(ValueError):
-    """A configuration that cannot be used, with the source and dotted field at fault."""
+    """A configuration that cannot be used, with the source and dotted field at fault.
 
-    def __init__(self, source: str, field_path: str, message: str):
+    ``source`` a ``ConfigSource`` (what ``load_with_sources`` returns): the error names the file
+    or ``--set`` item that gave ``field_path``; with ``also`` (the other fields a rule between
+    fields read), the ``--set`` item that gave one of them if any did, since that is what
+    changed (``--set train.steps=10: train.warmup_steps: warmup_steps=50 exceeds steps=10``)."""
+
+    def __init__(self, source: str, field_path: str, message: str, also: Sequence[str] = ()):
+        if isinstance(source, ConfigSource):
+            source = source.blame(field_path, also)
         super().__init__(
             f"{source}: {field_path}: {message}" if field_path else f"{source}: {message}"
         )
         self.source = source
         self.field_path = field_path
+
+
+class ConfigSource(str):
+    """The config file's name (a ``str``: it prints, joins and opens as one) that also knows
+    where each field came from: an included file or a ``--set`` item."""
+
+    origins: Origins
+
+    def __new__(cls, path: str | Path, origins: Origins) -> ConfigSource:
+        named = super().__new__(cls, str(path))
+        named.origins = origins
+        return named
+
+    def of(self, dotted: str) -> str:
+        """The file or ``--set`` item that gave ``dotted`` (or its section)."""
+        return _source(self.origins, dotted, str(self))
+
+    def blame(self, dotted: str, also: Sequence[str] = ()) -> str:
+        return _blame(self.origins, dotted, also, str(self))
+
+
+def one_line(text: str) -> str:
+    """A message that may span lines (YAML's, a library's) as one line of a refusal."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _yaml_error(path: str, exc: yaml.YAMLError) -> ConfigError:
+    """One line naming path:line:column and YAML's problem (PyYAML's own text spans lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:
+        return ConfigError(path, "", f"invalid YAML: {one_line(exc)}")
+    problem = getattr(exc, "problem", None) or "cannot be read"
+    context = getattr(exc, "context", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}"
+    return ConfigError(where, "", f"invalid YAML: {problem}" + (f" ({context})" if context else ""))
 
 
 # ------------------------------------------------------------------------------ reading sources
@@ -50,7 +92,7 @@ def _read_yaml(path: Path, stack: tuple[Path, ...] = ()) -> tuple[dict, Origins]
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(str(path), "", f"invalid YAML: {exc}") from None
+        raise _yaml_error(str(path), exc) from None
     if not isinstance(data, dict):
         raise ConfigError(str(path), "", "the top level must be a mapping of sections")
 
@@ -113,7 +155,7 @@ def apply_overrides(data: dict, origins: Origins, overrides: Sequence[str]) -> N
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
-            raise ConfigError(source, key, f"invalid value: {exc}") from None
+            raise ConfigError(source, key, f"invalid value: {one_line(exc)}") from None
         parts = key.strip().split(".")
         node = data
         for depth, part in enumerate(parts[:-1]):
@@ -135,8 +177,22 @@ def _source(origins: Origins, dotted: str, default: str) -> str:
     while dotted:
         if dotted in origins:
             return origins[dotted]
-        dotted = dotted.rpartition(".")[0]
+        if dotted.endswith("]"):  # data.sources[0].shards -> data.sources[0] -> data.sources
+            dotted = dotted.rpartition("[")[0]
+        else:
+            dotted = dotted.rpartition(".")[0]
     return default
+
+
+def _blame(origins: Origins, dotted: str, also: Sequence[str], default: str) -> str:
+    """The source to name for an error on ``dotted`` by a rule that also read ``also``: the
+    ``--set`` item that gave one of them if any did (the change that broke the rule), else the
+    file that gave ``dotted``."""
+    for field_path in (dotted, *also):
+        source = _source(origins, field_path, default)
+        if source.startswith("--set "):
+            return source
+    return _source(origins, dotted, default)
 
 
 def _convert(tp: Any, value: Any, dotted: str, origins: Origins, default_source: str) -> Any:
@@ -224,8 +280,9 @@ def _build(cls: type, data: Any, prefix: str, origins: Origins, default_source: 
     try:
         return cls(**kwargs)
     except FieldError as exc:
-        dotted = f"{prefix}.{exc.field_path}" if prefix else exc.field_path
-        raise ConfigError(_source(origins, dotted, default_source), dotted, exc.message) from None
+        dotted, *also = (f"{prefix}.{f}" if prefix else f for f in (exc.field_path, *exc.also))
+        source = _blame(origins, dotted, also, default_source)
+        raise ConfigError(source, dotted, exc.message) from None
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -238,9 +295,17 @@ def config_from_dict(data: dict, origins: Origins | None = None, source: str = "
 def load_config(path: str | Path, overrides: Sequence[str] = (), schema: type[T] = Config) -> T:
     """Read ``path`` (with its includes), apply ``overrides`` and validate everything into
     ``schema`` (a run's ``Config``, or another dataclass such as a curriculum)."""
+    return load_with_sources(path, overrides, schema)[0]
+
+
+def load_with_sources(
+    path: str | Path, overrides: Sequence[str] = (), schema: type[T] = Config
+) -> tuple[T, ConfigSource]:
+    """``load_config``, and ``path`` as a ``ConfigSource``: later checks that pass it as their
+    ``where`` name the file or ``--set`` item each field came from."""
     data, origins = _read_yaml(Path(path))
     apply_overrides(data, origins, overrides)
-    return _build(schema, data, "", origins, str(path))
+    return _build(schema, data, "", origins, str(path)), ConfigSource(path, origins)
 
 
 def load_config_or_exit(path: str | Path, overrides: Sequence[str] = ()) -> Config:

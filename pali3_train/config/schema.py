@@ -14,17 +14,20 @@ from pali3_train.stages.curriculum import CURRICULUM, OBJECTIVE_NAMES
 
 
 class FieldError(ValueError):
-    """An invalid value, identified by its dotted path relative to the dataclass that raised it."""
+    """An invalid value, identified by its dotted path relative to the dataclass that raised it;
+    ``also``: the other fields a rule between fields read (the loader names whichever of them
+    a ``--set`` item gave)."""
 
-    def __init__(self, field_path: str, message: str):
+    def __init__(self, field_path: str, message: str, also: tuple[str, ...] = ()):
         super().__init__(message)
         self.field_path = field_path
         self.message = message
+        self.also = also
 
 
-def require(condition: bool, field_path: str, message: str) -> None:
+def require(condition: bool, field_path: str, message: str, also: tuple[str, ...] = ()) -> None:
     if not condition:
-        raise FieldError(field_path, message)
+        raise FieldError(field_path, message, also)
 
 
 def _positive(obj: object, *names: str) -> None:
@@ -36,7 +39,10 @@ def _positive(obj: object, *names: str) -> None:
 def _divides(obj: object, width_name: str, heads_name: str) -> None:
     width, heads = getattr(obj, width_name), getattr(obj, heads_name)
     require(
-        width % heads == 0, heads_name, f"{heads_name}={heads} does not divide {width_name}={width}"
+        width % heads == 0,
+        heads_name,
+        f"{heads_name}={heads} does not divide {width_name}={width}",
+        (width_name,),
     )
 
 
@@ -148,6 +154,7 @@ class UL2Config:
                 0 <= value < self.vocab_size,
                 name,
                 f"must be a token id in [0, vocab_size={self.vocab_size}), got {value}",
+                ("vocab_size",),
             )
         require(self.pad_id != self.eos_id, "eos_id", "must differ from pad_id")
 
@@ -210,6 +217,11 @@ class DataConfig:
     # before it counts as unreadable: a network blip loses no samples. Local files are not retried.
     read_retries: int = 3
     read_retry_delay_s: float = 1.0
+    # Append the key, source and epoch of every sample a data-parallel rank trains on to
+    # <run_dir>/served_keys/dp<rank>.jsonl, one line per batch: an audit of what the run read
+    # (each sample once per epoch, across resumes and resharding). A run killed between
+    # checkpoints logs again the batches it replays after resuming.
+    log_served_keys: bool = False
 
     def __post_init__(self) -> None:
         _positive(self, "max_prompt_tokens", "max_target_tokens", "open_shards_per_source")
@@ -268,6 +280,7 @@ class TrainConfig:
             self.warmup_steps <= self.steps,
             "warmup_steps",
             f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}",
+            ("steps",),
         )
         require(
             all(0.0 <= b < 1.0 for b in self.adam_betas),
@@ -279,6 +292,7 @@ class TrainConfig:
             "micro_batch_size",
             f"micro_batch_size={self.micro_batch_size} does not divide "
             f"global_batch_size={self.global_batch_size}",
+            ("global_batch_size",),
         )
 
 
@@ -524,6 +538,7 @@ class StageConfig:
             expected == self.objective,
             "objective",
             f"stage {self.name} trains the {expected} objective, not {self.objective!r}",
+            ("name",),
         )
 
 
@@ -553,6 +568,7 @@ class Config:
             "kernels.cross_entropy",
             "liger needs the whole vocabulary on one rank; with "
             f"parallel.tensor_parallel_size={tp} use chunked (or auto)",
+            ("parallel.tensor_parallel_size",),
         )
         for path, value in (
             ("model.ul2.num_heads", self.model.ul2.num_heads),
@@ -563,4 +579,5 @@ class Config:
                 value % tp == 0,
                 path,
                 f"{value} is not divisible by parallel.tensor_parallel_size={tp}",
+                ("parallel.tensor_parallel_size",),
             )

@@ -278,6 +278,44 @@ def test_bad_override_names_the_override(tmp_path, override, field, words):
 
 
 @pytest.mark.parametrize(
+    "override,field",
+    [
+        ("train.global_batch_size=6", "train.micro_batch_size"),  # micro 4 no longer divides it
+        ("train.steps=1", "train.warmup_steps"),  # warmup 2 now exceeds it
+        ("model.vit.width=66", "model.vit.num_heads"),  # 4 heads do not divide 66
+        ("parallel.tensor_parallel_size=3", "model.ul2.num_heads"),
+        ("model.ul2.vocab_size=1", "model.ul2.eos_id"),  # eos 1 is not a token id below 1
+        ("stage.name='0'", "stage.objective"),  # the file's generative is not stage 0's
+    ],
+)
+def test_a_rule_between_fields_names_the_set_item_that_broke_it(tmp_path, override, field):
+    """The rule names one field, but the value that changed came from --set: the error names
+    that item, not the file that gave the field the rule reports (issue 15)."""
+    base = _write(tmp_path, "base.yaml", {
+        "model": {"vit": {"width": 64, "num_heads": 4}, "ul2": {"num_heads": 4}},
+        "train": {"global_batch_size": 8, "micro_batch_size": 4, "steps": 6, "warmup_steps": 2},
+        "stage": {"objective": "generative"},
+    })  # fmt: skip
+    stage = _write(tmp_path, "stage.yaml", {"include": "base.yaml"})
+    with pytest.raises(ConfigError) as info:
+        load_config(stage, [override])
+    assert info.value.source == f"--set {override}", (str(info.value), base)
+    assert info.value.field_path == field
+
+
+def test_a_yaml_syntax_error_is_one_line_with_line_and_column(tmp_path):
+    path = _write(tmp_path, "bad.yaml", "train:\n  steps: 6\n  lr: [1e-3\nparallel: {}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path.resolve()}:4:9: invalid YAML: ")
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, "ok.yaml", {}), ["train.adam_betas=[0.9"])
+    assert str(info.value).startswith("--set train.adam_betas=[0.9: train.adam_betas: invalid")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
     "contents,words",
     [
         ("model: [unclosed", "invalid YAML"),
