@@ -22,7 +22,8 @@ import torch
 
 from pali3_train.config import Config, ConfigError, load_config
 from pali3_train.config.curriculum import Curriculum, CurriculumStep
-from pali3_train.engine.checks import check_layout, check_stage_flag
+from pali3_train.config.loader import load_with_sources
+from pali3_train.engine.checks import check_freeze, check_layout, check_stage_flag
 from pali3_train.plots import plot_loss_curves
 from pali3_train.tracking import ParentRun
 
@@ -57,9 +58,11 @@ def check_all(path: Path, plan: Curriculum) -> dict[str, Config]:
         config_path = stage_config_path(path, step)
         if not config_path.is_file():
             raise ConfigError(str(path), f"{step.name}.config", f"{config_path} does not exist")
-        cfg = load_config(config_path, overrides(plan, step, None, baseline))
-        cfg = check_stage_flag(cfg, step.stage, str(config_path))
-        check_layout(cfg, plan.nproc_per_node, str(config_path), training=not baseline)
+        # where: the stage file, knowing which fields the step's --set items gave
+        cfg, where = load_with_sources(config_path, overrides(plan, step, None, baseline))
+        cfg = check_stage_flag(cfg, step.stage, where)
+        check_layout(cfg, plan.nproc_per_node, where, training=not baseline)
+        check_freeze(cfg, where, training=not baseline)  # module names, on the meta device
         configs[step.name] = cfg
     return configs
 

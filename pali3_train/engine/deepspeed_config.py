@@ -23,6 +23,7 @@ def accumulation_steps(cfg: Config, dp_size: int, where: str = "config") -> int:
             "train.global_batch_size",
             f"{total} is not micro_batch_size={micro} x accumulation x data-parallel size="
             f"{dp_size} for any whole accumulation",
+            also=("train.micro_batch_size", "parallel.tensor_parallel_size"),
         )
     return total // (micro * dp_size)
 

@@ -7,6 +7,7 @@ they take no optimizer state (the ViT in stage 1 is two thirds of PaLI-3's 5B).
 
 from __future__ import annotations
 
+import difflib
 import math
 
 import torch
@@ -25,9 +26,18 @@ def freeze(model: nn.Module, paths: tuple[str, ...]) -> None:
             try:
                 params = [model.get_parameter(path)]
             except AttributeError:
-                raise ValueError(f"stage.freeze: {type(model).__name__} has no {path!r}") from None
+                raise ValueError(f"stage.freeze: {_no_such_path(model, path)}") from None
         for p in params:
             p.requires_grad_(False)
+
+
+def _no_such_path(model: nn.Module, path: str) -> str:
+    """``PaLI3 has no 'vitt'; did you mean 'vit'?`` (else the top-level modules)."""
+    names = [n for n, _ in model.named_modules() if n] + [n for n, _ in model.named_parameters()]
+    close = difflib.get_close_matches(path, names, n=1)
+    top = ", ".join(n for n, _ in model.named_children())
+    hint = f"did you mean {close[0]!r}?" if close else f"its top-level modules: {top}"
+    return f"{type(model).__name__} has no {path!r}; {hint}"
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
