@@ -5,7 +5,6 @@ fault campaign's (tests/faults)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pali3_train.config import load_config
 from pali3_train.engine.checkpoint import find_latest, verify
 from pali3_train.models import PaLI3
 from pali3_train.plots import read_metrics
-from tests.engine.conftest import ROOT, launch, launch_command, launch_env, stage_config
+from tests.engine.conftest import ROOT, launch, launch_env, stage_config
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
