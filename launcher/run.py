@@ -7,9 +7,16 @@
 
 What trains is the config's ``stage:`` section; ``--stage`` is optional with a config and must
 then agree with it. Without ``--config``, ``--stage S`` trains S's tiny recipe (``quickstart``).
-The whole config, the parallel layout and the data sources are checked before any process group
-starts, so a bad run fails at once on every rank with one message and exit code 2. Exit codes:
-0 finished, 75 stopped by SIGTERM/SIGUSR1 after saving (requeue and ``--resume auto``), 1 failed.
+The whole config, the parallel layout, the data, ``stage.freeze`` (on a meta-device model) and
+``--resume`` are checked before any process group starts: a bad run fails within seconds with one
+line, ``error: <file or --set item>: <field>: <message>``, printed by rank 0 (and by the first
+rank of each further node: its own file system), and exit code 2 on every rank. Exit codes:
+0 finished, 2 refused, 75 stopped by SIGTERM/SIGUSR1 after saving (requeue and ``--resume auto``),
+1 failed. ``deepspeed`` and ``srun`` exit with their ranks' 2; torchrun (2.x) turns any failed
+rank into its own ``ChildFailedError`` and exits 1, whatever the code (its summary shows
+``exitcode : 2``): run ``--dry-run`` first where a script needs the 2 (``launcher/README.md``).
+``--resume none`` where a run already trained (checkpoints, metrics, an MLflow store) is refused
+unless ``--overwrite`` is given, which moves the old run aside (``engine.previous_run``).
 ``--dry-run [--world-size N]`` runs those checks and prints the plan (layout, batch, parameters,
 memory per device) without starting anything: 0 if a start would pass them, 2 if not.
 ``--eval-only`` scores the model as built or restored on ``eval.sources`` (a baseline).
@@ -27,24 +34,47 @@ from pathlib import Path
 import torch
 
 from launcher.quickstart import quickstart
-from pali3_train.config import Config, ConfigError, add_overrides_option, load_config
+from pali3_train.config import Config, ConfigError, add_overrides_option
+from pali3_train.config.loader import load_with_sources, one_line
 from pali3_train.engine.checks import check_before_start, check_stage_flag
 from pali3_train.engine.distributed import DistEnv, init_distributed, read_env
 from pali3_train.engine.dry_run import dry_run
 from pali3_train.engine.lifeline import die_with_parent
 from pali3_train.engine.peak import enable_tf32
+from pali3_train.engine.previous_run import move_aside, previous_run
 from pali3_train.engine.run_lock import RunLocked, lock_run_dir
 from pali3_train.stages.curriculum import CURRICULUM
 
-REFUSAL_GRACE_S = 3.0  # how long a refusing rank waits for its peers' refusals before exiting
+REFUSAL_GRACE_S = 3.0  # how long a silent refusing rank waits, so rank 0's exit is seen first
+
+
+def refuse(message: str, env: DistEnv) -> int:
+    """One ``error:`` line, printed by rank 0 (and the first rank of each other node); every
+    rank refuses alike, so the others stay silent and outwait rank 0's exit (which the launcher
+    sees first and reports). Returns the exit code, 2."""
+    if env.local_rank == 0:
+        print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
+    if not env.is_main:
+        time.sleep(REFUSAL_GRACE_S)
+    return 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's usage errors as one ``error: argument --x: ...`` line (no usage block), once,
+    exit code 2."""
+
+    def error(self, message: str):
+        sys.exit(refuse(message, read_env()))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", choices=tuple(CURRICULUM), help="checked against the config")
     parser.add_argument("--config", help="stage YAML (see configs/); default: --stage's recipe")
     add_overrides_option(parser)
     parser.add_argument("--resume", default="auto", help="auto | none | a checkpoint folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with --resume none: move the run in run_dir aside")  # fmt: skip
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="let the resumed checkpoint unpickle any type (only for a "
                         "checkpoint from a source you trust)")  # fmt: skip
@@ -56,6 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.config is None and args.stage is None:
         parser.error("give --config, or --stage alone for that stage's tiny recipe")
+    if args.overwrite and (args.resume != "none" or args.eval_only):
+        parser.error("--overwrite goes with --resume none (a training run that starts over)")
     for name in ("world_size", "gpus_per_node"):
         value = getattr(args, name)
         if value is not None and not args.dry_run:
@@ -72,7 +104,10 @@ def load_stage_config(args: argparse.Namespace, env: DistEnv) -> Config:
         world = args.world_size or env.world_size
         args.config, args.set = quickstart(args.stage, args.set, world, env.is_main,
                                            build_corpora=not args.dry_run)  # fmt: skip
-    return check_stage_flag(load_config(args.config, args.set), args.stage, args.config)
+    # args.config becomes a ConfigSource: a str that also knows each field's origin, so that
+    # every check's error names the file or --set item the field came from.
+    cfg, args.config = load_with_sources(args.config, args.set)
+    return check_stage_flag(cfg, args.stage, args.config)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,14 +119,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_stage_config(args, env)
         if args.dry_run:
             world = args.world_size or env.world_size
-            return dry_run(cfg, args.config, args.resume, world, args.gpus_per_node or 8)
+            return dry_run(cfg, args.config, args.resume, world, args.gpus_per_node or 8,
+                           args.overwrite)  # fmt: skip
         training = not args.eval_only
-        warnings = check_before_start(cfg, env.world_size, args.config, args.resume, training)
+        warnings = check_before_start(cfg, env.world_size, args.config, args.resume, training,
+                                      args.overwrite)  # fmt: skip
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        if env.world_size > 1:  # torchrun stops the job at the first exit: let peers report too
-            time.sleep(REFUSAL_GRACE_S)
-        return 2
+        return refuse(str(exc), env)
     for warning in warnings if env.is_main else ():
         print(f"warning: {args.config}: {warning}", file=sys.stderr)
     logging.basicConfig(
@@ -113,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         torch.distributed.destroy_process_group()
         return 2
+    if args.overwrite and env.is_main:  # holding the lock: no live run's files are moved
+        replace_previous_run(cfg, Path(args.config))
     enable_tf32(device)  # fp32 runs' matmuls on tensor cores (their MFU then uses TF32's peak)
     dims = ParallelDims(env.world_size, cfg.parallel.tensor_parallel_size)
     init_model_parallel(dims, cfg.parallel.collective_timeout_s)
@@ -127,6 +163,15 @@ def main(argv: list[str] | None = None) -> int:
             lock.release()
         destroy_model_parallel()
         torch.distributed.destroy_process_group()
+
+
+def replace_previous_run(cfg: Config, config: Path) -> None:
+    """``--overwrite``: the previous run moved aside, said in one warning line."""
+    found = previous_run(cfg)
+    if found:
+        moved = ", ".join(str(p) for p in move_aside(cfg, keep=(config,)))
+        print(f"warning: --overwrite: the previous run in {cfg.run_dir} ({', '.join(found)}) "
+              f"moved to {moved}; starting over", file=sys.stderr, flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

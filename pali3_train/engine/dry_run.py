@@ -15,7 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from pali3_train.config import Config, ConfigError
-from pali3_train.engine.checks import check_data, check_layout, check_resume
+from pali3_train.engine.checks import check_data, check_fresh_start, check_layout, check_resume
 from pali3_train.engine.deepspeed_config import deepspeed_config
 from pali3_train.engine.flops import SampleFlops
 from pali3_train.engine.memory import (
@@ -220,10 +220,17 @@ def format_plan(plan: Plan, data: str, resume: str) -> str:
     return "\n".join(lines)
 
 
-def dry_run(cfg: Config, where: str, resume: str, world_size: int, gpus_per_node: int = 8) -> int:
+def dry_run(
+    cfg: Config,
+    where: str,
+    resume: str,
+    world_size: int,
+    gpus_per_node: int = 8,
+    overwrite: bool = False,
+) -> int:
     """Print the plan; 0 if a real start would pass every check, 2 (with the reason) if not.
-    A layout that cannot be planned fails at once (stderr); data and resume problems are lines
-    of the plan."""
+    A layout that cannot be planned fails at once (stderr); data and resume problems (a fresh
+    start over a previous run without ``overwrite`` among them) are lines of the plan."""
     try:
         plan = build_plan(cfg, world_size, gpus_per_node, where)
     except ConfigError as exc:
@@ -239,6 +246,9 @@ def dry_run(cfg: Config, where: str, resume: str, world_size: int, gpus_per_node
         resume_line = f"{resume}: " + (
             f"from {found}" if found else f"fresh start (none under {cfg.checkpoint_dir})"
         )
+        replaced = check_fresh_start(cfg, where, resume, overwrite)
+        if replaced:
+            resume_line += f"; --overwrite moves the previous run aside: {', '.join(replaced)}"
     except ConfigError as exc:
         resume_line, ok = f"error: {exc}", False
     print(format_plan(plan, data, resume_line))
