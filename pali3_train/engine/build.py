@@ -12,6 +12,7 @@ from torch import nn
 
 from pali3_train.config import Config
 from pali3_train.engine.deepspeed_config import deepspeed_config
+from pali3_train.engine.durable_files import use_durable_files
 from pali3_train.engine.host_memory import map_large_allocations
 from pali3_train.engine.init_from import load_init_weights
 from pali3_train.engine.optim import freeze, make_optimizer, make_scheduler
@@ -59,4 +60,5 @@ def make_engine(cfg: Config, model: nn.Module, dims: ParallelDims, extra: dict |
         mpu=DeepSpeedMPU(),
         dist_init_required=False,
     )
+    use_durable_files(engine)
     return engine

@@ -196,11 +196,9 @@ def _expected_bytes(root: Path, engine) -> int:
 
 
 def _save_failure(tmp: Path, exc: BaseException) -> str:
-    """The one line that says where a save failed and why (torch's own message for a full disk
-    names neither the file nor the cause)."""
-    written = [p for p in tmp.rglob("*") if p.is_file()] if tmp.is_dir() else []
-    last = max(written, key=lambda p: p.stat().st_mtime, default=None)
-    where = f"{last}" if last is not None else f"{tmp}"
+    """The one line that says where a save failed and why (torch's own message for a full disk,
+    when it writes to a path, names neither the file nor the cause)."""
+    where = getattr(exc, "filename", None) or tmp  # engine.durable_files names its file
     free = shutil.disk_usage(tmp.parent).free if tmp.parent.is_dir() else 0
     errno = exc.errno if isinstance(exc, OSError) else None
     cause = (os.strerror(errno) if errno else str(exc)).strip().splitlines()[0]
@@ -416,6 +414,12 @@ def load(
         return meta, None
     rank_state = json.loads((path / f"rank{dist.get_rank():05d}.json").read_text())
     return meta, rank_state
+
+
+def read_rank_states(path: Path) -> list[dict]:
+    """Every rank's state (``rank*.json``), in rank order: resuming on another data layout
+    re-partitions the data of all the old ranks (``data_pipeline.elastic``)."""
+    return [json.loads(p.read_text()) for p in sorted(path.glob("rank*.json"))]
 
 
 def _refused_type(message: str) -> str | None:

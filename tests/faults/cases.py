@@ -9,6 +9,7 @@ reference run whose losses every resumed run must reproduce exactly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -16,7 +17,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -313,33 +314,72 @@ def _rewrite_listing(folder: Path) -> None:
 # --------------------------------------------------------------------------------- full disk
 
 
+def _checkpoint_bytes(folder: Path) -> int:
+    return sum(e["bytes"] for e in json.loads((folder / COMPLETE).read_text())["files"].values())
+
+
+@contextlib.contextmanager
+def small_file_system(where: Path, size: int) -> Iterator[Path]:
+    where.mkdir(parents=True)
+    tmpfs = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                           capture_output=True, text=True)  # fmt: skip
+    if tmpfs.returncode:
+        raise Skipped(f"cannot mount a small tmpfs here ({tmpfs.stderr.strip()})")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _stopped_with_step_2_whole(mount: Path, result: subprocess.CompletedProcess) -> None:
+    expect(result.returncode == 1, f"exit {result.returncode}, expected 1")
+    latest = find_latest(mount)
+    expect(latest is not None and latest.name == "step_00000002",
+           f"latest is {latest}, expected step_00000002")  # fmt: skip
+    verify(latest)
+
+
 def full_disk(lab: Lab) -> str:
     """Checkpoints on a file system with room for one: the second save is refused before
     writing, naming the folder and the sizes; the run stops and the first checkpoint stays
     whole and ``latest``."""
-    reference = lab.reference() / "checkpoints" / "step_00000002"
-    size = sum(e["bytes"] for e in json.loads((reference / COMPLETE).read_text())["files"].values())
-    mount = lab.root / "full-disk" / "fs"
-    mount.mkdir(parents=True)
-    tmpfs = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.6)}", "tmpfs",
-                            str(mount)], capture_output=True, text=True)  # fmt: skip
-    if tmpfs.returncode:
-        raise Skipped(f"cannot mount a small tmpfs here ({tmpfs.stderr.strip()})")
-    try:
-        run_dir = lab.run_dir("full-disk")
-        config = lab.config(run_dir, checkpoint={"dir": str(mount)})
+    size = _checkpoint_bytes(lab.reference() / "checkpoints" / "step_00000002")
+    with small_file_system(lab.root / "full-disk" / "fs", int(size * 1.6)) as mount:
+        config = lab.config(lab.run_dir("full-disk"), checkpoint={"dir": str(mount)})
         result = launch(config, 2, timeout=300)
-        expect(result.returncode == 1, f"exit {result.returncode}, expected 1")
+        _stopped_with_step_2_whole(mount, result)
         expect("not enough free space" in result.stderr and str(mount) in result.stderr,
                f"no clear message: {result.stderr[-1500:]}")  # fmt: skip
-        latest = find_latest(mount)
-        expect(latest is not None and latest.name == "step_00000002",
-               f"latest is {latest}, expected step_00000002")  # fmt: skip
-        verify(latest)
         expect(not list(mount.glob(".tmp-*")), "a half-written checkpoint was left behind")
-        return "second save refused before writing; step_2 whole"
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+    return "second save refused before writing; step_2 whole"
+
+
+def disk_fills_during_a_save(lab: Lab) -> str:
+    """The disk fills up while the second checkpoint is being written: the error names the
+    file and says the disk is full; the run stops; step 2 stays whole and ``latest``."""
+    size = _checkpoint_bytes(lab.reference() / "checkpoints" / "step_00000002")
+    with small_file_system(lab.root / "disk-fills" / "fs", size * 4) as mount:
+        config = lab.config(lab.run_dir("disk-fills"), checkpoint={"dir": str(mount)})
+        process = start(config)
+        deadline = time.monotonic() + 240
+        while not (mount / ".tmp-step_00000004").exists():
+            expect(process.poll() is None and time.monotonic() < deadline,
+                   "the second save never started")  # fmt: skip
+            time.sleep(0.001)
+        filler = mount / "filler"
+        with open(filler, "wb") as f:  # all the room left, at once
+            os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(mount).free)
+        code = process.wait(timeout=180)
+        stderr = stderr_of(config)
+        filler.unlink()
+        _stopped_with_step_2_whole(mount, subprocess.CompletedProcess([], code, "", stderr))
+        failure = [line for line in stderr.splitlines() if "saving a checkpoint failed" in line]
+        if not failure:  # the save won the race; the next one must then have been refused
+            expect("not enough free space" in stderr, f"no clear message: {stderr[-1500:]}")
+            return "the save finished first; the next one was refused before writing"
+        expect("no space left on the device" in failure[0] and str(mount) in failure[0],
+               f"the message names neither file nor cause: {failure[0]}")  # fmt: skip
+    return failure[0].split("failed at ", 1)[1][:100]
 
 
 # ------------------------------------------------------------------------------------- lists
@@ -365,4 +405,5 @@ CASES = (
     Case(corrupt_the_latest_checkpoint("delete"), short=False),
     Case(hostile_pickle_in_a_checkpoint, short=True),
     Case(full_disk, short=True),
+    Case(disk_fills_during_a_save, short=False),
 )

@@ -1,0 +1,52 @@
+"""DeepSpeed's checkpoint files written durably, and failing with their name.
+
+DeepSpeed's default checkpoint engine hands ``torch.save`` a path. Two things follow: nothing is
+fsynced, so a machine that loses power after a checkpoint is published (``engine.checkpoint``
+renames it into place) may come back with its files empty; and a write that fails, a full disk
+say, surfaces as ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``, naming
+neither the file nor the cause. Writing to a file opened here instead makes torch report the
+failed write's cause, which becomes an ``OSError`` with its errno and the path, and lets each
+file be fsynced before the save reports success.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import torch
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+
+class DurableTorchCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's default engine with durable, self-describing writes; loading is unchanged."""
+
+    def save(self, state_dict, path: str) -> None:
+        try:
+            with open(path, "wb") as f:
+                torch.save(state_dict, f, _use_new_zipfile_serialization=self.zipfile_serialization)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror or str(exc), path) from exc
+        except RuntimeError as exc:  # torch writes to the file's descriptor itself
+            code = _errno_in(str(exc))
+            if code is None:
+                raise
+            raise OSError(code, os.strerror(code), path) from exc
+
+
+def _errno_in(message: str) -> int | None:
+    """The errno whose text torch's write error quotes (``write(): fd 12 failed with No space
+    left on device``), among those a checkpoint write meets."""
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO):
+        if os.strerror(code) in message:
+            return code
+    return None
+
+
+def use_durable_files(engine) -> None:
+    """Swap in the durable engine where DeepSpeed chose its default one (a user's Nebula or
+    decoupled engine is left alone)."""
+    if type(engine.checkpoint_engine) is TorchCheckpointEngine:
+        engine.checkpoint_engine = DurableTorchCheckpointEngine(engine._config)
