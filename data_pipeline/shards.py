@@ -52,14 +52,14 @@ def read_shard(
     A remote shard (``pipe:``, http) that fails is first reopened up to ``retries`` times, after
     ``retry_delay_s``, then twice that, ...: a network blip is not corruption. Each retry goes
     on after the samples already yielded; the last sample of a failed attempt is held back (it
-    may be cut), so nothing is yielded twice or lost. A local file is read once: its damage is
-    in the file.
+    may be cut: after the last attempt it goes with the shard's report), so nothing is yielded
+    twice, lost or half. A local file is read once: its damage is in the file.
     """
     retries = 0 if is_local(url) else retries
     taken = skip
     for attempt in range(retries + 1):
         problems: list[str] = []
-        for sample in _read_attempt(url, taken, problems, hold_back_last=attempt < retries):
+        for sample in _read_attempt(url, taken, problems, hold_back_last=retries > 0):
             taken += 1
             yield sample
         if not problems:
