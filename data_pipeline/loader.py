@@ -12,16 +12,18 @@ Ranks that share a tensor-parallel group must see the same data: pass the *data-
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from data_pipeline import shards
+from data_pipeline import elastic, shards
 from data_pipeline.health import SKIP_REASONS, Health, total
-from data_pipeline.mixture import MixtureDataset, Mode, ResolvedSource
+from data_pipeline.mixture import MixtureDataset, Mode, ResolvedSource, WorkerLayout
 from data_pipeline.tasks import template_error
 from data_pipeline.transforms import Batch, model_input
 from pali3_train.config import ConfigError
@@ -81,6 +83,8 @@ class DataPipeline:
     (``dp_rank`` of ``dp_size``: ranks of one tensor-parallel group share theirs). Images leave
     the workers as uint8 (a quarter of float32's bytes between processes) and are normalised
     here, once, on ``device`` in ``image_dtype``: the one place a batch becomes model input.
+    With ``served_keys_path`` every batch's keys, sources and epochs are appended there as one
+    JSON line (``data.log_served_keys``: an audit of what a run trained on).
     """
 
     def __init__(
@@ -96,8 +100,10 @@ class DataPipeline:
         device: torch.device | str = "cpu",
         image_dtype: torch.dtype = torch.float32,
         where: str = "config",
+        served_keys_path: Path | None = None,
     ):
         self.device, self.image_dtype = torch.device(device), image_dtype
+        self.served_keys_path = served_keys_path
         self.dataset = MixtureDataset(
             sources=resolve_sources(data, where),
             tokenizer_path=data.tokenizer_path,
@@ -126,9 +132,18 @@ class DataPipeline:
         self._health: dict[int, dict] = {}  # global worker index -> its latest counters
 
     def __iter__(self) -> Iterator[Batch]:
-        for batch in self.loader:
-            self._health[batch.worker] = batch.health
-            yield model_input(batch, self.device, self.image_dtype)
+        audit = open(self.served_keys_path, "a") if self.served_keys_path else None
+        try:
+            for batch in self.loader:
+                self._health[batch.worker] = batch.health
+                if audit:
+                    served = {"keys": batch.keys, "sources": batch.sources, "epochs": batch.epochs}
+                    audit.write(json.dumps(served) + "\n")
+                    audit.flush()  # a killed run keeps what it served
+                yield model_input(batch, self.device, self.image_dtype)
+        finally:
+            if audit:
+                audit.close()
 
     def stats(self) -> PipelineStats:
         """Samples served and skipped by this rank's workers up to the last batch consumed."""
@@ -156,3 +171,32 @@ class DataPipeline:
     def load_state_dict(self, state: dict) -> None:
         self.loader.load_state_dict(state["loader"])
         self._health = {int(k): v for k, v in state["health"].items()}
+
+    def _layouts(self) -> list[WorkerLayout]:
+        workers = max(1, self.loader.num_workers)  # without DataLoader workers: one, in-process
+        ds = self.dataset
+        return [WorkerLayout(ds.rank, ds.world_size, w, workers) for w in range(workers)]
+
+    def resumes_exactly(self, state: dict) -> bool:
+        """Whether ``state`` (this rank's, saved) comes from this layout, so that
+        ``load_state_dict`` continues it bit for bit; otherwise use ``load_elastic``."""
+        saved = [WorkerLayout(*s["layout"]) for s in elastic.worker_states(state)]
+        current = self._layouts()[0]
+        return bool(saved) and all(
+            (s.world_size, s.num_workers) == (current.world_size, current.num_workers)
+            for s in saved
+        )
+
+    def load_elastic(self, rank_states: list[dict], step: int) -> None:
+        """Resume from the saved states of *every* rank of a run on another layout (data-parallel
+        size or ``data.num_workers``), re-partitioned so that the epoch in progress still serves
+        each sample once (``elastic``); ``step`` seeds the new workers' generators."""
+        old = elastic.gather(rank_states)
+        if not old:
+            return  # nothing was read yet: a fresh start is the same
+        sources = [s for s in self.dataset.sources if s.spec.weight > 0]
+        seed_words = [self.dataset.seed, step]
+        states = {w.worker_id: elastic.repartition(old, w, sources, seed_words)
+                  for w in self._layouts()}  # fmt: skip
+        self.dataset.initial_states = states
+        self._health = {w.index: states[w.worker_id]["health"] for w in self._layouts()}

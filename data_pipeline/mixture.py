@@ -35,7 +35,7 @@ from pali3_train.config.schema import SourceConfig
 from pali3_train.tokenizer import Tokenizer
 
 Mode = Literal["train", "epoch"]
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2 added each source's first queue and base (elastic resume); 1 still loads
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,11 @@ class SourceStream:
         self.open_shards = open_shards
         self.health = health
         self.retries, self.retry_delay_s = retries  # for remote shards (shards.read_shard)
-        self.next_turn = 0  # this worker's next turn in the sequence: position g + turn * G
+        self.next_turn = 0  # this worker's next turn in the sequence: base + g + turn * G
+        self.base = 0  # where the sequence starts for this layout: 0, or where an elastic resume
+        # moved it (the end of the epoch it resumed in, see elastic.py)
+        self.queue: list[list[int]] = []  # [position, taken] to read first: the share of that
+        # epoch's remaining shards an elastic resume gave this worker
         self.open: list[_OpenShard] = []
         self._order_cache: tuple[int, np.ndarray] | None = None
         self._empty_in_a_row = 0
@@ -105,12 +109,23 @@ class SourceStream:
 
     def _fill(self) -> None:
         while len(self.open) < self.open_shards:
-            position = self.layout.index + self.next_turn * self.layout.count
-            url = self._shard_at(position)
-            if url is None:
+            claimed = self._claim_next()
+            if claimed is None:
                 return
-            self.next_turn += 1
-            self.open.append(_OpenShard(position, url, 0))
+            position, taken = claimed
+            self.open.append(_OpenShard(position, self._shard_at(position), taken))
+
+    def _claim_next(self) -> tuple[int, int] | None:
+        """The next shard to open, (position, samples already taken): the queue's first, then
+        the worker's next turn; None past the end of an evaluation pass."""
+        if self.queue:
+            position, taken = self.queue.pop(0)
+            return position, taken
+        position = self.base + self.layout.index + self.next_turn * self.layout.count
+        if self._shard_at(position) is None:
+            return None
+        self.next_turn += 1
+        return position, 0
 
     def next_raw(self, rng: np.random.Generator) -> dict | None:
         """The next raw sample, drawn from one of the open shards; None once an evaluation pass
@@ -128,6 +143,7 @@ class SourceStream:
                 )
             raw = next(shard.samples, None)
             if raw is not None:
+                raw["__epoch__"] = shard.position // len(self.urls)
                 shard.taken += 1
                 self._empty_in_a_row = 0
                 return raw
@@ -146,10 +162,17 @@ class SourceStream:
         self.health.record_skip(self.name, "unreadable_shard", url, "-", message)
 
     def state_dict(self) -> dict:
-        return {"next_turn": self.next_turn, "open": [[s.position, s.taken] for s in self.open]}
+        return {
+            "next_turn": self.next_turn,
+            "base": self.base,
+            "queue": self.queue,
+            "open": [[s.position, s.taken] for s in self.open],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.next_turn = state["next_turn"]
+        self.base = state.get("base", 0)  # absent in version 1
+        self.queue = [list(item) for item in state.get("queue", [])]
         self.open = [_OpenShard(p, self._shard_at(p), taken) for p, taken in state["open"]]
 
 
@@ -173,6 +196,8 @@ class MixtureDataset(IterableDataset):
     skip_check_min_samples: int
     read_retries: int = 0
     read_retry_delay_s: float = 0.0
+    # worker id -> the state it starts from: an elastic resume's re-partition (elastic.py)
+    initial_states: dict[int, dict] | None = None
 
     def __iter__(self) -> MixtureIterator:
         info = get_worker_info()
@@ -209,6 +234,8 @@ class MixtureIterator:
         ]
         self.weights = np.array([s.spec.weight for s in self.sources], dtype=np.float64)
         self.exhausted = np.zeros(len(self.sources), dtype=bool)
+        if dataset.initial_states and layout.worker_id in dataset.initial_states:
+            self.load_state_dict(dataset.initial_states[layout.worker_id])
 
     def __iter__(self) -> MixtureIterator:
         return self
@@ -273,7 +300,7 @@ class MixtureIterator:
         except Exception as exc:  # PIL raises many types for bad data
             return skip("corrupt_image", f"{type(exc).__name__}: {exc}")
         self.health.record_served(spec.name)
-        return Sample(key, spec.name, image, prompt, target)
+        return Sample(key, spec.name, image, prompt, target, raw["__epoch__"])
 
     # ------------------------------------------------------------------------- resumable state
 
@@ -293,7 +320,7 @@ class MixtureIterator:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
+        if state.get("version") not in (1, STATE_VERSION):
             raise ValueError(f"data state version {state.get('version')}, expected {STATE_VERSION}")
         saved = WorkerLayout(*state["layout"])
         if (saved.world_size, saved.num_workers) != (

@@ -28,6 +28,7 @@ class Sample:
     image: torch.Tensor  # uint8 [3, S, S]
     prompt: str
     target: str
+    epoch: int = 0  # which pass over its source the sample's shard belongs to
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Batch:
     sources: tuple[str, ...]
     worker: int  # global worker index: rank * workers_per_rank + worker id
     health: dict
+    epochs: tuple[int, ...] = ()  # per sample: the pass over its source (Sample.epoch)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -54,7 +56,8 @@ class Batch:
     def rows(self, start: int, stop: int) -> Batch:
         """Examples ``start:stop`` (a rank's share of a batch read by every rank)."""
         part = self._map(lambda t: t[start:stop])
-        return replace(part, keys=self.keys[start:stop], sources=self.sources[start:stop])
+        return replace(part, keys=self.keys[start:stop], sources=self.sources[start:stop],
+                       epochs=self.epochs[start:stop])  # fmt: skip
 
     def pin_memory(self) -> Batch:  # called by DataLoader(pin_memory=True)
         return self._map(torch.Tensor.pin_memory)
@@ -112,4 +115,5 @@ def collate(
         sources=tuple(s.source for s in samples),
         worker=worker,
         health=health,
+        epochs=tuple(s.epoch for s in samples),
     )

@@ -92,9 +92,7 @@ class Trainer:
         self.engine = make_engine(
             cfg, build_model(cfg, dims).to(device), dims, checkpoint.load_options(reshard)
         )
-        # Resharded, the data and RNG states belong to the old layout's ranks: start a fresh,
-        # step-seeded stream rather than replay the data from the beginning.
-        self.data = self._pipeline(seed_offset=meta.step if reshard else 0)
+        self.data = self._pipeline()
         self.progress = self._restore(restored, reshard) if restored is not None else Progress()
         self._saved_step = self.progress.step if restored is not None else -1
 
@@ -109,26 +107,36 @@ class Trainer:
         self.report = RunReport(cfg, self.tracker, env.is_main, self.progress.step)
         self.report.start(self._tags(), resumed=restored is not None)
 
-    def _pipeline(self, seed_offset: int) -> DataPipeline:
+    def _pipeline(self) -> DataPipeline:
         cfg = self.cfg
         return DataPipeline(cfg.data, image_size_px=cfg.model.vit.image_size_px,
-                            seed=cfg.train.seed + seed_offset,
-                            batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank(),
-                            dp_size=dp_size(), device=self.device,
-                            image_dtype=compute_dtype(cfg.train.precision))  # fmt: skip
+                            seed=cfg.train.seed, batch_size=cfg.train.micro_batch_size,
+                            dp_rank=dp_rank(), dp_size=dp_size(), device=self.device,
+                            image_dtype=compute_dtype(cfg.train.precision),
+                            served_keys_path=self._served_keys_path())  # fmt: skip
+
+    def _served_keys_path(self) -> Path | None:
+        """``data.log_served_keys``: one file per data-parallel rank, written by its TP rank 0."""
+        if not self.cfg.data.log_served_keys or tp_rank() != 0:
+            return None
+        folder = Path(self.cfg.run_dir) / "served_keys"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"dp{dp_rank():05d}.jsonl"
 
     def _restore(self, path: Path, reshard: bool) -> Progress:
         meta, rank_state = checkpoint.load(self.engine, path, reshard, self.trusted)
-        if reshard:
-            log.warning(
-                "resharded %s from %d to %d ranks: model and optimizer state restored, "
-                "the data order restarts",
-                path,
-                meta.world_size,
-                self.env.world_size,
-            )
-        else:
+        if rank_state is not None and self.data.resumes_exactly(rank_state["data"]):
             self.data.load_state_dict(rank_state["data"])
+        else:  # another data layout: the old ranks' data states, re-partitioned
+            ranks = checkpoint.read_rank_states(path)
+            self.data.load_elastic([r["data"] for r in ranks], meta.step)
+            if self.env.is_main:
+                log.warning(
+                    "resumed %s (%d ranks) on %d ranks x %d data workers: the epoch's remaining "
+                    "data re-partitioned over them (data_pipeline.elastic)",
+                    path, meta.world_size, self.env.world_size, self.cfg.data.num_workers,
+                )  # fmt: skip
+        if rank_state is not None:
             checkpoint.set_rng_state(rank_state["rng"])
         if self.env.is_main:
             log.info("resumed from %s at step %d", path, meta.step)

@@ -5,6 +5,9 @@ the epoch served once."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import tarfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -94,3 +97,57 @@ def test_skip_counters_are_in_every_steps_metrics_and_in_mlflow(demo, mlflow_ser
         assert {m.step: m.value for m in history} == {
             s: row[f"data/scenes_caption/{key}"] for s, row in rows.items()
         }
+
+
+def _shard_keys(pattern: str) -> set[str]:
+    """The keys a source's shards hold, read straight from the tar files."""
+    folder, name = Path(pattern).parent, Path(pattern).name.split("-{")[0]
+    return {
+        Path(member).name.split(".")[0]
+        for shard in folder.glob(f"{name}-*.tar")
+        for member in tarfile.open(shard).getnames()
+    }
+
+
+def _served(run_dir: Path) -> Counter:
+    """(key, source, epoch) -> times served, from every data-parallel rank's audit log."""
+    served: Counter = Counter()
+    for log in (run_dir / "served_keys").glob("dp*.jsonl"):
+        for line in log.read_text().splitlines():
+            batch = json.loads(line)
+            served.update(zip(batch["keys"], batch["sources"], batch["epochs"]))
+    return served
+
+
+def test_resuming_on_three_ranks_mid_epoch_serves_the_epoch_once(demo, tmp_path):
+    """Two ranks stop 3 steps in (inside shards); three ranks resume from their checkpoint and
+    train on: the first epoch of each source is served exactly once over the two runs."""
+    run_dir = tmp_path / "run"
+    sources = [
+        {**dataclasses.asdict(s), "weight": 1.0}
+        for s in demo.sources()
+        if s.name in ("digits_caption", "text_ocr")
+    ]
+    # one open shard per source: each new worker reads its share of the epoch, then goes on,
+    # so that 23 steps surely finish the epoch (two open shards interleave its last samples)
+    data = {"sources": sources, "log_served_keys": True, "open_shards_per_source": 1}
+    train = {"steps": 3, "global_batch_size": 12, "micro_batch_size": 2}
+    config = stage_config(demo, run_dir, data=data, train=train, checkpoint={"every_steps": 100})
+    first = launch(config, 2)
+    assert first.returncode == 0, first.stderr[-5000:]
+    before = _served(run_dir)
+
+    resumed = launch(config, 3, "--resume", "auto", "--set", "train.steps=26")
+    assert resumed.returncode == 0, resumed.stderr[-5000:]
+    assert "re-partitioned" in resumed.stderr
+    served = _served(run_dir)
+    assert sum(before.values()) == 3 * 12 and sum(served.values()) == 26 * 12
+    assert served.most_common(1)[0][1] == 1, "no sample twice in one epoch"
+    for source in sources:
+        name, keys = source["name"], _shard_keys(source["shards"])
+        assert 0 < sum(n for (_, s, e), n in before.items() if s == name and e == 0) < len(keys)
+        assert {k for k, s, e in served if s == name and e == 0} == keys, name
+    final = read_metrics(run_dir / "metrics.jsonl")[26]
+    for source in sources:  # the counters, carried over the resharding, agree with the audit
+        audit = sum(n for (_, s, _), n in served.items() if s == source["name"])
+        assert final[f"data/{source['name']}/served"] == audit
