@@ -78,6 +78,7 @@ class ViTConfig:
             "patch_size_px",
             f"patch_size_px={self.patch_size_px} does not divide "
             f"image_size_px={self.image_size_px}",
+            ("image_size_px",),
         )
 
     @property
@@ -156,7 +157,7 @@ class UL2Config:
                 f"must be a token id in [0, vocab_size={self.vocab_size}), got {value}",
                 ("vocab_size",),
             )
-        require(self.pad_id != self.eos_id, "eos_id", "must differ from pad_id")
+        require(self.pad_id != self.eos_id, "eos_id", "must differ from pad_id", ("pad_id",))
 
 
 @dataclass(frozen=True)
@@ -488,6 +489,7 @@ class EvalConfig:
                 task.source in names,
                 f"zero_shot[{i}].source",
                 f"{task.source!r} is not one of eval.sources {names}",
+                ("sources",),
             )
             require(  # its metrics are named by the source: a second task would overwrite them
                 tasked.index(task.source) == i,

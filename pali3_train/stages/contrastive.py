@@ -112,6 +112,7 @@ def check(cfg: Config, where: str) -> list[str]:
             f"{cfg.data.max_target_tokens} exceeds the text tower's "
             f"model.text.max_len={cfg.model.text.max_len} (the contrastive objective encodes "
             "targets)",
+            also=("model.text.max_len",),
         )
     defaults = {"data": DataConfig(), "eval": EvalConfig()}
     warnings = []

@@ -118,6 +118,7 @@ def check(cfg: Config, where: str) -> list[str]:
             "zero-shot classification scores SigLIP embeddings; the generative objective is "
             "evaluated by its answers (remove eval.zero_shot, or set stage.objective: "
             "contrastive)",
+            also=("stage.objective",),
         )
     return []
 

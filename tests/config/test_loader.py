@@ -286,13 +286,18 @@ def test_bad_override_names_the_override(tmp_path, override, field, words):
         ("parallel.tensor_parallel_size=3", "model.ul2.num_heads"),
         ("model.ul2.vocab_size=1", "model.ul2.eos_id"),  # eos 1 is not a token id below 1
         ("stage.name='0'", "stage.objective"),  # the file's generative is not stage 0's
+        ("model.vit.image_size_px=33", "model.vit.patch_size_px"),
+        ("model.ul2.pad_id=1", "model.ul2.eos_id"),  # now equal
     ],
 )
 def test_a_rule_between_fields_names_the_set_item_that_broke_it(tmp_path, override, field):
     """The rule names one field, but the value that changed came from --set: the error names
     that item, not the file that gave the field the rule reports (issue 15)."""
     base = _write(tmp_path, "base.yaml", {
-        "model": {"vit": {"width": 64, "num_heads": 4}, "ul2": {"num_heads": 4}},
+        "model": {
+            "vit": {"width": 64, "num_heads": 4, "image_size_px": 32, "patch_size_px": 8},
+            "ul2": {"num_heads": 4, "pad_id": 0, "eos_id": 1},
+        },
         "train": {"global_batch_size": 8, "micro_batch_size": 4, "steps": 6, "warmup_steps": 2},
         "stage": {"objective": "generative"},
     })  # fmt: skip
