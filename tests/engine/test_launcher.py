@@ -38,7 +38,7 @@ def test_a_bad_layout_is_refused_on_every_rank_before_any_work(demo, tmp_path):
     result = launch(config, 2, timeout=120)
     assert result.returncode != 0
     message = "parallel.tensor_parallel_size: 4 does not divide the world size 2"
-    assert result.stderr.count(message) == 2, result.stderr[-3000:]
+    assert result.stderr.count(message) == 1, result.stderr[-3000:]  # rank 0 says it for all
     assert not (tmp_path / "run").exists()
 
 
