@@ -76,3 +76,24 @@ def test_counters_carry_over_once(corpus):
     _, states, _ = _run(corpus.config(num_workers=2), 2, 3, "epoch")
     _, _, counted = _run(corpus.config(num_workers=0), 3, None, "epoch", states)
     assert counted == len(corpus.keys())
+
+
+def _as_version_1(state: dict) -> dict:
+    """A worker state as version 1 wrote it: no queue, no base."""
+    streams = {
+        n: {"next_turn": s["next_turn"], "open": s["open"]} for n, s in state["streams"].items()
+    }
+    return {**state, "version": 1, "streams": streams}
+
+
+def test_a_version_1_state_still_resumes_exactly(corpus):
+    cfg = corpus.config(num_workers=0)
+    reference = _served(pipeline(cfg, 1, 2, BATCH), 9)
+    first = pipeline(cfg, 1, 2, BATCH)
+    list(islice(first, 4))
+    state = json.loads(json.dumps(first.state_dict()))
+    iterator = state["loader"]["fetcher_state"]
+    iterator["dataset_iter_state"] = _as_version_1(iterator["dataset_iter_state"])
+    resumed = pipeline(cfg, 1, 2, BATCH)
+    resumed.load_state_dict(state)
+    assert _served(resumed, 5) == reference[4 * BATCH :]

@@ -119,9 +119,15 @@ def _served(run_dir: Path) -> Counter:
     return served
 
 
-def test_resuming_on_three_ranks_mid_epoch_serves_the_epoch_once(demo, tmp_path):
-    """Two ranks stop 3 steps in (inside shards); three ranks resume from their checkpoint and
-    train on: the first epoch of each source is served exactly once over the two runs."""
+@pytest.mark.parametrize(
+    "ranks,workers,steps", [(3, 0, 26), (2, 2, 40)], ids=["3-ranks", "2-workers-per-rank"]
+)
+def test_resuming_on_another_layout_mid_epoch_serves_the_epoch_once(
+    demo, tmp_path, ranks, workers, steps
+):
+    """Two ranks stop 3 steps in (inside shards); the run resumes from their checkpoint on three
+    ranks, or on two with two DataLoader workers each, and trains on: the first epoch of each
+    source is served exactly once over the two runs."""
     run_dir = tmp_path / "run"
     sources = [
         {**dataclasses.asdict(s), "weight": 1.0}
@@ -129,7 +135,8 @@ def test_resuming_on_three_ranks_mid_epoch_serves_the_epoch_once(demo, tmp_path)
         if s.name in ("digits_caption", "text_ocr")
     ]
     # one open shard per source: each new worker reads its share of the epoch, then goes on,
-    # so that 23 steps surely finish the epoch (two open shards interleave its last samples)
+    # so that the steps after resuming surely finish the epoch (two open shards would
+    # interleave its last samples with the next epoch's)
     data = {"sources": sources, "log_served_keys": True, "open_shards_per_source": 1}
     train = {"steps": 3, "global_batch_size": 12, "micro_batch_size": 2}
     config = stage_config(demo, run_dir, data=data, train=train, checkpoint={"every_steps": 100})
@@ -137,17 +144,18 @@ def test_resuming_on_three_ranks_mid_epoch_serves_the_epoch_once(demo, tmp_path)
     assert first.returncode == 0, first.stderr[-5000:]
     before = _served(run_dir)
 
-    resumed = launch(config, 3, "--resume", "auto", "--set", "train.steps=26")
+    more = [f"train.steps={steps}", f"data.num_workers={workers}"]
+    resumed = launch(config, ranks, "--resume", "auto", "--set", *more)
     assert resumed.returncode == 0, resumed.stderr[-5000:]
     assert "re-partitioned" in resumed.stderr
     served = _served(run_dir)
-    assert sum(before.values()) == 3 * 12 and sum(served.values()) == 26 * 12
+    assert sum(before.values()) == 3 * 12 and sum(served.values()) == steps * 12
     assert served.most_common(1)[0][1] == 1, "no sample twice in one epoch"
     for source in sources:
         name, keys = source["name"], _shard_keys(source["shards"])
         assert 0 < sum(n for (_, s, e), n in before.items() if s == name and e == 0) < len(keys)
         assert {k for k, s, e in served if s == name and e == 0} == keys, name
-    final = read_metrics(run_dir / "metrics.jsonl")[26]
+    final = read_metrics(run_dir / "metrics.jsonl")[steps]
     for source in sources:  # the counters, carried over the resharding, agree with the audit
         audit = sum(n for (_, s, _), n in served.items() if s == source["name"])
         assert final[f"data/{source['name']}/served"] == audit
