@@ -244,7 +244,9 @@ def dry_run(
     try:
         found = check_resume(cfg, resume)
         resume_line = f"{resume}: " + (
-            f"from {found}" if found else f"fresh start (none under {cfg.checkpoint_dir})"
+            f"from {found}"
+            if found
+            else "fresh start" + ("" if resume == "none" else f" (none under {cfg.checkpoint_dir})")
         )
         replaced = check_fresh_start(cfg, where, resume, overwrite)
         if replaced:

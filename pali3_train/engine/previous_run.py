@@ -39,7 +39,7 @@ def previous_run(cfg: Config) -> list[str]:
         if path.is_file() and path.stat().st_size:
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             last = rows[-1].get("step", "?") if rows else "?"
-            found.append(f"{name} ({len(rows)} rows up to step {last})")
+            found.append(f"{name} ({len(rows)} row{'s' * (len(rows) > 1)} up to step {last})")
     if (run_dir / "mlflow.db").is_file():
         found.append("an MLflow store (mlflow.db)")
     return found
