@@ -2,18 +2,13 @@
 real MLflow server (the tracking tests and the engine's launcher tests log to it)."""
 
 import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
 from data_pipeline.demo_corpus import build_demo_corpus
-from pali3_train.engine.distributed import free_port
+from tests.mlflow_server import MlflowServer
 
 # Every run the suite starts, in this process or in the ranks it launches, checks that tensors
 # meet collectives and each other on the engine's device (pali3_train.engine.device_guard).
@@ -48,38 +43,10 @@ def demo_held_out(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real tracking server on a free port; yields its URI."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server_log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server",
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--default-artifact-root", str(root / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # quicker stop
-    )  # fmt: skip
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited: {(root / 'server.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=1) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not up in 60 s: {(root / 'server.log').read_text()}")
-            time.sleep(0.2)
-        yield uri
+        yield server.start()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and its workers
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        server_log.close()
+        server.stop()

@@ -32,7 +32,8 @@ def run_case(case, lab: Lab) -> tuple[str, str, float]:
     except Failed as exc:
         note = "FAIL", str(exc)
     except Exception as exc:  # a crash of the case itself is a failure too, with its cause
-        note = "FAIL", f"{type(exc).__name__}: {exc} ({traceback.format_exc(limit=-1).strip()})"
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        note = "FAIL", f"{type(exc).__name__}: {exc} (at {where.filename}:{where.lineno})"
     return (*note, time.monotonic() - started)
 
 

@@ -10,6 +10,7 @@ reference run whose losses every resumed run must reproduce exactly.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -27,6 +28,7 @@ import torch
 from pali3_train.engine.checkpoint import COMPLETE, find_latest, verify
 from pali3_train.plots import read_metrics
 from tests.engine.conftest import ROOT, launch, launch_command, launch_env, stage_config
+from tests.mlflow_server import MlflowServer
 
 REFERENCE_STEPS = 6  # checkpoints every 2 steps: step_2, step_4, step_6
 
@@ -149,10 +151,11 @@ def kill_the_job_at_a_random_step(lab: Lab) -> str:
     wait_for_step(run_dir, process, lab.rng.randint(1, REFERENCE_STEPS - 1))
     time.sleep(lab.rng.uniform(0.0, 2.0))
     kill_job(process)
+    step = max(losses(run_dir))
     latest = find_latest(run_dir / "checkpoints")
     resume(lab, run_dir)
     same_losses(lab, run_dir)
-    return f"killed after {latest.name if latest else 'no checkpoint'}; same losses"
+    return f"killed after step {step} ({latest.name if latest else 'no checkpoint'}); same losses"
 
 
 def kill_the_launcher_only(lab: Lab) -> str:
@@ -354,6 +357,21 @@ def full_disk(lab: Lab) -> str:
     return "second save refused before writing; step_2 whole"
 
 
+def _fill(path: Path) -> None:
+    """Take all the room left on ``path``'s file system, in about a millisecond on a tmpfs."""
+    chunk = bytes(1 << 20)
+    with open(path, "wb", buffering=0) as f:
+        try:
+            os.posix_fallocate(
+                f.fileno(), 0, max(shutil.disk_usage(path.parent).free - (4 << 20), 0)
+            )
+            while True:
+                f.write(chunk)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+
+
 def disk_fills_during_a_save(lab: Lab) -> str:
     """The disk fills up while the second checkpoint is being written: the error names the
     file and says the disk is full; the run stops; step 2 stays whole and ``latest``."""
@@ -367,8 +385,7 @@ def disk_fills_during_a_save(lab: Lab) -> str:
                    "the second save never started")  # fmt: skip
             time.sleep(0.001)
         filler = mount / "filler"
-        with open(filler, "wb") as f:  # all the room left, at once
-            os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(mount).free)
+        _fill(filler)
         code = process.wait(timeout=180)
         stderr = stderr_of(config)
         filler.unlink()
@@ -380,6 +397,43 @@ def disk_fills_during_a_save(lab: Lab) -> str:
         expect("no space left on the device" in failure[0] and str(mount) in failure[0],
                f"the message names neither file nor cause: {failure[0]}")  # fmt: skip
     return failure[0].split("failed at ", 1)[1][:100]
+
+
+# ------------------------------------------------------------------------------ tracking server
+
+
+def tracking_server_killed_mid_run(lab: Lab) -> str:
+    """The MLflow server SIGKILLed mid-run and restarted a few steps later: training never
+    stops, and the run on the server ends with every step's loss exactly once."""
+    from mlflow import MlflowClient
+
+    server = MlflowServer(lab.root / "tracking" / "server")
+    uri = server.start()
+    steps = 30
+    run_dir = lab.run_dir("tracking")
+    tracking = {"backend": "mlflow", "tracking_uri": uri, "experiment": "campaign"}
+    process = start(lab.config(run_dir, train={"steps": steps}, tracking=tracking,
+                               checkpoint={"every_steps": 10}))  # fmt: skip
+    try:
+        wait_for_step(run_dir, process, 3)
+        server.stop(kill=True)
+        down_at = max(losses(run_dir))
+        wait_for_step(run_dir, process, down_at + 3)
+        server.start()
+        code = process.wait(timeout=300)
+        expect(code == 0, f"training exited {code} around the outage")
+        client = MlflowClient(uri)
+        [experiment] = [e for e in client.search_experiments() if e.name == "campaign"]
+        runs = client.search_runs([experiment.experiment_id])
+        expect(len(runs) == 1, f"{len(runs)} runs on the server, expected 1")
+        history = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss"))
+        expect(history == list(range(1, steps + 1)),
+               f"loss steps on the server: {history}")  # fmt: skip
+    finally:
+        if process.poll() is None:
+            kill_job(process)
+        server.stop()
+    return f"server down from step {down_at}; all {steps} losses on it, once each"
 
 
 # ------------------------------------------------------------------------------------- lists
@@ -406,4 +460,5 @@ CASES = (
     Case(hostile_pickle_in_a_checkpoint, short=True),
     Case(full_disk, short=True),
     Case(disk_fills_during_a_save, short=False),
+    Case(tracking_server_killed_mid_run, short=False),
 )
