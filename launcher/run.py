@@ -37,7 +37,7 @@ from launcher.quickstart import quickstart
 from pali3_train.config import Config, ConfigError, add_overrides_option
 from pali3_train.config.loader import load_with_sources, one_line
 from pali3_train.engine.checks import check_before_start, check_stage_flag
-from pali3_train.engine.distributed import DistEnv, init_distributed, read_env
+from pali3_train.engine.distributed import DistEnv, MainRankFailed, init_distributed, read_env
 from pali3_train.engine.dry_run import dry_run
 from pali3_train.engine.lifeline import die_with_parent
 from pali3_train.engine.peak import enable_tf32
@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         return trainer.evaluate_only() if args.eval_only else trainer.run()
     except (TrainingError, InitError, CheckpointError) as exc:
         logging.getLogger("launcher").error("%s", exc)
+        return EXIT_FAILED
+    except MainRankFailed:  # rank 0 reports the cause
         return EXIT_FAILED
     finally:
         if lock is not None:

@@ -139,15 +139,28 @@ def save(engine, root: Path, meta: CheckpointMeta, rank_state: dict, keep_last: 
     if rank == 0:
         tmp.mkdir(parents=True)
     dist.barrier()
-    try:
+
+    def write_own_part() -> None:
         engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
         _write_json(tmp / f"rank{rank:05d}.json", rank_state)
-    except (OSError, RuntimeError) as exc:
-        raise CheckpointError(_save_failure(tmp, exc)) from exc
+
+    _explained(write_own_part, tmp)
     dist.barrier()
     digests = _merge(gather_objects(_digest_share(tmp, rank, dist.get_world_size())))
-    on_main_rank(lambda: _publish(tmp, final, meta, digests, keep_last), f"publish {final}")
+
+    def publish() -> None:
+        _explained(lambda: _publish(tmp, final, meta, digests, keep_last), tmp)
+
+    on_main_rank(publish, f"publish {final}")
     return final
+
+
+def _explained(write: Callable[[], None], tmp: Path) -> None:
+    """Run ``write``; an OS error becomes ``CheckpointError``'s one line with path and cause."""
+    try:
+        write()
+    except (OSError, RuntimeError) as exc:
+        raise CheckpointError(_save_failure(tmp, exc)) from exc
 
 
 def _publish(

@@ -94,24 +94,29 @@ def all_ranks_agree(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
+class MainRankFailed(RuntimeError):
+    """Raised on the other ranks when ``on_main_rank``'s work failed on rank 0 (which raised
+    the original error, and reports it)."""
+
+
 def on_main_rank(work: Callable[[], T], what: str) -> T | None:
     """Collective. Rank 0 runs ``work`` (its result is returned there, None elsewhere) while the
     others wait on a gloo group with ``MAIN_RANK_WORK_TIMEOUT``: no NCCL collective is pending,
-    so however long the work takes, no watchdog fires. If it fails on rank 0, every rank raises."""
+    so however long the work takes, no watchdog fires. If it fails on rank 0, rank 0 raises its
+    error and the others ``MainRankFailed`` with its message."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return work()
     group = _wait_group()
-    failed, result = torch.zeros(1, dtype=torch.uint8, device="cpu"), None
+    failure, result = [None], None
     if dist.get_rank() == 0:
         try:
             result = work()
-        except BaseException:
-            failed.fill_(1)
-            dist.broadcast(failed, src=0, group=group)
+        except BaseException as exc:
+            dist.broadcast_object_list([f"{type(exc).__name__}: {exc}"], src=0, group=group)
             raise
-    dist.broadcast(failed, src=0, group=group)
-    if failed.item():
-        raise RuntimeError(f"rank 0 failed to {what} (its log says why)")
+    dist.broadcast_object_list(failure, src=0, group=group)
+    if failure[0] is not None:
+        raise MainRankFailed(f"rank 0 failed to {what}: {failure[0]}")
     return result
 
 

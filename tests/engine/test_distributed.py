@@ -35,7 +35,7 @@ def _barrier_behind_slow_work() -> str:
 
 
 def _slow_conversion(path: Path) -> str:
-    def convert(folder: Path) -> None:
+    def convert(folder: Path, trusted: bool) -> None:
         _slow()
         (folder / checkpoint.UNIVERSAL_TAG).mkdir()
 
@@ -81,7 +81,7 @@ def test_slow_rank0_work_is_waited_for_without_a_collective_timeout(tmp_path):
 def test_a_failure_on_rank0_stops_every_rank(tmp_path):
     rank0, rank1 = _outcomes("failing", tmp_path)
     assert rank0 == "OSError: disk full"
-    assert rank1 == "RuntimeError: rank 0 failed to write the export (its log says why)"
+    assert rank1 == "MainRankFailed: rank 0 failed to write the export: OSError: disk full"
 
 
 def test_a_slow_universal_conversion_does_not_trip_the_collective_timeout(tmp_path):
