@@ -55,26 +55,44 @@ def gather(pipeline_states: Sequence[dict]) -> dict[int, dict]:
 
 def repartition(
     old: dict[int, dict],
-    layout: WorkerLayout,
+    layouts: Sequence[WorkerLayout],
     sources: Sequence[ResolvedSource],
     seed_words: Sequence[int],
-) -> dict:
-    """The state that worker ``layout`` of the new layout starts from, given every old worker's
-    (``gather``). ``sources``: the mixture's sources of positive weight, in mixture order;
-    ``seed_words``: what the new generators are seeded from besides the layout (seed, step)."""
+) -> dict[int, dict]:
+    """The states that workers ``layouts`` (one rank's, of the new layout) start from, by
+    worker id, given every old worker's (``gather``). ``sources``: the mixture's sources of
+    positive weight, in mixture order; ``seed_words``: what the new generators are seeded from
+    besides the layout (seed, step)."""
     old_count = WorkerLayout(*next(iter(old.values()))["layout"]).count
-    streams = {}
-    for source in sources:
-        left, horizon = remaining(old, source.spec.name, old_count, len(source.urls))
-        mine = left[layout.index :: layout.count]
-        streams[source.spec.name] = {"next_turn": 0, "base": horizon, "queue": mine, "open": []}
+    left = {s.spec.name: remaining(old, s.spec.name, old_count, len(s.urls)) for s in sources}
+    return {w.worker_id: _worker_state(old, w, left, seed_words) for w in layouts}
+
+
+def _worker_state(
+    old: dict[int, dict],
+    layout: WorkerLayout,
+    left: dict[str, tuple[list[list[int]], int]],
+    seed_words: Sequence[int],
+) -> dict:
+    """Worker ``layout``'s share of what is ``left`` (every ``count``-th item from its index),
+    the sequence going on from the horizon; the counters of all old workers if it is global
+    worker 0."""
+    streams = {
+        name: {
+            "next_turn": 0,
+            "base": horizon,
+            "queue": items[layout.index :: layout.count],
+            "open": [],
+        }
+        for name, (items, horizon) in left.items()
+    }
     carried = total([s["health"] for s in old.values()]) if layout.index == 0 else Health()
     rng = np.random.Generator(np.random.PCG64([*seed_words, layout.count, layout.index]))
     return {
         "version": STATE_VERSION,
         "layout": [layout.rank, layout.world_size, layout.worker_id, layout.num_workers],
         "rng": rng.bit_generator.state,
-        "exhausted": [False] * len(sources),
+        "exhausted": [False] * len(left),
         "streams": streams,
         "health": carried.state_dict(),
     }

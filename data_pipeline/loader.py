@@ -196,7 +196,6 @@ class DataPipeline:
             return  # nothing was read yet: a fresh start is the same
         sources = [s for s in self.dataset.sources if s.spec.weight > 0]
         seed_words = [self.dataset.seed, step]
-        states = {w.worker_id: elastic.repartition(old, w, sources, seed_words)
-                  for w in self._layouts()}  # fmt: skip
+        states = elastic.repartition(old, self._layouts(), sources, seed_words)
         self.dataset.initial_states = states
         self._health = {w.index: states[w.worker_id]["health"] for w in self._layouts()}
