@@ -17,6 +17,10 @@ rank into its own ``ChildFailedError`` and exits 1, whatever the code (its summa
 ``exitcode : 2``): run ``--dry-run`` first where a script needs the 2 (``launcher/README.md``).
 ``--resume none`` where a run already trained (checkpoints, metrics, an MLflow store) is refused
 unless ``--overwrite`` is given, which moves the old run aside (``engine.previous_run``).
+Once the ranks are up, rank 0 takes the run directory's lock (``engine.run_lock``: a second job
+there is refused, exit 2, its holder named); each rank dies with the launcher that started it
+(``engine.lifeline``); a resumed checkpoint's files are checked against their SHA-256 and read
+without unpickling code unless ``--trust-checkpoint`` (``engine.checkpoint``).
 ``--dry-run [--world-size N]`` runs those checks and prints the plan (layout, batch, parameters,
 memory per device) without starting anything: 0 if a start would pass them, 2 if not.
 ``--eval-only`` scores the model as built or restored on ``eval.sources`` (a baseline).
