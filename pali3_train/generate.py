@@ -4,9 +4,10 @@
         --image photo.png --prompt "Caption in EN:"
 
 ``--checkpoint`` takes what a stage exports (``<run_dir>/model.safetensors``, which records its
-model config and tokenizer) or a training checkpoint folder (``step_NNNNNNNN``, consolidated on
-the fly). Prompts are those of training (``data_pipeline/tasks.py``): ``Caption in EN:``,
-``Answer in EN: what colour is the circle?``, ``Generate the ocr_text in EN:``.
+model config, with a copy of its tokenizer beside it as ``model.spiece.model``) or a training
+checkpoint folder (``step_NNNNNNNN``, consolidated on the fly). Prompts are those of training
+(``data_pipeline/tasks.py``): ``Caption in EN:``, ``Answer in EN: what colour is the circle?``,
+``Generate the ocr_text in EN:``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pali3_train.eval.answers import generate_answers
 from pali3_train.models import PaLI3
 from pali3_train.stages.generative import EXPORT_KIND as PALI3_KIND
 from pali3_train.stages.registry import spec_for
-from pali3_train.tokenizer import Tokenizer
+from pali3_train.tokenizer import Tokenizer, recorded_tokenizer
 
 
 def load_pali3(checkpoint: str | Path, tokenizer: str | Path | None = None):
@@ -39,7 +40,8 @@ def load_pali3(checkpoint: str | Path, tokenizer: str | Path | None = None):
         kind = spec_for(config_from_dict(meta.config)).export_kind
     else:
         metadata = read_metadata(path)
-        model_dict, trained_with = json.loads(metadata["model"]), metadata.get("tokenizer")
+        model_dict = json.loads(metadata["model"])
+        trained_with = recorded_tokenizer(path, metadata.get("tokenizer"))
         state, kind = load_weights(path), metadata.get("kind")
     if kind != PALI3_KIND:
         raise ValueError(f"{path}: a {kind} checkpoint is not PaLI-3: it has no text decoder")

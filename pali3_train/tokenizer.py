@@ -103,6 +103,23 @@ class Tokenizer:
         return [self.decode(row) for row in ids]
 
 
+def copy_beside(weights: str | Path) -> Path:
+    """Where an exported weights file keeps its tokenizer: ``model.safetensors`` ->
+    ``model.spiece.model`` in the same folder, so the pair moves together."""
+    weights = Path(weights)
+    return weights.with_name(weights.name.removesuffix(".safetensors") + ".spiece.model")
+
+
+def recorded_tokenizer(weights: str | Path, recorded: str | None) -> Path | None:
+    """The tokenizer a weights file's metadata names: a relative name (the copy an export writes
+    beside the weights) resolves against the weights' folder, wherever it has moved; an absolute
+    path (files exported before the copy existed) is taken as it is."""
+    if recorded is None:
+        return None
+    path = Path(recorded)
+    return path if path.is_absolute() else Path(weights).parent / path
+
+
 def train_tokenizer(
     texts: Iterable[str] | None = None,
     files: Sequence[str | Path] | None = None,

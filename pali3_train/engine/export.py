@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from pali3_train.engine.checkpoint import (
 from pali3_train.engine.distributed import on_main_rank
 from pali3_train.engine.safe_load import weights_only_loads
 from pali3_train.stages.registry import spec_for
+from pali3_train.tokenizer import copy_beside
 
 
 def consolidated_weights(checkpoint: Path) -> tuple[CheckpointMeta, StateDict]:
@@ -57,7 +59,8 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
 
 def save_export(state: StateDict, out: str | Path, cfg: Config, step: int) -> Path:
     """Weights with what a reader needs to use them: which model (the objective's export kind),
-    its config, the tokenizer."""
+    its config, and a copy of the tokenizer beside them (``copy_beside``), recorded by its
+    name alone, so that the folder can be moved or published as a whole."""
     metadata = {
         "format": FORMAT,
         "kind": spec_for(cfg).export_kind,
@@ -65,7 +68,11 @@ def save_export(state: StateDict, out: str | Path, cfg: Config, step: int) -> Pa
         "step": str(step),
     }
     if cfg.data.tokenizer_path:
-        metadata["tokenizer"] = str(Path(cfg.data.tokenizer_path).resolve())
+        source, copy = Path(cfg.data.tokenizer_path).resolve(), copy_beside(out)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        if source != copy.resolve():
+            shutil.copyfile(source, copy)
+        metadata["tokenizer"] = copy.name
     save_weights(state, out, metadata)
     return Path(out)
 
