@@ -29,7 +29,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from data_pipeline import shards
 from data_pipeline.health import DataQualityError, Health
-from data_pipeline.tasks import MissingField, format_example
+from data_pipeline.tasks import MissingField, format_record
 from data_pipeline.transforms import IMAGE_FIELDS, Batch, Sample, collate, decode_image
 from pali3_train.config.schema import SourceConfig
 from pali3_train.tokenizer import Tokenizer
@@ -287,9 +287,7 @@ class MixtureIterator:
         if not isinstance(record, dict):
             return skip("invalid_json", f"expected an object, got {type(record).__name__}")
         try:
-            prompt, target = format_example(
-                spec.task, record, spec.languages, self.rng, spec.prompt
-            )
+            formatted = format_record(spec.task, record, spec.languages, self.rng, spec.prompt)
         except MissingField as exc:
             return skip("missing_field", exc.args[0])
         image_field = next((f for f in IMAGE_FIELDS if f in raw), None)
@@ -300,7 +298,8 @@ class MixtureIterator:
         except Exception as exc:  # PIL raises many types for bad data
             return skip("corrupt_image", f"{type(exc).__name__}: {exc}")
         self.health.record_served(spec.name)
-        return Sample(key, spec.name, image, prompt, target, raw["__epoch__"])
+        return Sample(key, spec.name, image, formatted.prompt, formatted.target, raw["__epoch__"],
+                      formatted.references)  # fmt: skip
 
     # ------------------------------------------------------------------------- resumable state
 

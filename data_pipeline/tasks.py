@@ -8,6 +8,14 @@ tasks and languages::
      "vqa":      {"en": [["what colour is the circle?", "red"], ...]},
      "ocr":      {"en": "the text drawn in the image"}}
 
+Every reference. Where a dataset has several (COCO's five captions, VQAv2's ten answers), a text
+may be a list of them instead: ``"caption": {"en": ["a dog on a sofa", "a brown dog", ...]}``,
+``"vqa": {"en": [["what is it?", ["dog", "dog", "puppy", ...]], ...]}``; likewise for alt_text and
+ocr. Training takes one of them, drawn with the worker's generator (whose state a checkpoint
+keeps, so a resume draws the same ones); evaluation scores against all of them
+(``Formatted.references``). A plain string draws nothing, so records without lists give exactly
+the prompts and targets they always did.
+
 Prompts follow PaLI's phrasing with upper-case language codes ("Answer in EN: ..."); a mixture
 source may replace a task's template but only with the placeholders that task fills.
 """
@@ -28,29 +36,45 @@ class MissingField(KeyError):
 
 
 @dataclass(frozen=True)
+class Formatted:
+    """One training example made from a record: the prompt, the target the model learns, and
+    every reference an evaluation scores the answer against. ``references`` is empty where the
+    record gave a single text (the target is then the one reference)."""
+
+    prompt: str
+    target: str
+    references: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Task:
     record_field: str
     default_prompt: str
     placeholders: frozenset[str]
-    # (text for the chosen language, template, lang, rng) -> (prompt, target)
-    render: Callable[[object, str, str, np.random.Generator], tuple[str, str]]
+    # (text for the chosen language, template, lang, rng) -> Formatted
+    render: Callable[[object, str, str, np.random.Generator], Formatted]
 
 
 def _caption(text, template, lang, rng):
-    return template.format(lang=lang.upper()), _text(text)
+    target, references = _one_of(text, rng)
+    return Formatted(template.format(lang=lang.upper()), target, references)
 
 
 def _alt_text(text, template, lang, rng):
-    return template.format(lang=lang.upper(), pos=0, prefix="").strip(), _text(text)
+    target, references = _one_of(text, rng)
+    return Formatted(
+        template.format(lang=lang.upper(), pos=0, prefix="").strip(), target, references
+    )
 
 
 def _split_caption(text, template, lang, rng):
     """PaLI's split-captioning: the first ``pos`` words are given in the prompt and the model
-    continues the alt-text from there."""
-    words = _text(text).split()
+    continues the alt-text from there (the continuation of the alt-text drawn is the one
+    reference)."""
+    words = _one_of(text, rng)[0].split()
     pos = int(rng.integers(len(words)))
     prompt = template.format(lang=lang.upper(), pos=pos, prefix=" ".join(words[:pos]))
-    return prompt.strip(), " ".join(words[pos:])
+    return Formatted(prompt.strip(), " ".join(words[pos:]))
 
 
 def _vqa(pairs, template, lang, rng):
@@ -59,7 +83,22 @@ def _vqa(pairs, template, lang, rng):
     pair = pairs[int(rng.integers(len(pairs)))]
     if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
         raise MissingField("vqa: each item must be a [question, answer] pair")
-    return template.format(lang=lang.upper(), question=_text(pair[0])), _text(pair[1])
+    target, references = _one_of(pair[1], rng)
+    return Formatted(
+        template.format(lang=lang.upper(), question=_text(pair[0])), target, references
+    )
+
+
+def _one_of(value: object, rng: np.random.Generator) -> tuple[str, tuple[str, ...]]:
+    """A text, or a list of references -> (the target, every reference). A list's target is
+    drawn uniformly, so an answer that several annotators gave is drawn that much more often;
+    a string draws nothing (the generator advances as it did before lists existed)."""
+    if not isinstance(value, list):
+        return _text(value), ()
+    if not value:
+        raise MissingField("expected a non-empty list of references, got []")
+    references = tuple(_text(v) for v in value)
+    return references[int(rng.integers(len(references)))], references
 
 
 def _text(value: object) -> str:
@@ -103,6 +142,18 @@ def format_example(
 ) -> tuple[str, str]:
     """-> (prompt, target). The language is drawn among the source's ``languages`` that the
     record has, so a multilingual source can mix languages per sample."""
+    formatted = format_record(task, record, languages, rng, template)
+    return formatted.prompt, formatted.target
+
+
+def format_record(
+    task: str,
+    record: dict,
+    languages: Sequence[str],
+    rng: np.random.Generator,
+    template: str | None = None,
+) -> Formatted:
+    """`format_example` with every reference the record holds for the drawn text."""
     spec = TASKS[task]
     field = record.get(spec.record_field)
     if not isinstance(field, dict):

@@ -29,6 +29,7 @@ class Sample:
     prompt: str
     target: str
     epoch: int = 0  # which pass over its source the sample's shard belongs to
+    references: tuple[str, ...] = ()  # every reference, where the record listed several
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class Batch:
     worker: int  # global worker index: rank * workers_per_rank + worker id
     health: dict
     epochs: tuple[int, ...] = ()  # per sample: the pass over its source (Sample.epoch)
+    # per sample: every reference (Sample.references); () where the target is the one reference
+    references: tuple[tuple[str, ...], ...] = ()
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -57,7 +60,8 @@ class Batch:
         """Examples ``start:stop`` (a rank's share of a batch read by every rank)."""
         part = self._map(lambda t: t[start:stop])
         return replace(part, keys=self.keys[start:stop], sources=self.sources[start:stop],
-                       epochs=self.epochs[start:stop])  # fmt: skip
+                       epochs=self.epochs[start:stop],
+                       references=self.references[start:stop])  # fmt: skip
 
     def pin_memory(self) -> Batch:  # called by DataLoader(pin_memory=True)
         return self._map(torch.Tensor.pin_memory)
@@ -116,4 +120,5 @@ def collate(
         worker=worker,
         health=health,
         epochs=tuple(s.epoch for s in samples),
+        references=tuple(s.references for s in samples),
     )

@@ -4,6 +4,9 @@ scored by its task (``scoring``), shared out over the data-parallel ranks.
 Each rank answers its share of every held-out batch; a rank whose share is empty decodes a
 stand-in and drops it, and decoding stops when every rank is done, so all ranks run the same
 forwards (ZeRO-3 gathers weights in each). The answers then meet on every rank, in batch order.
+
+An answer is scored against every reference its record holds (``Batch.references``: COCO's five
+captions, VQAv2's ten answers); a row without them has its decoded target as its one reference.
 """
 
 from __future__ import annotations
@@ -63,19 +66,19 @@ class AnswerEvaluator:
                                      self._all_ranks_finished)  # fmt: skip
             if len(part):
                 answers += texts
-                references += tokenizer.batch_decode(part.target)
+                references += _references(part, tokenizer)
         answers, references = self._gather(answers, references)
         if self.ctx.is_main:
-            for answer, (reference,) in list(zip(answers, references))[:3]:
-                log.info("eval %s: %r (reference %r)", self.name, answer, reference)
+            for answer, refs in list(zip(answers, references))[:3]:
+                log.info("eval %s: %r (references %r)", self.name, answer, refs)
         return score_answers(self.task, answers, references) | {"samples": float(len(answers))}
 
-    def _gather(self, answers: list[str], references: list[str]):
+    def _gather(self, answers: list[str], references: list[list[str]]):
         """Every rank's (answers, references), concatenated in rank order."""
         shares: list = [None] * self.ctx.dp_size
         dist.all_gather_object(shares, (answers, references), group=self.ctx.dp_group)
         answers = [a for share_answers, _ in shares for a in share_answers]
-        references = [[r] for _, share_refs in shares for r in share_refs]
+        references = [r for _, share_refs in shares for r in share_refs]
         return answers, references
 
     def _all_ranks_finished(self, finished: torch.Tensor) -> bool:
@@ -83,3 +86,10 @@ class AnswerEvaluator:
         # rows and must run the same forwards too. The answers are gathered over the
         # data-parallel group only, since those peers hold identical copies.
         return not all_ranks_agree(not bool(finished.all()), self.ctx.device)
+
+
+def _references(batch: Batch, tokenizer: Tokenizer) -> list[list[str]]:
+    """Each row's references: all those of its record, else its decoded target."""
+    decoded = tokenizer.batch_decode(batch.target)
+    listed = batch.references or ((),) * len(decoded)
+    return [list(refs) if refs else [target] for refs, target in zip(listed, decoded)]

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from data_pipeline.tasks import MissingField, format_example, template_error
+from data_pipeline.tasks import MissingField, format_example, format_record, template_error
 
 RECORD = {
     "caption": {"en": "a red circle", "de": "ein roter Kreis"},
@@ -75,3 +75,71 @@ def test_templates_are_checked_against_the_task():
     assert template_error("vqa", "Answer in {lang}: {question}") is None
     assert "unknown placeholder {question}" in template_error("caption", "{question}")
     assert "not a valid template" in template_error("caption", "Caption {lang")
+
+
+MULTI = {
+    "caption": {"en": ["a dog on a sofa", "a brown dog", "a dog resting"]},
+    "vqa": {"en": [["what is it?", ["dog", "dog", "puppy"]]]},
+    "ocr": {"en": ["EXIT", "exit"]},
+}
+
+
+@pytest.mark.parametrize(
+    "task,references",
+    [
+        ("caption", ("a dog on a sofa", "a brown dog", "a dog resting")),
+        ("alt_text", ("a dog on a sofa", "a brown dog", "a dog resting")),
+        ("vqa", ("dog", "dog", "puppy")),
+        ("ocr", ("EXIT", "exit")),
+    ],
+)
+def test_a_list_trains_on_one_reference_and_keeps_them_all(task, references):
+    record = MULTI | {"alt_text": MULTI["caption"]}
+    targets = set()
+    for seed in range(30):
+        formatted = format_record(task, record, ["en"], np.random.default_rng(seed))
+        assert formatted.references == references and formatted.target in references
+        targets.add(formatted.target)
+    assert targets == set(references)  # every reference gets drawn
+
+
+def test_the_drawn_reference_follows_the_generator():
+    # The worker's generator draws it, so the same generator state (a resumed checkpoint's)
+    # draws the same target.
+    rng = np.random.default_rng(5)
+    state = rng.bit_generator.state
+    first = [format_record("caption", MULTI, ["en"], rng).target for _ in range(10)]
+    rng.bit_generator.state = state
+    assert [format_record("caption", MULTI, ["en"], rng).target for _ in range(10)] == first
+
+
+def test_a_single_text_draws_nothing_more_than_before():
+    # Records without lists give the targets and generator states they always did: only the
+    # language (and the vqa pair) is drawn.
+    for task, draws in (("caption", [1]), ("vqa", [1, 2])):  # the language, then the pair
+        rng, expected = np.random.default_rng(3), np.random.default_rng(3)
+        formatted = format_record(task, RECORD, ["en"], rng)
+        for high in draws:
+            expected.integers(high)
+        assert formatted.references == ()
+        assert rng.bit_generator.state == expected.bit_generator.state
+
+
+def test_split_captioning_continues_one_listed_alt_text():
+    record = {"alt_text": {"en": ["one two three", "four five six"]}}
+    formatted = format_record("split_caption", record, ["en"], np.random.default_rng(0))
+    assert formatted.references == () and formatted.target
+
+
+@pytest.mark.parametrize(
+    "record,words",
+    [
+        ({"caption": {"en": []}}, "non-empty list of references"),
+        ({"caption": {"en": ["a dog", ""]}}, "non-empty text"),
+        ({"vqa": {"en": [["what?", []]]}}, "non-empty list of references"),
+    ],
+)
+def test_bad_reference_lists_are_missing_fields(record, words):
+    task = next(iter(record))
+    with pytest.raises(MissingField, match=words):
+        format_record(task, record, ["en"], np.random.default_rng(0))

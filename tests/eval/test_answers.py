@@ -8,9 +8,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
+from data_pipeline.transforms import Batch
 from pali3_train.config import load_config
-from pali3_train.eval.answers import AnswerEvaluator, generate_answers
+from pali3_train.eval.answers import AnswerEvaluator, _references, generate_answers
 from pali3_train.eval.evaluator import EvalContext, held_out
 from pali3_train.eval.scoring import score_answers
 from pali3_train.models import PaLI3
@@ -50,3 +52,19 @@ def test_scores_are_those_of_the_answers_decoded_batch_by_batch(demo_held_out, t
     assert 0 < expected["exact_match"] < 1
     evaluator = AnswerEvaluator(SOURCE, TASK, lambda: batches, ctx, 3, DECODE)
     assert evaluator.run(model) == pytest.approx(expected | {"samples": 5.0})
+
+
+class _Decoder:
+    def batch_decode(self, tokens):
+        return [f"decoded {int(row[0])}" for row in tokens]
+
+
+def test_rows_are_scored_against_all_their_references_else_the_target():
+    ids = torch.tensor([[7], [8]])
+    batch = Batch(torch.zeros(2, 3, 1, 1), ids, ids > 0, ids, ids > 0, ("a", "b"), ("s", "s"), 0,
+                  {}, (0, 0), (("a dog", "a brown dog"), ()))  # fmt: skip
+    assert _references(batch, _Decoder()) == [["a dog", "a brown dog"], ["decoded 8"]]
+    assert _references(batch.rows(1, 2), _Decoder()) == [["decoded 8"]]
+    unlisted = Batch(*[getattr(batch, f) for f in ("images", "prompt", "prompt_mask")],
+                     ids, ids > 0, ("a", "b"), ("s", "s"), 0, {})  # fmt: skip
+    assert _references(unlisted, _Decoder()) == [["decoded 7"], ["decoded 8"]]
