@@ -27,7 +27,7 @@ _CONTRACTED = """
     they'd they'd've they'll they're they've 'twas wasn't we'd've we've weren't what'll what're
     what's what've when's where'd where's where've who'd who'd've who'll who's who've why'll why're
     why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll
-    you're you've
+    you're you've 'ow's'at
 """.split()
 _CONTRACTIONS = {
     word[:i] + word[i + 1 :]: word for word in _CONTRACTED for i, ch in enumerate(word) if ch == "'"
@@ -53,23 +53,32 @@ def normalize_answer(answer: str) -> str:
 
 
 def vqa_accuracy(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> float:
-    """Mean over questions of the VQA accuracy of each prediction, in [0, 1].
+    """Mean over questions of the VQA accuracy of each prediction, in [0, 1], as the official
+    VQAv2 evaluation (vqaEval.py) computes it.
 
     A question's accuracy is min(1, matches / 3) averaged over the subsets that leave out one of the
     human answers (so with 10 annotators: 0.3 for 1 match, 0.6 for 2, 0.9 for 3, 1 from 4 on).
-    Prediction and answers always go through `normalize_answer`; the official script skips that
-    when the annotators are unanimous and compares raw strings, which only differs from this on
-    formatting ("Yes." against ten "yes": 0 there, 1 here).
+    Answers are stripped of surrounding whitespace; when the annotators disagree, prediction and
+    answers then go through `normalize_answer`, but when all of them gave the same string the
+    official script compares the stripped strings as they are, and so does this ("Yes." against
+    ten "yes" scores 0, against "yes" and nine "Yes" it scores 1).
     With a single answer the leave-one-out average would always be 0; there it is a normalised
-    exact match instead, which is what ten annotators giving that same answer would score."""
+    exact match instead (not part of the official protocol, which always has ten answers)."""
     check_scoring_inputs(predictions, answers, lists="answer lists", referenced="human answers",
                          argument="answers")  # fmt: skip
     total = 0.0
     for prediction, humans in zip(predictions, answers):
-        pred = normalize_answer(prediction)
-        hits = [normalize_answer(h) == pred for h in humans]
+        pred, humans = _strip(prediction), [_strip(h) for h in humans]
+        if len(humans) == 1 or len(set(humans)) > 1:
+            pred, humans = normalize_answer(pred), [normalize_answer(h) for h in humans]
+        hits = [h == pred for h in humans]
         if len(hits) == 1:
             total += hits[0]
         else:  # leaving out a matching annotator leaves one match fewer among the others
             total += sum(min(1.0, (sum(hits) - hit) / 3) for hit in hits) / len(hits)
     return total / len(predictions)
+
+
+def _strip(answer: str) -> str:
+    """What the official script does to every answer before anything else."""
+    return answer.replace("\n", " ").replace("\t", " ").strip()

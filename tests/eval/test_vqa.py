@@ -51,13 +51,32 @@ def test_both_sides_are_normalised_before_matching():
 def test_single_answer_is_a_normalised_exact_match():
     assert vqa_accuracy(["The Dog."], [["dog"]]) == 1.0
     assert vqa_accuracy(["dogs"], [["dog"]]) == 0.0
-    # ten identical annotators score the same
-    assert vqa_accuracy(["The Dog."], [["dog"] * 10]) == 1.0
+
+
+def test_unanimous_annotators_are_compared_unnormalised_as_the_official_script_does():
+    # vqaEval.py normalises only `if len(set(gtAnswers)) > 1`; before that, every answer and the
+    # prediction lose surrounding whitespace (and "\n", "\t" become spaces).
+    assert vqa_accuracy(["The Dog."], [["dog"] * 10]) == 0.0
+    assert vqa_accuracy(["Yes"], [["yes"] * 10]) == 0.0
+    assert vqa_accuracy([" yes\n"], [["yes"] * 10]) == 1.0
+    # One annotator typed "Yes": the answers disagree, so all are normalised and all 10 match.
+    assert vqa_accuracy(["Yes."], [["Yes"] + ["yes"] * 9]) == 1.0
+
+
+def test_a_vqav2_question_by_hand():
+    # Normalised: "two", "2", "Two." and " 2" all become "2" -> 4 matches of 10 -> 1.0;
+    # "isnt" and "isn't" are one answer -> 3 matches -> 0.9; "3 " -> 3 matches -> 0.9.
+    answers = ["two", "2", "Two.", " 2", "3", "3", "3 ", "isnt", "isn't", "isn't"]
+    assert vqa_accuracy(["2"], [answers]) == pytest.approx(1.0)
+    assert vqa_accuracy(["isn't"], [answers]) == pytest.approx(0.9)
+    assert vqa_accuracy(["three"], [answers]) == pytest.approx(0.9)
+    assert vqa_accuracy(["four"], [answers]) == 0.0
+    assert normalize_answer("owsat") == "owsat" and normalize_answer("ow's'at") == "'ow's'at"
 
 
 def test_mean_over_questions():
     answers = [["yes"] * 10, ["2", "2"] + ["3"] * 8]
-    assert vqa_accuracy(["Yes", "two"], answers) == pytest.approx((1.0 + 0.6) / 2)
+    assert vqa_accuracy(["yes", "two"], answers) == pytest.approx((1.0 + 0.6) / 2)
 
 
 def test_errors_name_the_problem():
