@@ -1,12 +1,19 @@
 """Turn a source of image-text examples into WebDataset tar shards plus a manifest.
 
-A source is either a folder of images with a JSONL of records, or a generator function
-(``module:function``) that yields ``Example`` objects. Each sample in a shard is
+A source is a folder of images with a JSONL of records, COCO captions or VQAv2 annotation files
+with their image folder (``converters.py``), or a generator function (``module:function``) that
+yields ``Example`` objects. Each sample in a shard is
 ``<key>.jpg`` or ``<key>.png`` (the original encoded bytes, never re-encoded) and ``<key>.json``
 (the record: one field per task, each keyed by language; see ``data_pipeline/tasks.py``).
 
     python -m data_pipeline.write_shards --images photos/ --records records.jsonl \\
         --out shards/photos --name photos --tasks caption,vqa --languages en,de
+    python -m data_pipeline.write_shards --images val2014/ \\
+        --coco-captions annotations/captions_val2014.json --out shards/coco_val --name coco_val
+    python -m data_pipeline.write_shards --images val2014/ \\
+        --vqav2-questions v2_OpenEnded_mscoco_val2014_questions.json \\
+        --vqav2-annotations v2_mscoco_val2014_annotations.json \\
+        --out shards/vqav2_val --name vqav2_val
 """
 
 from __future__ import annotations
@@ -122,10 +129,14 @@ def _decodes(image: bytes) -> bool:
         return False
 
 
-def examples_from_folder(images: str | Path, records: str | Path) -> Iterator[Example]:
+def examples_from_folder(
+    images: str | Path, records: str | Path, language: str = "en"
+) -> Iterator[Example]:
     """One example per JSONL line: ``{"image": "<path under images>", "key": optional, ...task
     fields}``. Without ``key`` the image path (slashes and dots made '_') is the key, so a
-    rewrite of the same folder gives the same keys."""
+    rewrite of the same folder gives the same keys. Task fields are in the record schema, or
+    flat (``record_from_flat_fields``: ``"captions": [...]``, ``"question"`` and ``"answers"``),
+    then in ``language``."""
     images, records = Path(images), Path(records)
     with open(records, encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
@@ -145,7 +156,46 @@ def examples_from_folder(images: str | Path, records: str | Path) -> Iterator[Ex
             if not path.is_file():
                 raise ValueError(f"{where}: {path}: no such image")
             key = record.pop("key", None) or re.sub(r"[^\w-]", "_", str(path.relative_to(images)))
+            record = record_from_flat_fields(record, language, where)
             yield Example(key, path.read_bytes(), image_format, record)
+
+
+FLAT_TEXT_FIELDS = {"caption": "caption", "captions": "caption", "alt_text": "alt_text",
+                    "ocr": "ocr"}  # fmt: skip
+
+
+def record_from_flat_fields(fields: dict, language: str, where: str) -> dict:
+    """A JSONL line's fields in the record schema: a flat text or list of texts is wrapped in
+    ``language``; ``question`` with ``answer``/``answers`` becomes one vqa pair; fields already
+    keyed by language, and any other field, are kept as they are."""
+    record = dict(fields)
+    for name, task in FLAT_TEXT_FIELDS.items():
+        value = record.get(name)
+        if value is None or isinstance(value, dict):
+            continue
+        del record[name]
+        if task in record:
+            raise ValueError(f"{where}: {name}: {task} is given twice")
+        record[task] = {language: _texts(value, f"{where}: {name}")}
+    if "question" in record:
+        question = record.pop("question")
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"{where}: question: expected non-empty text, got {question!r}")
+        named = [n for n in ("answer", "answers") if n in record]
+        if len(named) != 1:
+            raise ValueError(f'{where}: question: needs one of "answer" or "answers"')
+        answer = _texts(record.pop(named[0]), f"{where}: {named[0]}")
+        if "vqa" in record:
+            raise ValueError(f"{where}: question: vqa is given twice")
+        record["vqa"] = {language: [[question.strip(), answer]]}
+    return record
+
+
+def _texts(value: object, where: str) -> str | list[str]:
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, str) and v.strip() for v in values):
+        raise ValueError(f"{where}: expected non-empty text or a list of them, got {value!r}")
+    return value
 
 
 def _generator(spec: str) -> Callable[..., Iterable[Example]]:
@@ -160,30 +210,58 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--records", help="JSONL of records (with --images)")
+    source.add_argument("--coco-captions", help="COCO captions_*.json (with --images)")
+    source.add_argument("--vqav2-questions", help="VQAv2 questions JSON (with --images and "
+                        "--vqav2-annotations)")  # fmt: skip
     source.add_argument("--generator", help="module:function yielding Example objects")
     parser.add_argument("--images", help="folder the records' image paths are relative to")
+    parser.add_argument("--vqav2-annotations", help="VQAv2 annotations JSON (the answers)")
+    parser.add_argument("--vqav2-image-name", help="an image's file name from {image_id}, e.g. "
+                        "COCO_val2014_{image_id:012d}.jpg (default: from the questions' "
+                        "data_subtype)")  # fmt: skip
     parser.add_argument("--count", type=int, default=1000, help="examples to take from --generator")
     parser.add_argument("--seed", type=int, default=0, help="seed for --generator")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--name", required=True, help="source name (shard file prefix)")
-    parser.add_argument("--tasks", required=True, help="comma-separated tasks the records serve")
+    parser.add_argument("--tasks", help="comma-separated tasks the records serve (default for "
+                        "--coco-captions: caption; for --vqav2-questions: vqa)")  # fmt: skip
     parser.add_argument("--languages", default="en", help="comma-separated language codes")
     parser.add_argument("--max-samples-per-shard", type=int, default=10_000)
     parser.add_argument("--max-bytes-per-shard", type=float, default=1e9)
     args = parser.parse_args(argv)
 
-    if args.records:
-        if not args.images:
-            parser.error("--records needs --images")
-        examples = examples_from_folder(args.images, args.records)
-    else:
-        examples = _generator(args.generator)(count=args.count, seed=args.seed)
+    from data_pipeline import converters  # here, not at the top: it imports this module
+
+    language = args.languages.split(",")[0]
+    needs_images = args.records or args.coco_captions or args.vqav2_questions
+    if needs_images and not args.images:
+        parser.error("--records, --coco-captions and --vqav2-questions need --images")
+    if bool(args.vqav2_questions) != bool(args.vqav2_annotations):
+        parser.error("--vqav2-questions and --vqav2-annotations go together")
+    tasks = args.tasks or (
+        "caption" if args.coco_captions else "vqa" if args.vqav2_questions else ""
+    )
+    if not tasks:
+        parser.error("--tasks is needed with --records and --generator")
     try:
+        if args.records:
+            examples = examples_from_folder(args.images, args.records, language)
+        elif args.coco_captions:
+            examples = converters.examples_from_coco_captions(
+                args.coco_captions, args.images, language
+            )
+        elif args.vqav2_questions:
+            examples = converters.examples_from_vqav2(
+                args.vqav2_questions, args.vqav2_annotations, args.images, language,
+                args.vqav2_image_name,
+            )  # fmt: skip
+        else:
+            examples = _generator(args.generator)(count=args.count, seed=args.seed)
         manifest = write_source(
             examples,
             args.out,
             args.name,
-            args.tasks.split(","),
+            tasks.split(","),
             args.languages.split(","),
             args.max_samples_per_shard,
             args.max_bytes_per_shard,
