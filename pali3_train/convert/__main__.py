@@ -1,4 +1,4 @@
-"""Command line: ``python -m pali3_train.convert {import,export} ...``."""
+"""Command line: ``python -m pali3_train.convert {import,export,assemble} ...``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 import yaml
 
 from pali3_train.convert.hf_checkpoint import KINDS, export_hf, import_hf
+from pali3_train.convert.pali3 import assemble
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,10 +26,17 @@ def main(argv: list[str] | None = None) -> int:
     exp = sub.add_parser("export", help="pali3-train safetensors -> HF checkpoint directory")
     exp.add_argument("src", help="a .safetensors file written by `import` or by training")
     exp.add_argument("out", help="output directory")
+    asm = sub.add_parser("assemble", help="SigLIP + T5/UL2 towers -> a PaLI-3 stage.init_from file")
+    asm.add_argument("--vision", required=True, help="SigLIP: HF directory or our .safetensors")
+    asm.add_argument("--language", required=True, help="T5/UL2: HF directory or our .safetensors")
+    asm.add_argument("--out", required=True, help="output .safetensors file")
     args = parser.parse_args(argv)
     try:
-        if args.command == "import":
-            sections = import_hf(args.kind, args.src, args.out)
+        if args.command in ("import", "assemble"):
+            if args.command == "import":
+                sections = import_hf(args.kind, args.src, args.out)
+            else:
+                sections = assemble(args.vision, args.language, args.out)
             print(f"wrote {args.out}; its model section:")
             print(
                 yaml.safe_dump(

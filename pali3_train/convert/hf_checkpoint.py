@@ -37,24 +37,36 @@ def _read_hf_config(src: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _sections_from_hf(kind: Kind, hf_cfg: dict) -> dict[str, object]:
+def _sections_from_hf(kind: Kind, hf_cfg: dict, src: Path) -> dict[str, object]:
+    if kind == "t5":
+        return {"ul2": t5.ul2_config_from_hf(hf_cfg)}
+    if siglip.is_vision_only(hf_cfg):  # a SiglipVisionModel: the image tower (and MAP head) alone
+        return {"vit": siglip.vit_config_from_hf(hf_cfg)}
+    if "vision_config" not in hf_cfg or "text_config" not in hf_cfg:
+        raise ValueError(
+            f"{src / 'config.json'}: not a SigLIP config (neither a SiglipModel's vision_config "
+            "and text_config nor a SiglipVisionModel's patch_size and hidden_size)"
+        )
+    return {
+        "vit": siglip.vit_config_from_hf(hf_cfg["vision_config"]),
+        "text": siglip.text_config_from_hf(hf_cfg["text_config"]),
+    }
+
+
+def convert_hf(kind: Kind, src: str | Path) -> tuple[dict[str, object], StateDict]:
+    """HF checkpoint directory -> (our model config sections, our state dict), in memory."""
+    src = Path(src)
+    hf_cfg = _read_hf_config(src)
+    sections = _sections_from_hf(kind, hf_cfg, src)
+    weights = load_weights(src)
     if kind == "siglip":
-        return {
-            "vit": siglip.vit_config_from_hf(hf_cfg["vision_config"]),
-            "text": siglip.text_config_from_hf(hf_cfg["text_config"]),
-        }
-    return {"ul2": t5.ul2_config_from_hf(hf_cfg)}
+        return sections, siglip.siglip_from_hf(weights, sections["vit"], sections.get("text"))
+    return sections, t5.ul2_from_hf(weights, hf_cfg)
 
 
 def import_hf(kind: Kind, src: str | Path, out: str | Path) -> dict[str, object]:
     """HF checkpoint directory -> our safetensors file. Returns the model config sections."""
-    src = Path(src)
-    sections = _sections_from_hf(kind, _read_hf_config(src))
-    weights = load_weights(src)
-    if kind == "siglip":
-        state = siglip.siglip_from_hf(weights, sections["vit"], sections["text"])
-    else:
-        state = t5.ul2_from_hf(weights)
+    sections, state = convert_hf(kind, src)
     metadata = {
         "format": FORMAT,
         "kind": kind,
@@ -77,13 +89,25 @@ def read_ours(path: str | Path) -> tuple[Kind, dict[str, object], StateDict]:
     return metadata["kind"], {name: getattr(model, name) for name in raw}, load_weights(path)
 
 
+def tower(kind: Kind, path: str | Path) -> tuple[dict[str, object], StateDict]:
+    """(model config sections, our state dict) of a ``kind`` tower given as our file (an import,
+    or a stage-0 SigLIP export) or as an HF checkpoint directory."""
+    path = Path(path)
+    if path.is_dir():
+        return convert_hf(kind, path)
+    found, sections, state = read_ours(path)
+    if found != kind:
+        raise ValueError(f"{path}: a {found} file where a {kind} one is needed")
+    return sections, state
+
+
 def export_hf(path: str | Path, out_dir: str | Path) -> Path:
     """Our safetensors file -> an HF checkpoint directory (config.json + model.safetensors)."""
     kind, sections, state = read_ours(path)
     if kind == "siglip":
         hf_state, hf_cfg = (
-            siglip.siglip_to_hf(state, sections["vit"], sections["text"]),
-            siglip.hf_config(sections["vit"], sections["text"]),
+            siglip.siglip_to_hf(state, sections["vit"], sections.get("text")),
+            siglip.hf_config(sections["vit"], sections.get("text")),
         )
     else:
         hf_state, hf_cfg = t5.ul2_to_hf(state), t5.hf_config(sections["ul2"])

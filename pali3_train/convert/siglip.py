@@ -1,7 +1,8 @@
 """SigLIP checkpoints (HuggingFace ``SiglipModel`` layout) <-> our ``SigLIP`` two-tower model.
 
 Published checkpoints nest the towers under ``vision_model.`` / ``text_model.``; a vision-only
-state dict (e.g. from ``SiglipVisionModel``) converts too, into the image tower and MAP head alone.
+state dict (``SiglipVisionModel``'s: transformers 5 saves it without the ``vision_model.`` prefix,
+older versions with it) converts too, into the image tower and MAP head alone.
 HF keeps the MAP head's attention as ``nn.MultiheadAttention`` (one in-projection, [q; k; v]) and
 the towers' q/k/v as separate projections. Both are renamed to our separate names (``RULES``) and
 fused in our layout (``convert/fusion.py``): the towers' q/k/v into one weight each, the MAP head's
@@ -72,6 +73,9 @@ def siglip_from_hf(
     """HF ``SiglipModel`` state dict -> our ``SigLIP`` state dict (``text`` may be left out for a
     vision-only one). ``position_ids`` buffers are not weights and are dropped."""
     state = {k: v for k, v in hf_state.items() if not k.endswith("position_ids")}
+    if text is None:  # a vision-only model's own names may lack the prefix
+        state = {k if k.startswith("vision_model.") else f"vision_model.{k}": v
+                 for k, v in state.items()}  # fmt: skip
     for kind in ("weight", "bias"):
         fused = state.pop(_IN_PROJ + kind, None)
         if fused is not None:
@@ -147,24 +151,36 @@ def text_config_from_hf(text: Mapping[str, Any]) -> TextConfig:
     )
 
 
-def hf_config(vit: ViTConfig, text: TextConfig) -> dict[str, Any]:
-    """A ``config.json`` that HF's ``SiglipModel.from_pretrained`` reads."""
+def is_vision_only(hf_cfg: Mapping[str, Any]) -> bool:
+    """Whether a SigLIP ``config.json`` is a ``SiglipVisionModel``'s: the vision fields at its top
+    level instead of under ``vision_config``."""
+    return "vision_config" not in hf_cfg and (
+        hf_cfg.get("model_type") == "siglip_vision_model" or "patch_size" in hf_cfg
+    )
+
+
+def hf_config(vit: ViTConfig, text: TextConfig | None) -> dict[str, Any]:
+    """A ``config.json`` that HF's ``SiglipModel.from_pretrained`` reads, or without ``text``
+    ``SiglipVisionModel.from_pretrained``."""
     common = {"hidden_act": "gelu_pytorch_tanh", "attention_dropout": 0.0}
+    vision = {
+        **common,
+        "model_type": "siglip_vision_model",
+        "image_size": vit.image_size_px,
+        "patch_size": vit.patch_size_px,
+        "hidden_size": vit.width,
+        "num_hidden_layers": vit.depth,
+        "num_attention_heads": vit.num_heads,
+        "intermediate_size": vit.mlp_dim,
+        "layer_norm_eps": vit.layer_norm_eps,
+        "num_channels": 3,
+    }
+    if text is None:
+        return {"architectures": ["SiglipVisionModel"], **vision}
     return {
         "architectures": ["SiglipModel"],
         "model_type": "siglip",
-        "vision_config": {
-            **common,
-            "model_type": "siglip_vision_model",
-            "image_size": vit.image_size_px,
-            "patch_size": vit.patch_size_px,
-            "hidden_size": vit.width,
-            "num_hidden_layers": vit.depth,
-            "num_attention_heads": vit.num_heads,
-            "intermediate_size": vit.mlp_dim,
-            "layer_norm_eps": vit.layer_norm_eps,
-            "num_channels": 3,
-        },
+        "vision_config": vision,
         "text_config": {
             **common,
             "model_type": "siglip_text_model",

@@ -6,10 +6,16 @@ copies back on export so that the files load like published ones. HF's separate 
 wi_0/wi_1 are renamed to our separate names (``RULES``) and fused (``convert/fusion.py``): the
 encoder's q/k/v into one weight, the decoder's k/v (its queries are projected apart), gate/up.
 The head size comes from the file itself: the relative-position table has a column per head.
+
+Our LM head is always its own weight. A checkpoint whose head is tied to ``shared`` (transformers 5
+ties it on every T5 and saves no ``lm_head.weight``) gets a copy of the embedding; where the
+config says HF scales the decoder output by ``d_model**-0.5`` before the head (original T5,
+``scale_decoder_outputs``), the scale is folded into the copied head, which is the same product.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping
 
 import torch
@@ -18,6 +24,7 @@ from pali3_train.config import UL2Config
 from pali3_train.convert.fusion import fuse_projections, split_projections
 from pali3_train.convert.rename import StateDict, rename
 
+log = logging.getLogger(__name__)
 _TIED_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 _ATTN = (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "out_proj"))
 _FF = (("wi_0", "wi_gate"), ("wi_1", "wi_up"), ("wo", "wo"))
@@ -58,15 +65,31 @@ RULES = [
 ]
 
 
-def ul2_from_hf(hf_state: Mapping[str, torch.Tensor]) -> StateDict:
-    """HF T5 state dict -> our ``UL2`` state dict. The model must have an untied LM head
-    (``lm_head.weight`` present), as T5 v1.1 and UL2 do."""
-    if "lm_head.weight" not in hf_state:
-        raise KeyError(
-            "lm_head.weight missing: only T5 v1.1 / UL2 checkpoints with an untied "
-            "LM head are supported"
-        )
+def ul2_from_hf(
+    hf_state: Mapping[str, torch.Tensor], hf_cfg: Mapping[str, Any] | None = None
+) -> StateDict:
+    """HF T5 state dict -> our ``UL2`` state dict. Without its ``config.json`` (``hf_cfg``) the
+    LM head must be in the state dict and is taken as it is; with it, a tied head (no
+    ``lm_head.weight``) is copied from ``shared`` and HF's output scale folded in (module doc)."""
     state = {k: v for k, v in hf_state.items() if k not in _TIED_COPIES}
+    notes = []
+    if "lm_head.weight" not in state:
+        if hf_cfg is None or hf_cfg.get("tie_word_embeddings", True) is False:
+            raise KeyError(
+                "lm_head.weight missing and the config does not tie it to shared.weight "
+                "(tie_word_embeddings): the checkpoint lacks its LM head"
+            )
+        state["lm_head.weight"] = state["shared.weight"].clone()
+        notes.append("the LM head is tied to shared.weight: copied into our own head")
+    if hf_cfg is not None and _scales_decoder_output(hf_cfg):
+        scale = hf_cfg["d_model"] ** -0.5
+        state["lm_head.weight"] = state["lm_head.weight"] * scale
+        notes.append(
+            f"HF scales the decoder output by d_model**-0.5 = {scale:.6g} before the head "
+            "(scale_decoder_outputs / tie_word_embeddings): folded into lm_head.weight"
+        )
+    for note in notes:  # a warning: the command line shows it
+        log.warning("T5 import: %s", note)
     state = rename(state, RULES, to_hf=False)
     head_dim = _head_dim(state)
     return fuse_projections(state, lambda _: head_dim, joint=_encoder_attention)
@@ -78,6 +101,15 @@ def ul2_to_hf(state: Mapping[str, torch.Tensor]) -> StateDict:
     for name in _TIED_COPIES:
         hf[name] = hf["shared.weight"]
     return hf
+
+
+def _scales_decoder_output(cfg: Mapping[str, Any]) -> bool:
+    """Whether HF's T5 multiplies the decoder output by ``d_model**-0.5`` before the LM head:
+    transformers 5 saves the answer (``scale_decoder_outputs``); older configs imply it by
+    ``tie_word_embeddings``, true unless set false (HF's default), as transformers 5 reads them."""
+    if "scale_decoder_outputs" in cfg:
+        return bool(cfg["scale_decoder_outputs"])
+    return cfg.get("tie_word_embeddings", True) is not False
 
 
 def _encoder_attention(module: str) -> bool:
