@@ -214,7 +214,8 @@ def _save_failure(tmp: Path, exc: BaseException) -> str:
     where = getattr(exc, "filename", None) or tmp  # engine.durable_files names its file
     free = shutil.disk_usage(tmp.parent).free if tmp.parent.is_dir() else 0
     errno = exc.errno if isinstance(exc, OSError) else None
-    cause = (os.strerror(errno) if errno else str(exc)).strip().splitlines()[0]
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    cause = (os.strerror(errno) if errno else text).strip().splitlines()[0]
     if errno == ENOSPC or free < NEARLY_FULL:
         cause = f"no space left on the device ({_gib(free)} free; {cause})"
     return f"saving a checkpoint failed at {where}: {cause}"

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+FULL_BELOW = 1 << 20  # a failed write with less room left than this: the disk is full
 
 
 class DurableTorchCheckpointEngine(TorchCheckpointEngine):
@@ -30,18 +33,20 @@ class DurableTorchCheckpointEngine(TorchCheckpointEngine):
         except OSError as exc:
             raise OSError(exc.errno, exc.strerror or str(exc), path) from exc
         except RuntimeError as exc:  # torch writes to the file's descriptor itself
-            code = _errno_in(str(exc))
-            if code is None:
-                raise
-            raise OSError(code, os.strerror(code), path) from exc
+            code = _errno_in(str(exc), path)
+            text = os.strerror(code) if code else str(exc).strip().splitlines()[0]
+            raise OSError(code, text, path) from exc
 
 
-def _errno_in(message: str) -> int | None:
-    """The errno whose text torch's write error quotes (``write(): fd 12 failed with No space
-    left on device``), among those a checkpoint write meets."""
+def _errno_in(message: str, path: str) -> int | None:
+    """The errno behind torch's write error: the one its text quotes (``write(): fd 12 failed
+    with No space left on device``), or ENOSPC when it quotes none (``unexpected pos``) and the
+    file system is full; None if neither."""
     for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO):
         if os.strerror(code) in message:
             return code
+    if shutil.disk_usage(os.path.dirname(path) or ".").free < FULL_BELOW:
+        return errno.ENOSPC
     return None
 
 

@@ -89,13 +89,19 @@ def stderr_of(config: Path) -> str:
     return config.with_suffix(".stderr").read_text()
 
 
-def wait_for_step(run_dir: Path, process: subprocess.Popen, step: int, timeout: float = 240):
+def wait_for(condition: Callable[[], bool], process: subprocess.Popen, what: str,
+             timeout: float = 240) -> None:  # fmt: skip
     deadline = time.monotonic() + timeout
-    while max(read_metrics(run_dir / "metrics.jsonl"), default=0) < step:
-        expect(process.poll() is None, f"the run ended (exit {process.returncode}) before step "
-                                       f"{step}")  # fmt: skip
-        expect(time.monotonic() < deadline, f"step {step} never came")
-        time.sleep(0.1)
+    while not condition():
+        expect(process.poll() is None,
+               f"the run ended (exit {process.returncode}) before {what}")  # fmt: skip
+        expect(time.monotonic() < deadline, f"{what} never came")
+        time.sleep(0.005)
+
+
+def wait_for_step(run_dir: Path, process: subprocess.Popen, step: int) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    wait_for(lambda: max(read_metrics(metrics), default=0) >= step, process, f"step {step}")
 
 
 def ranks_of(launcher: subprocess.Popen) -> list[psutil.Process]:
@@ -144,19 +150,23 @@ def resume(lab: Lab, run_dir: Path, config: Path | None = None) -> subprocess.Co
 
 def kill_the_job_at_a_random_step(lab: Lab) -> str:
     """SIGKILL to the whole job (its process group, and so every rank through the
-    parent-death signal) at a random moment, mid-save included; the resume reproduces the
-    uninterrupted losses."""
+    parent-death signal) right after a random step, or in the middle of a random save; the
+    resume reproduces the uninterrupted losses."""
     run_dir = lab.run_dir(f"kill-job-{lab.rng.randrange(10**6)}")
     config = lab.config(run_dir)
     process = start(config)
-    wait_for_step(run_dir, process, lab.rng.randint(1, REFERENCE_STEPS - 1))
-    time.sleep(lab.rng.uniform(0.0, 2.0))
+    if lab.rng.random() < 0.5:
+        moment = f"after step {lab.rng.randint(1, REFERENCE_STEPS - 1)}"
+        wait_for_step(run_dir, process, int(moment.split()[-1]))
+    else:
+        saving = run_dir / "checkpoints" / f".tmp-step_{lab.rng.choice((2, 4)):08d}"
+        moment = f"while writing {saving.name}"
+        wait_for(saving.exists, process, saving.name)
     kill_job(process)
-    step = max(losses(run_dir))
     latest = find_latest(run_dir / "checkpoints")
     resume(lab, run_dir)
     same_losses(lab, run_dir)
-    return f"killed after step {step} ({latest.name if latest else 'no checkpoint'}); same losses"
+    return f"killed {moment} (latest: {latest.name if latest else 'none'}); same losses"
 
 
 def kill_the_launcher_only(lab: Lab) -> str:
@@ -380,11 +390,7 @@ def disk_fills_during_a_save(lab: Lab) -> str:
     with small_file_system(lab.root / "disk-fills" / "fs", size * 4) as mount:
         config = lab.config(lab.run_dir("disk-fills"), checkpoint={"dir": str(mount)})
         process = start(config)
-        deadline = time.monotonic() + 240
-        while not (mount / ".tmp-step_00000004").exists():
-            expect(process.poll() is None and time.monotonic() < deadline,
-                   "the second save never started")  # fmt: skip
-            time.sleep(0.001)
+        wait_for((mount / ".tmp-step_00000004").exists, process, "the second save")
         filler = mount / "filler"
         _fill(filler)
         code = process.wait(timeout=180)
