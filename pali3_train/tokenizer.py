@@ -2,16 +2,34 @@
 
 Ids follow T5: PAD=0 (also the decoder's start token), EOS=1, UNK=2, no BOS. Task markers such as
 ``<caption>`` are user-defined symbols, so each is always one piece and never split by the model.
+
+    python -m pali3_train.tokenizer train --input texts.txt --vocab-size 32000 --out my.model \
+        [--field text] [--symbol "<caption>" ...]
+    python -m pali3_train.tokenizer check spiece.model [--symbol "<caption>" ...]
+    python -m pali3_train.tokenizer add-symbols spiece.model --symbol "<caption>" --out mine.model
+
+A published T5 / mT5 / UL2 ``spiece.model`` has T5's ids and loads as it is; it has no task markers,
+so ``<caption>`` there is several pieces. ``check`` names the markers that are not one piece (exit
+status 1), and ``add-symbols`` appends them as user-defined pieces after the existing ones: every
+old id stays, and the new ids (from the old piece count on) must fit the model's vocabulary (T5
+pads 32000 pieces to 32128 rows, mT5 250100 to 250112; the training checks refuse a tokenizer
+larger than ``model.ul2.vocab_size``). Those rows are not blank in a pretrained checkpoint: HF's
+T5 tokenizer numbers its span-corruption sentinels ``<extra_id_0..99>`` from 32099 down to 32000,
+so the first marker appended to T5's model starts from ``<extra_id_99>``'s embedding.
 """
 
 from __future__ import annotations
 
+import argparse
 import io
+import json
+import sys
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 import torch
+from sentencepiece import sentencepiece_model_pb2
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 
@@ -57,6 +75,17 @@ class Tokenizer:
     @property
     def unk_id(self) -> int:
         return UNK_ID
+
+    def missing(self, symbols: Sequence[str]) -> list[str]:
+        """Those of ``symbols`` that are not one piece (see ``piece_id``)."""
+        return [symbol for symbol in symbols if not self._is_piece(symbol)]
+
+    def _is_piece(self, symbol: str) -> bool:
+        try:
+            self.piece_id(symbol)
+        except KeyError:
+            return False
+        return True
 
     def piece_id(self, symbol: str) -> int:
         """The id of a task marker; a KeyError if it is not one known piece, so a typo in a
@@ -169,3 +198,105 @@ def _sentences(texts: Iterable[str] | None, files: Sequence[str | Path] | None) 
     for path in files or ():
         with open(path, encoding="utf-8") as lines:
             yield from (line.rstrip("\n") for line in lines)
+
+
+def add_symbols(model_path: str | Path, symbols: Sequence[str], out: str | Path) -> Tokenizer:
+    """``model_path`` with those of ``symbols`` that are not yet one piece appended as
+    user-defined pieces (ids from its piece count on), written to ``out``. Existing ids are
+    unchanged, so a checkpoint trained with the original still reads its text the same way."""
+    original = Tokenizer.load(model_path)
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(model_path).read_bytes())
+    for symbol in dict.fromkeys(original.missing(symbols)):
+        piece = proto.pieces.add()
+        piece.piece, piece.score = symbol, 0.0
+        piece.type = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(proto.SerializeToString())
+    return Tokenizer.load(out)
+
+
+def read_texts(path: str | Path, field: str | None = None) -> Iterator[str]:
+    """One text per line of ``path``; with ``field``, each line is a JSON object (JSONL) and its
+    ``field`` is the text. Blank lines are skipped."""
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            if field is None:
+                yield line.rstrip("\n")
+                continue
+            try:
+                text = json.loads(line)[field]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ValueError(
+                    f"{path}:{number}: not a JSON object with a {field!r} field ({exc})"
+                ) from None
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{number}: {field!r} is {type(text).__name__}, not text")
+            yield text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pali3_train.tokenizer",
+        description="Train, check or extend a SentencePiece model with T5's special ids.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="text files -> a SentencePiece model")
+    train.add_argument("--input", required=True, nargs="+", help="texts, one per line (or JSONL)")
+    train.add_argument("--field", help="JSONL: the field holding each line's text")
+    train.add_argument("--vocab-size", required=True, type=int, help="an upper bound")
+    train.add_argument("--out", required=True, help="the .model file to write")
+    train.add_argument("--model-type", default="unigram", choices=("unigram", "bpe"))
+    train.add_argument("--character-coverage", type=float, default=1.0)
+    check = sub.add_parser("check", help="a model's ids, and which markers are not one piece")
+    check.add_argument("model")
+    add = sub.add_parser("add-symbols", help="append markers that are not one piece")
+    add.add_argument("model")
+    add.add_argument("--out", required=True, help="the extended .model file to write")
+    for command in (train, check, add):
+        command.add_argument(
+            "--symbol", action="append", default=[], required=command is add,
+            help='a task marker to keep as one piece, e.g. "<caption>" (repeatable)',
+        )  # fmt: skip
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            texts = (text for path in args.input for text in read_texts(path, args.field))
+            tokenizer = train_tokenizer(
+                texts, vocab_size=args.vocab_size, model_path=args.out,
+                special_symbols=args.symbol, model_type=args.model_type,
+                character_coverage=args.character_coverage,
+            )  # fmt: skip
+            print(f"wrote {args.out}: {tokenizer.vocab_size} pieces")
+            return 0
+        if args.command == "add-symbols":
+            before = Tokenizer.load(args.model).vocab_size
+            tokenizer = add_symbols(args.model, args.symbol, args.out)
+            new = range(before, tokenizer.vocab_size)
+            ids = f"ids {new.start}..{new.stop - 1}" if new else "every symbol is one piece already"
+            print(f"wrote {args.out}: {len(new)} symbol(s) appended ({ids})")
+            return 0
+        tokenizer = Tokenizer.load(args.model)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.model}: {tokenizer.vocab_size} pieces; pad {PAD_ID}, eos {EOS_ID}, unk {UNK_ID}")
+    missing = tokenizer.missing(args.symbol)
+    for symbol in args.symbol:
+        if symbol not in missing:
+            print(f"{symbol}\t{tokenizer.piece_id(symbol)}")
+    if missing:
+        print(
+            f"not one piece (each would be split or become UNK): {', '.join(missing)}; append "
+            "them with `add-symbols`, or write prompts without them",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
