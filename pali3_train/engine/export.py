@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from pali3_train.engine.distributed import on_main_rank
 from pali3_train.engine.safe_load import weights_only_loads
 from pali3_train.stages.registry import spec_for
 from pali3_train.tokenizer import copy_beside
+
+log = logging.getLogger(__name__)
 
 
 def consolidated_weights(checkpoint: Path) -> tuple[CheckpointMeta, StateDict]:
@@ -60,7 +63,8 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
 def save_export(state: StateDict, out: str | Path, cfg: Config, step: int) -> Path:
     """Weights with what a reader needs to use them: which model (the objective's export kind),
     its config, and a copy of the tokenizer beside them (``copy_beside``), recorded by its
-    name alone, so that the folder can be moved or published as a whole."""
+    name alone, so that the folder can be moved or published as a whole. A tokenizer that is
+    not there (a checkpoint exported on another machine) is recorded by its path, as before."""
     metadata = {
         "format": FORMAT,
         "kind": spec_for(cfg).export_kind,
@@ -69,10 +73,15 @@ def save_export(state: StateDict, out: str | Path, cfg: Config, step: int) -> Pa
     }
     if cfg.data.tokenizer_path:
         source, copy = Path(cfg.data.tokenizer_path).resolve(), copy_beside(out)
-        copy.parent.mkdir(parents=True, exist_ok=True)
-        if source != copy.resolve():
-            shutil.copyfile(source, copy)
-        metadata["tokenizer"] = copy.name
+        if source.is_file():
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            if source != copy.resolve():
+                shutil.copyfile(source, copy)
+            metadata["tokenizer"] = copy.name
+        else:
+            log.warning("export: tokenizer %s not found; %s records its path, no copy (pass "
+                        "--tokenizer to generate)", source, out)  # fmt: skip
+            metadata["tokenizer"] = str(source)
     save_weights(state, out, metadata)
     return Path(out)
 

@@ -56,3 +56,11 @@ def test_an_older_export_naming_an_absolute_tokenizer_path_still_loads(tmp_path)
     save_weights(state, path, metadata)
     _, loaded = load_pali3(path)
     assert Path(loaded.source) == (tmp_path / "tok.model").resolve()
+
+
+def test_an_export_whose_tokenizer_is_gone_records_its_path_as_before(tmp_path):
+    cfg, state, _ = _tiny(tmp_path)
+    (tmp_path / "tok.model").unlink()
+    out = save_export(state, tmp_path / "run" / "model.safetensors", cfg, step=7)
+    assert read_metadata(out)["tokenizer"] == str((tmp_path / "tok.model").resolve())
+    assert not (out.parent / "model.spiece.model").exists()
