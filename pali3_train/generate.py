@@ -33,10 +33,11 @@ def load_pali3(checkpoint: str | Path, tokenizer: str | Path | None = None):
     tokenizer defaults to the one the model was trained with."""
     path = Path(checkpoint)
     if path.is_dir():
+        from pali3_train.engine.checkpoint import tokenizer_of
         from pali3_train.engine.export import consolidated_weights
 
         meta, state = consolidated_weights(path)
-        model_dict, trained_with = meta.config["model"], meta.config["data"]["tokenizer_path"]
+        model_dict, trained_with = meta.config["model"], tokenizer_of(path, meta)
         kind = spec_for(config_from_dict(meta.config)).export_kind
     else:
         metadata = read_metadata(path)

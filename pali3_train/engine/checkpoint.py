@@ -2,7 +2,8 @@
 
 A checkpoint is a folder ``step_00000100/`` holding DeepSpeed's state (``engine/``: model,
 optimizer and scheduler shards), one ``rank00000.json`` per rank (RNG states, data-pipeline
-state), ``meta.json`` (step, samples seen, MLflow run id, resolved config) and, written last,
+state), ``meta.json`` (step, samples seen, MLflow run id, resolved config), a copy of the tokenizer
+(``tokenizer.model``, so a moved checkpoint still decodes) and, written last,
 ``COMPLETE.json`` listing every file with its size and SHA-256. Everything is written into a
 hidden temporary folder that is renamed into place only once complete; the ``latest`` pointer
 moves after that. A crash at any moment therefore leaves the previous checkpoint whole and
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE.json"
 META = "meta.json"
+TOKENIZER = "tokenizer.model"
 LATEST = "latest"
 ENGINE_TAG = "engine"
 UNIVERSAL_TAG = "universal"
@@ -114,6 +116,13 @@ def read_meta(folder: Path) -> CheckpointMeta:
         raise CheckpointError(f"{folder}: unreadable {META} ({exc})") from None
 
 
+def tokenizer_of(folder: Path, meta: CheckpointMeta) -> str | None:
+    """The checkpoint's own copy of its tokenizer, or (checkpoints written before the copy) the
+    path its config names."""
+    copy = folder / TOKENIZER
+    return str(copy) if copy.is_file() else meta.config.get("data", {}).get("tokenizer_path")
+
+
 def _upgrade(meta: dict) -> dict:
     """Checkpoints written before stages were data kept the stage name beside the config; it
     becomes the config's ``stage.name`` (its objective follows from the name)."""
@@ -170,6 +179,10 @@ def _publish(
     place, point ``latest`` at it and prune (on a parallel file system, minutes for a 5B run)."""
     write_meta(tmp, meta)
     digests[META] = _digest(tmp / META)
+    source = meta.config.get("data", {}).get("tokenizer_path")
+    if source and Path(source).is_file():
+        shutil.copyfile(source, tmp / TOKENIZER)
+        digests[TOKENIZER] = _digest(tmp / TOKENIZER)
     listing = {name: {"bytes": (tmp / name).stat().st_size, DIGEST: digest}
                for name, digest in sorted(digests.items())}  # fmt: skip
     _write_json(tmp / COMPLETE, {"files": listing})

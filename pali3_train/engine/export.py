@@ -9,6 +9,7 @@ published: no optimizer state, no ZeRO partitioning, and metadata saying what mo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -25,6 +26,7 @@ from pali3_train.engine.checkpoint import (
     CheckpointMeta,
     find_latest,
     read_meta,
+    tokenizer_of,
     verify,
 )
 from pali3_train.engine.distributed import on_main_rank
@@ -57,7 +59,10 @@ def consolidated_weights(checkpoint: Path) -> tuple[CheckpointMeta, StateDict]:
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
     meta, state = consolidated_weights(Path(checkpoint))
-    return save_export(state, out, config_from_dict(meta.config), meta.step)
+    cfg = config_from_dict(meta.config)
+    tokenizer = tokenizer_of(Path(checkpoint), meta)  # the checkpoint's copy where it has one
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer_path=tokenizer))
+    return save_export(state, out, cfg, meta.step)
 
 
 def save_export(state: StateDict, out: str | Path, cfg: Config, step: int) -> Path:

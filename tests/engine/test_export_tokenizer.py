@@ -64,3 +64,31 @@ def test_an_export_whose_tokenizer_is_gone_records_its_path_as_before(tmp_path):
     out = save_export(state, tmp_path / "run" / "model.safetensors", cfg, step=7)
     assert read_metadata(out)["tokenizer"] == str((tmp_path / "tok.model").resolve())
     assert not (out.parent / "model.spiece.model").exists()
+
+
+def test_a_checkpoint_carries_its_tokenizer_to_generate_and_to_its_export(tmp_path):
+    from pali3_train.engine.checkpoint import (
+        ENGINE_TAG,
+        TOKENIZER,
+        CheckpointMeta,
+        _digest_share,
+        _publish,
+    )
+    from pali3_train.engine.export import export
+
+    cfg, state, tokenizer = _tiny(tmp_path)
+    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, zero_stage=0))
+    tmp = tmp_path / "ckpts" / ".tmp-step_00000003"  # what the ranks write, published as save does
+    (tmp / ENGINE_TAG).mkdir(parents=True)
+    torch.save({"module": state}, tmp / ENGINE_TAG / "mp_rank_00_model_states.pt")
+    meta = CheckpointMeta(3, 6, 0, None, 1, to_dict(cfg))
+    _publish(tmp, tmp_path / "ckpts" / "step_00000003", meta, _digest_share(tmp, 0, 1), 2)
+
+    moved = tmp_path / "elsewhere" / "step_00000003"
+    shutil.move(tmp_path / "ckpts" / "step_00000003", moved)
+    (tmp_path / "tok.model").unlink()
+    model, loaded = load_pali3(moved)  # verified: the copy is listed with its checksum
+    assert Path(loaded.source) == moved / TOKENIZER
+    assert loaded.encode(TEXTS[1]) == tokenizer.encode(TEXTS[1])
+    out = export(moved, tmp_path / "out" / "model.safetensors")
+    assert (out.parent / "model.spiece.model").read_bytes() == (moved / TOKENIZER).read_bytes()
