@@ -147,10 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lock = lock_run_dir(Path(cfg.run_dir), env.is_main)
     except RunLocked as exc:
-        if env.is_main:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
         torch.distributed.destroy_process_group()
-        return 2
+        return refuse(str(exc), env)
     if args.overwrite and env.is_main:  # holding the lock: no live run's files are moved
         replace_previous_run(cfg, Path(args.config))
     enable_tf32(device)  # fp32 runs' matmuls on tensor cores (their MFU then uses TF32's peak)
