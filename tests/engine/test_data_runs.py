@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import tarfile
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import webdataset as wds
+import yaml
 
 from data_pipeline.health import SKIP_REASONS
 from pali3_train.plots import read_metrics
@@ -119,29 +121,45 @@ def _served(run_dir: Path) -> Counter:
     return served
 
 
-@pytest.mark.parametrize(
-    "ranks,workers,steps", [(3, 0, 26), (2, 2, 40)], ids=["3-ranks", "2-workers-per-rank"]
-)
-def test_resuming_on_another_layout_mid_epoch_serves_the_epoch_once(
-    demo, tmp_path, ranks, workers, steps
-):
-    """Two ranks stop 3 steps in (inside shards); the run resumes from their checkpoint on three
-    ranks, or on two with two DataLoader workers each, and trains on: the first epoch of each
-    source is served exactly once over the two runs."""
-    run_dir = tmp_path / "run"
+_ELASTIC_SOURCES = ("digits_caption", "text_ocr")
+
+
+def _elastic_config(demo, run_dir: Path) -> Path:
     sources = [
         {**dataclasses.asdict(s), "weight": 1.0}
         for s in demo.sources()
-        if s.name in ("digits_caption", "text_ocr")
+        if s.name in _ELASTIC_SOURCES
     ]
     # one open shard per source: each new worker reads its share of the epoch, then goes on,
     # so that the steps after resuming surely finish the epoch (two open shards would
     # interleave its last samples with the next epoch's)
     data = {"sources": sources, "log_served_keys": True, "open_shards_per_source": 1}
     train = {"steps": 3, "global_batch_size": 12, "micro_batch_size": 2}
-    config = stage_config(demo, run_dir, data=data, train=train, checkpoint={"every_steps": 100})
-    first = launch(config, 2)
+    return stage_config(demo, run_dir, data=data, train=train, checkpoint={"every_steps": 100})
+
+
+@pytest.fixture(scope="module")
+def stopped_mid_epoch(demo, tmp_path_factory) -> Path:
+    """Two ranks that stopped 3 steps in (inside shards), with their checkpoint."""
+    run_dir = tmp_path_factory.mktemp("elastic") / "run"
+    first = launch(_elastic_config(demo, run_dir), 2)
     assert first.returncode == 0, first.stderr[-5000:]
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    "ranks,workers,steps", [(3, 0, 26), (2, 2, 40)], ids=["3-ranks", "2-workers-per-rank"]
+)
+def test_resuming_on_another_layout_mid_epoch_serves_the_epoch_once(
+    demo, stopped_mid_epoch, tmp_path, ranks, workers, steps
+):
+    """Two ranks stop 3 steps in (inside shards); the run resumes from their checkpoint on three
+    ranks, or on two with two DataLoader workers each, and trains on: the first epoch of each
+    source is served exactly once over the two runs."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(stopped_mid_epoch, run_dir)
+    config = _elastic_config(demo, run_dir)
+    sources = yaml.safe_load(config.read_text())["data"]["sources"]
     before = _served(run_dir)
 
     more = [f"train.steps={steps}", f"data.num_workers={workers}"]

@@ -251,7 +251,7 @@ def test_a_dry_run_of_the_5b_stage1_plans_and_reports_the_missing_shards():
     assert "layout      world 256 = TP 4 x DP 64; 32 nodes x 8, TP groups inside nodes" in out
     assert "  total        5,000,381,312   3,004,162,048   1,996,219,264" in out
     (data,) = [line for line in out.splitlines() if line.startswith("data ")]
-    assert "configs/mixtures/webli.yaml: data.sources[0].shards:" in data  
+    assert "configs/mixtures/webli.yaml: data.sources[0].shards:" in data
     assert "matches no file" in data
     assert len(out.splitlines()) <= 40
 
