@@ -26,6 +26,7 @@ from pali3_train.engine.checkpoint import (
     CheckpointMeta,
     find_latest,
     read_meta,
+    sizes_only,
     tokenizer_of,
     verify,
 )
@@ -101,7 +102,11 @@ def export_final(engine, cfg: Config, step: int) -> Path:
         state = _gather_weights(engine.module, cfg.parallel.zero_stage)
         on_main_rank(lambda: save_export(state, out, cfg, step), f"write {out}")
     else:  # consolidating a 5B checkpoint takes minutes: the others wait outside collectives
-        on_main_rank(lambda: export(find_latest(Path(cfg.checkpoint_dir)), out), f"write {out}")
+
+        def export_latest() -> Path:  # export() verifies the digests: finding it needs sizes
+            return export(find_latest(Path(cfg.checkpoint_dir), sizes_only), out)
+
+        on_main_rank(export_latest, f"write {out}")
     return out
 
 
