@@ -1,4 +1,9 @@
-"""Command line: ``python -m pali3_train.convert {import,export,assemble} ...``."""
+"""Command line: ``python -m pali3_train.convert {import,export,assemble} ...``.
+
+``import``/``export`` move one tower (siglip, t5) or a whole trained PaLI-3 (``pali3_hf``)
+between HuggingFace checkpoints and our safetensors files; ``export`` tells which by the file's
+metadata. ``assemble`` joins two towers into a PaLI-3 ``stage.init_from`` file.
+"""
 
 from __future__ import annotations
 
@@ -10,42 +15,72 @@ import yaml
 
 from pali3_train.convert.hf_checkpoint import KINDS, export_hf, import_hf
 from pali3_train.convert.pali3 import assemble
+from pali3_train.convert.pali3_hf import PALI3_KIND, export_pali3, import_pali3, is_pali3
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pali3_train.convert",
-        description="Convert SigLIP / T5-UL2 checkpoints between "
-        "HuggingFace safetensors and pali3-train.",
+        description="Convert SigLIP / T5-UL2 towers and trained PaLI-3 models between "
+        "HuggingFace checkpoints and pali3-train safetensors.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="HF checkpoint directory -> pali3-train safetensors")
-    imp.add_argument("kind", choices=KINDS)
-    imp.add_argument("src", help="directory with config.json and (sharded) safetensors")
-    imp.add_argument("out", help="output .safetensors file")
+    imp.add_argument(
+        "kind",
+        choices=(*KINDS, PALI3_KIND),
+        help="a tower, or pali3: a directory written by `export` of a PaLI-3",
+    )
+    imp.add_argument(
+        "src",
+        help="directory with config.json and (sharded) safetensors, or for "
+        "pali3 the exported directory (vision/, language/, pali3.json, ...)",
+    )
+    imp.add_argument("out", help="output .safetensors file (pali3: its tokenizer goes beside it)")
     exp = sub.add_parser("export", help="pali3-train safetensors -> HF checkpoint directory")
-    exp.add_argument("src", help="a .safetensors file written by `import` or by training")
+    exp.add_argument(
+        "src",
+        help="a .safetensors file written by `import`, `assemble` or training: "
+        "a tower, or a PaLI-3 (then a directory of HF parts and a model card)",
+    )
     exp.add_argument("out", help="output directory")
     asm = sub.add_parser("assemble", help="SigLIP + T5/UL2 towers -> a PaLI-3 stage.init_from file")
     asm.add_argument("--vision", required=True, help="SigLIP: HF directory or our .safetensors")
     asm.add_argument("--language", required=True, help="T5/UL2: HF directory or our .safetensors")
     asm.add_argument("--out", required=True, help="output .safetensors file")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _print_sections(out: str, sections: dict[str, object]) -> None:
+    print(f"wrote {out}; its model section:")
+    model = {k: dataclasses.asdict(v) for k, v in sections.items()}
+    print(yaml.safe_dump({"model": model}, sort_keys=False))
+
+
+def _export(src: str, out: str) -> None:
+    if not is_pali3(src):
+        print(f"wrote {export_hf(src, out)}")
+        return
+    exported = export_pali3(src, out)
+    print(
+        f"wrote {exported.directory}: vision/, language/, projection.safetensors, pali3.json, "
+        "README.md"
+    )
+    if exported.tokenizer is None:
+        print(f"no tokenizer: {src} records none that exists; add spiece.model to {out} by hand")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
-        if args.command in ("import", "assemble"):
-            if args.command == "import":
-                sections = import_hf(args.kind, args.src, args.out)
-            else:
-                sections = assemble(args.vision, args.language, args.out)
-            print(f"wrote {args.out}; its model section:")
-            print(
-                yaml.safe_dump(
-                    {"model": {k: dataclasses.asdict(v) for k, v in sections.items()}},
-                    sort_keys=False,
-                )
-            )
+        if args.command == "import" and args.kind == PALI3_KIND:
+            _print_sections(args.out, import_pali3(args.src, args.out))
+        elif args.command == "import":
+            _print_sections(args.out, import_hf(args.kind, args.src, args.out))
+        elif args.command == "assemble":
+            _print_sections(args.out, assemble(args.vision, args.language, args.out))
         else:
-            print(f"wrote {export_hf(args.src, args.out)}")
+            _export(args.src, args.out)
     except (FileNotFoundError, KeyError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -2,7 +2,8 @@
 
 Our format is one safetensors file whose metadata records the tower's kind and its model config
 section, so that a file describes itself: ``export_hf`` needs nothing else to write an HF
-``config.json``, and the printed YAML can be pasted into a preset.
+``config.json``, and the printed YAML can be pasted into a preset. A whole trained PaLI-3 is
+exported and imported by ``pali3_hf``, tower by tower through the functions here.
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ from pali3_train.convert.safetensors_io import (
 Kind = Literal["siglip", "t5"]
 KINDS = ("siglip", "t5")
 FORMAT = "pali3-train"
+PALI3_MANIFEST = "pali3.json"  # what marks an exported PaLI-3 directory (``pali3_hf``)
 
 
 def _read_hf_config(src: Path) -> dict:
     path = src / "config.json"
+    if not path.is_file() and (src / PALI3_MANIFEST).is_file():
+        raise FileNotFoundError(f"{path}: missing; {src} is an exported PaLI-3: import it as pali3")
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: missing; a HuggingFace checkpoint directory holds "
@@ -79,10 +83,14 @@ def import_hf(kind: Kind, src: str | Path, out: str | Path) -> dict[str, object]
 def read_ours(path: str | Path) -> tuple[Kind, dict[str, object], StateDict]:
     """Our safetensors file -> (kind, model config sections, state dict)."""
     metadata = read_metadata(path)
-    if metadata.get("format") != FORMAT or metadata.get("kind") not in KINDS:
+    if metadata.get("format") != FORMAT:
         raise ValueError(
-            f"{path}: not a pali3-train tower file (its safetensors metadata lacks "
-            f"format={FORMAT!r} and a kind in {KINDS})"
+            f"{path}: not a pali3-train file (its safetensors metadata lacks format={FORMAT!r})"
+        )
+    if metadata.get("kind") not in KINDS:
+        raise ValueError(
+            f"{path}: a {metadata.get('kind')} file where a tower ({' or '.join(KINDS)}) one is "
+            "needed"
         )
     raw = json.loads(metadata["model"])
     model = config_from_dict({"model": raw}, source=str(path)).model
@@ -111,6 +119,12 @@ def export_hf(path: str | Path, out_dir: str | Path) -> Path:
         )
     else:
         hf_state, hf_cfg = t5.ul2_to_hf(state), t5.hf_config(sections["ul2"])
+    return write_hf(hf_state, hf_cfg, out_dir)
+
+
+def write_hf(hf_state: StateDict, hf_cfg: dict, out_dir: str | Path) -> Path:
+    """An HF checkpoint directory as ``from_pretrained`` reads it: config.json + model.safetensors
+    (metadata ``format=pt``, which transformers expects of safetensors weights)."""
     out_dir = Path(out_dir)
     save_weights(hf_state, out_dir / WEIGHTS_NAME, {"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(hf_cfg, indent=2))
