@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from data_pipeline.write_shards import IMAGE_FORMATS, Example
+from data_pipeline.write_shards import IMAGE_FORMATS, Example, image_path
 
 # VQAv2's files name images by id only; the COCO file name of image 391895 in val2014:
 VQA_IMAGE_NAME = "COCO_{subtype}_{image_id:012d}.jpg"
@@ -44,7 +44,7 @@ def examples_from_coco_captions(
         file_name = _get(image, "file_name", str, where)
         if image_id not in captions:
             continue
-        path = _image(images, file_name, f"{where}.file_name")
+        path = image_path(images, file_name, f"{where}.file_name")
         record = {"caption": {language: captions.pop(image_id)}, "image_id": image_id}
         planned.append((_key(file_name), path, record))
     if captions:
@@ -91,7 +91,7 @@ def examples_from_vqav2(
                 f"{where}.question_id: {question_id} has no entry in {annotations}'s annotations"
             )
         texts, extra = answers[question_id]
-        path = _image(images, image_name.format(image_id=image_id), f"{where}.image_id")
+        path = image_path(images, image_name.format(image_id=image_id), f"{where}.image_id")
         record = {
             "vqa": {language: [[text.strip(), texts]]},
             "question_id": question_id,
@@ -129,15 +129,6 @@ def _get(item: object, name: str, kind: type, where: str):
         got = "nothing" if name not in item else repr(value)
         raise ValueError(f"{where}.{name}: expected {_KINDS[kind]}, got {got}")
     return value
-
-
-def _image(images: Path, name: str, where: str) -> Path:
-    path = images / name
-    if path.suffix.lower() not in IMAGE_FORMATS:
-        raise ValueError(f"{where}: {path}: only .jpg, .jpeg and .png images are supported")
-    if not path.is_file():
-        raise ValueError(f"{where}: {path}: no such image")
-    return path
 
 
 def _key(file_name: str) -> str:

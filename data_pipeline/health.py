@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
-SKIP_REASONS = ("corrupt_image", "invalid_json", "missing_field", "unreadable_shard")
+SKIP_REASONS = (
+    "corrupt_image",
+    "invalid_json",
+    "invalid_text",
+    "missing_field",
+    "unreadable_shard",
+)
 
 
 class DataQualityError(RuntimeError):

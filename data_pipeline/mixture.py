@@ -19,7 +19,6 @@ contents could not be restored without re-reading); samples are mixed instead by
 
 from __future__ import annotations
 
-import json
 import zlib
 from dataclasses import dataclass
 from typing import Iterator, Literal
@@ -28,9 +27,9 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data_pipeline import shards
+from data_pipeline.formats import Rejected, prepare_sample
 from data_pipeline.health import DataQualityError, Health
-from data_pipeline.tasks import MissingField, format_record
-from data_pipeline.transforms import IMAGE_FIELDS, Batch, Sample, collate, decode_image
+from data_pipeline.transforms import Batch, Sample, collate
 from pali3_train.config.schema import SourceConfig
 from pali3_train.tokenizer import Tokenizer
 
@@ -273,33 +272,14 @@ class MixtureIterator:
         return None
 
     def _prepare(self, spec: SourceConfig, raw: dict) -> Sample | None:
-        key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
-
-        def skip(reason: str, detail: str) -> None:
-            self.health.record_skip(spec.name, reason, url, key, detail)
-
-        if "json" not in raw:
-            return skip("missing_field", "no .json member")
         try:
-            record = json.loads(raw["json"])
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return skip("invalid_json", str(exc))
-        if not isinstance(record, dict):
-            return skip("invalid_json", f"expected an object, got {type(record).__name__}")
-        try:
-            formatted = format_record(spec.task, record, spec.languages, self.rng, spec.prompt)
-        except MissingField as exc:
-            return skip("missing_field", exc.args[0])
-        image_field = next((f for f in IMAGE_FIELDS if f in raw), None)
-        if image_field is None:
-            return skip("missing_field", "no .jpg/.jpeg/.png member")
-        try:
-            image = decode_image(raw[image_field], self.ds.image_size_px)
-        except Exception as exc:  # PIL raises many types for bad data
-            return skip("corrupt_image", f"{type(exc).__name__}: {exc}")
+            sample = prepare_sample(spec, raw, self.rng, self.ds.image_size_px)
+        except Rejected as exc:
+            key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
+            self.health.record_skip(spec.name, exc.reason, url, key, exc.detail)
+            return None
         self.health.record_served(spec.name)
-        return Sample(key, spec.name, image, formatted.prompt, formatted.target, raw["__epoch__"],
-                      formatted.references)  # fmt: skip
+        return sample
 
     # ------------------------------------------------------------------------- resumable state
 

@@ -156,10 +156,19 @@ def format_record(
     """`format_example` with every reference the record holds for the drawn text."""
     spec = TASKS[task]
     field = record.get(spec.record_field)
+    if field is None:
+        found = ", ".join(sorted(record)) or "none"
+        raise MissingField(f"no {spec.record_field!r} field (fields: {found})")
     if not isinstance(field, dict):
-        raise MissingField(f"no {spec.record_field!r} field")
+        raise MissingField(
+            f"{spec.record_field!r} is a {type(field).__name__}, not a {{language: text}} map "
+            "(shards of plain captions are read with format: img2dataset)"
+        )
     present = [lang for lang in languages if lang in field]
     if not present:
-        raise MissingField(f"{spec.record_field!r} has none of the languages {list(languages)}")
+        raise MissingField(
+            f"{spec.record_field!r} has none of the languages {list(languages)} "
+            f"(it has {sorted(field)})"
+        )
     lang = present[int(rng.integers(len(present)))]
     return spec.render(field[lang], template or spec.default_prompt, lang, rng)

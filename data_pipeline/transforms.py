@@ -18,7 +18,7 @@ from PIL import Image
 
 from pali3_train.tokenizer import Tokenizer
 
-IMAGE_FIELDS = ("jpg", "jpeg", "png")
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class Batch:
 
 
 def decode_image(data: bytes, size_px: int) -> torch.Tensor:
-    """Encoded JPEG/PNG -> uint8 [3, size_px, size_px], squashed to a square like PaLI's
+    """Encoded JPEG/PNG/WebP -> uint8 [3, size_px, size_px], squashed to a square like PaLI's
     preprocessing (no crop: text at the borders stays visible for OCR)."""
     with Image.open(io.BytesIO(data)) as img:
         # A JPEG decodes straight to a smaller scale when it is much larger than needed.

@@ -2,9 +2,9 @@
 
 A source is a folder of images with a JSONL of records, COCO captions or VQAv2 annotation files
 with their image folder (``converters.py``), or a generator function (``module:function``) that
-yields ``Example`` objects. Each sample in a shard is
-``<key>.jpg`` or ``<key>.png`` (the original encoded bytes, never re-encoded) and ``<key>.json``
-(the record: one field per task, each keyed by language; see ``data_pipeline/tasks.py``).
+yields ``Example`` objects. Each sample in a shard is ``<key>.jpg``, ``.png`` or ``.webp`` (the
+original encoded bytes, never re-encoded) and ``<key>.json`` (the record: one field per task,
+each keyed by language; see ``data_pipeline/tasks.py``).
 
     python -m data_pipeline.write_shards --images photos/ --records records.jsonl \\
         --out shards/photos --name photos --tasks caption,vqa --languages en,de
@@ -36,14 +36,14 @@ from data_pipeline.manifest import Manifest, ShardInfo, file_sha256
 
 # webdataset splits a member name at its first dot into key and field, so keys must be dot-free.
 KEY_PATTERN = re.compile(r"^[\w-]+$")
-IMAGE_FORMATS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
+IMAGE_FORMATS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 
 
 @dataclass(frozen=True)
 class Example:
     key: str
-    image: bytes  # encoded JPEG or PNG
-    image_format: Literal["jpg", "png"]
+    image: bytes  # encoded JPEG, PNG or WebP
+    image_format: Literal["jpg", "png", "webp"]
     record: dict  # task fields, e.g. {"caption": {"en": "a red square"}}
 
 
@@ -112,6 +112,16 @@ def write_source(
     return manifest
 
 
+def image_path(images: Path, name: str, where: str) -> Path:
+    """``images / name``, refused (naming ``where``) unless it is an image file we read."""
+    path = images / name
+    if path.suffix.lower() not in IMAGE_FORMATS:
+        raise ValueError(f"{where}: {path}: only .jpg, .jpeg, .png and .webp images are supported")
+    if not path.is_file():
+        raise ValueError(f"{where}: {path}: no such image")
+    return path
+
+
 def _check_key(key: str, seen: set[str]) -> None:
     if not KEY_PATTERN.match(key):
         raise ValueError(f"sample key {key!r}: use letters, digits, '_' and '-' only")
@@ -149,12 +159,8 @@ def examples_from_folder(
                 raise ValueError(f"{where}: invalid JSON ({exc.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("image"), str):
                 raise ValueError(f'{where}: each line needs an "image" path')
-            path = images / record.pop("image")
-            image_format = IMAGE_FORMATS.get(path.suffix.lower())
-            if image_format is None:
-                raise ValueError(f"{where}: {path}: only .jpg, .jpeg and .png images are supported")
-            if not path.is_file():
-                raise ValueError(f"{where}: {path}: no such image")
+            path = image_path(images, record.pop("image"), where)
+            image_format = IMAGE_FORMATS[path.suffix.lower()]
             key = record.pop("key", None) or re.sub(r"[^\w-]", "_", str(path.relative_to(images)))
             record = record_from_flat_fields(record, language, where)
             yield Example(key, path.read_bytes(), image_format, record)

@@ -171,6 +171,26 @@ class ModelConfig:
 
 
 TaskName = Literal["caption", "alt_text", "split_caption", "vqa", "ocr"]
+ShardFormat = Literal["pali3", "img2dataset"]
+
+
+@dataclass(frozen=True)
+class FieldMapping:
+    """Where a ``format: img2dataset`` source keeps its text and language (``data_pipeline/
+    formats.py``). ``text``: a member of the sample by its extension (``txt``, the caption file
+    img2dataset writes) or a key of its JSON metadata (``json:caption``). ``language``: a fixed
+    code, a JSON key (``json:lang``), or unset for the source's first language."""
+
+    text: str = "txt"
+    language: str | None = None
+
+    def __post_init__(self) -> None:
+        require(
+            bool(self.text.removeprefix("json:").strip()), "text", f"{self.text!r} names nothing"
+        )
+        if self.language is not None:
+            key = self.language.removeprefix("json:").strip()
+            require(bool(key), "language", f"{self.language!r} names nothing")
 
 
 @dataclass(frozen=True)
@@ -188,12 +208,34 @@ class SourceConfig:
     weight: float = 1.0
     languages: tuple[str, ...] = ("en",)
     prompt: str | None = None
+    # How a sample's tar members become a record: ``pali3`` (what write_shards writes: the
+    # record as .json) or ``img2dataset`` (image + .txt caption + .json metadata, as LAION,
+    # DataComp and CC12M downloads come), read through ``fields``.
+    format: ShardFormat = "pali3"
+    fields: FieldMapping | None = None
 
     def __post_init__(self) -> None:
         require(bool(self.name.strip()), "name", "must not be empty")
         require(bool(self.shards.strip()), "shards", "must not be empty")
         require(self.weight >= 0, "weight", f"must be >= 0, got {self.weight}")
         require(len(self.languages) > 0, "languages", "must list at least one language")
+        if self.format == "pali3":
+            require(self.fields is None, "fields", "is read only with format: img2dataset")
+        elif self.fields is not None and (lang := self.fields.language) is not None:
+            require(
+                lang.startswith("json:") or lang in self.languages,
+                "fields.language",
+                f"{lang!r} is not among languages {list(self.languages)}",
+                ("languages",),
+            )
+        if self.format == "img2dataset" and self.task == "vqa":
+            require(
+                False,
+                "task",
+                "vqa needs question/answer records: use format: pali3 "
+                "(python -m data_pipeline.write_shards --vqav2-questions ...)",
+                ("format",),
+            )
 
 
 @dataclass(frozen=True)

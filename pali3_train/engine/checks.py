@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from data_pipeline.loader import resolve_sources
+from data_pipeline.probe import probe_sources
 from pali3_train.config import Config, ConfigError
 from pali3_train.config.schema import FieldError
 from pali3_train.engine.checkpoint import CheckpointError, read_meta, resolve, sizes_only
@@ -72,11 +73,16 @@ def check_stage_flag(cfg: Config, stage: str | None, where: str) -> Config:
     return replace(cfg, stage=replace(cfg.stage, name=stage))
 
 
-def check_data(cfg: Config, where: str) -> str:
-    """The data sources, eval sources and tokenizer exist and fit; returns a summary."""
+def check_data(cfg: Config, where: str, remote: bool = False) -> str:
+    """The data sources, eval sources and tokenizer exist and fit, and each source's first
+    samples can be read as its ``format`` says (remote shards too if ``remote``: the dry run);
+    returns a summary."""
+    image_size_px = cfg.model.vit.image_size_px
     sources = resolve_sources(cfg.data, where)
+    probe_sources(sources, image_size_px, where, remote=remote)
     if cfg.eval.sources:
-        resolve_sources(replace(cfg.data, sources=cfg.eval.sources), where, "eval.sources")
+        evals = resolve_sources(replace(cfg.data, sources=cfg.eval.sources), where, "eval.sources")
+        probe_sources(evals, image_size_px, where, "eval.sources", remote)
     try:
         vocab = Tokenizer.load(cfg.data.tokenizer_path).vocab_size
     except (OSError, ValueError) as exc:  # missing, unreadable, not a SentencePiece model

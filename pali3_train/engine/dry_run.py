@@ -238,7 +238,7 @@ def dry_run(
         return 2
     ok = True
     try:
-        data = f"OK, {check_data(cfg, where)}"
+        data = f"OK, {check_data(cfg, where, remote=True)}"
     except ConfigError as exc:
         data, ok = f"error: {exc}", False
     try:

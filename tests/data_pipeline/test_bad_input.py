@@ -10,7 +10,14 @@ import pytest
 import webdataset as wds
 
 from data_pipeline.health import DataQualityError
-from tests.data_pipeline.corpus import Corpus, cut_before, example, flaky_pipe, pipeline
+from tests.data_pipeline.corpus import (
+    Corpus,
+    cut_before,
+    example,
+    flaky_pipe,
+    img2dataset_sample,
+    pipeline,
+)
 
 GOOD = 8  # samples per damaged shard before damage
 
@@ -126,3 +133,22 @@ def test_a_remote_shard_that_fails_is_retried_before_it_counts_as_bad(
         if workers == 0:
             skips = [r.getMessage() for r in caplog.records if r.name == "data_pipeline.health"]
             assert len(skips) == 1 and url in skips[0] and "unreadable_shard" in skips[0]
+
+
+def test_damage_in_img2dataset_shards_is_skipped_and_counted(corpus, tmp_path):
+    samples = [img2dataset_sample(example("dogs", i, image_format="WEBP")) for i in range(GOOD)]
+    samples[1]["webp"] = b"RIFF\x00\x00\x00\x00WEBPVP8 broken"  # corrupt image
+    del samples[2]["txt"]  # no caption
+    samples[4]["txt"] = b"\xff\xfe not UTF-8"
+    _write(tmp_path / "dogs-0.tar", samples)
+    dogs = {"name": "dogs", "shards": str(tmp_path / "dogs-0.tar"), "task": "caption",
+            "format": "img2dataset"}  # fmt: skip
+    cfg = corpus.config([dogs], num_workers=0, max_skip_fraction=0.5)
+    data = pipeline(cfg, 0, 1, 2, mode="epoch")
+    keys = {k for batch in data for k in batch.keys}
+    assert keys == {f"dogs-{i:05d}" for i in range(GOOD)} - {f"dogs-{i:05d}" for i in (1, 2, 4)}
+    assert data.stats().skipped == {
+        "dogs/corrupt_image": 1,
+        "dogs/missing_field": 1,
+        "dogs/invalid_text": 1,
+    }

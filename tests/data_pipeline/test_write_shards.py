@@ -112,7 +112,7 @@ def test_a_folder_with_jsonl_records_becomes_examples(tmp_path):
         ('{"image": "cats/red.jpg", ', "records.jsonl:1: invalid JSON"),
         ('{"caption": {}}', 'records.jsonl:1: each line needs an "image"'),
         ('{"image": "nope.jpg"}', "records.jsonl:1: .*nope.jpg: no such image"),
-        ('{"image": "blue.gif"}', "records.jsonl:1: .*only .jpg, .jpeg and .png"),
+        ('{"image": "blue.gif"}', "records.jsonl:1: .*only .jpg, .jpeg, .png and .webp"),
     ],
 )
 def test_bad_records_are_refused_naming_file_and_line(tmp_path, line, words):
