@@ -1,7 +1,20 @@
 """Answers from a trained PaLI-3 on the command line.
 
     python -m pali3_train.generate --checkpoint runs/demo/stage2/model.safetensors \\
-        --image photo.png --prompt "Caption in EN:"
+        --image photo.png photos/ --prompt "Caption in EN:"
+    python -m pali3_train.generate --checkpoint runs/demo/stage2/model.safetensors \\
+        --input questions.jsonl --output answers.jsonl --batch-size 16
+
+Each prints (or writes, ``--output``) one JSON line per input, in input order:
+``{"image": ..., "prompt": ..., "answer": ...}``, plus the input's ``"id"`` where it has one.
+``--image`` takes files and folders (a folder's .jpg/.jpeg/.png/.webp files, sorted) and applies
+``--prompt`` to each; ``--input`` takes a JSONL file of ``{"image": path, "prompt": text}`` lines
+(an optional ``"id"``; relative image paths are relative to the JSONL's folder). Inputs are
+decoded and answered ``--batch-size`` at a time, so memory stays bounded however many there are.
+Prompts in a batch are padded to the longest, and the prompt mask keeps the padding out of the
+answers: in fp32 they are the same whatever the batch size. In bf16 the padded length still
+changes rounding in the cross-attention (about one bf16 step in the logits), which can flip a
+near-tie between two tokens.
 
 ``--checkpoint`` takes what a stage exports (``<run_dir>/model.safetensors``, which records its
 model config, with a copy of its tokenizer beside it as ``model.spiece.model``) or a training
@@ -14,15 +27,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator, Sequence, TextIO
 
 import torch
+from tqdm import tqdm
 
 from data_pipeline.transforms import Batch, decode_image, model_input
 from pali3_train.config import ModelConfig, config_from_dict
 from pali3_train.convert.safetensors_io import load_weights, read_metadata
 from pali3_train.eval.answers import generate_answers
 from pali3_train.models import PaLI3
+from pali3_train.precision import COMPUTE_DTYPES, compute_dtype
 from pali3_train.stages.generative import EXPORT_KIND as PALI3_KIND
 from pali3_train.stages.registry import spec_for
 from pali3_train.tokenizer import Tokenizer, recorded_tokenizer
@@ -55,33 +75,200 @@ def load_pali3(checkpoint: str | Path, tokenizer: str | Path | None = None):
     return model.eval(), Tokenizer.load(tokenizer)
 
 
-def prepare(images: list[Path], prompt: str, tokenizer: Tokenizer, image_size_px: int) -> Batch:
-    """Image files and one prompt -> a model-ready batch, as the data pipeline would make it."""
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+class InputError(ValueError):
+    """Bad input, found before the model is loaded; ``main`` reports it as a usage error."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One question: ``image`` is the file read; ``echo`` is what its output line repeats of the
+    input (the image path as written, the prompt, the id where one was given)."""
+
+    image: Path
+    echo: dict[str, Any]
+
+
+def items_from_images(paths: Sequence[Path], prompt: str) -> list[Item]:
+    """Files as given and folders as their image files, sorted, each asked ``prompt``."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if _is_image(p))
+            if not found:
+                raise InputError(f"--image: {path} holds no {'/'.join(IMAGE_SUFFIXES)} file")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise InputError(f"--image: {path} is not a file")
+    return [Item(f, {"image": str(f), "prompt": prompt}) for f in files]
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+
+
+def items_from_jsonl(path: Path) -> list[Item]:
+    """The questions of a JSONL file, one ``{"image", "prompt"[, "id"]}`` object a line (blank
+    lines skipped); every line is checked, so a typo fails before the model is loaded."""
+    if not path.is_file():
+        raise InputError(f"--input: {path} is not a file")
+    items = [
+        _jsonl_item(line, path.parent, f"--input {path}:{number}")
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if line.strip()
+    ]
+    if not items:
+        raise InputError(f"--input: {path} holds no question")
+    return items
+
+
+def _jsonl_item(line: str, folder: Path, where: str) -> Item:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: not JSON ({e.msg})") from None
+    if not isinstance(record, dict):
+        raise InputError(f"{where}: not a JSON object")
+    for field in ("image", "prompt"):
+        if field not in record:
+            raise InputError(f'{where}: no "{field}" field')
+        if not isinstance(record[field], str):
+            raise InputError(f'{where}: "{field}" is not a string')
+    image = folder / record["image"]  # an absolute path replaces the folder
+    if not image.is_file():
+        raise InputError(f"{where}: image {image} is not a file")
+    return Item(image, {k: record[k] for k in ("id", "image", "prompt") if k in record})
+
+
+def prepare(
+    images: Sequence[Path],
+    prompts: Sequence[str],
+    tokenizer: Tokenizer,
+    image_size_px: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Batch:
+    """Image files and their prompts -> a model-ready batch on ``device`` with images in
+    ``dtype``, as the data pipeline would make it. Prompts are right-padded to the longest one;
+    the prompt mask keeps the padding out of every answer (up to bf16 rounding: see above)."""
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
     pixels = torch.stack([decode_image(Path(p).read_bytes(), image_size_px) for p in images])
-    ids, mask = tokenizer.batch_encode([prompt] * len(images), len(tokenizer.encode(prompt)))
+    longest = max(len(tokenizer.encode(prompt)) for prompt in prompts)
+    ids, mask = tokenizer.batch_encode(list(prompts), longest)
     names = tuple(str(p) for p in images)
     empty = torch.zeros(len(images), 1, dtype=torch.long)
     batch = Batch(pixels, ids, mask, empty, empty.bool(), names, names, 0, {})
-    return model_input(batch, torch.device("cpu"), torch.float32)
+    return model_input(batch, torch.device(device), dtype)
+
+
+def answer_items(
+    model: PaLI3,
+    tokenizer: Tokenizer,
+    items: Sequence[Item],
+    batch_size: int,
+    max_tokens: int,
+    beam_size: int = 1,
+) -> Iterator[dict[str, Any]]:
+    """Each item's output record, in input order. Images are decoded ``batch_size`` at a time, on
+    the model's device and in its dtype, so memory does not grow with the input; a progress bar
+    goes to stderr (a terminal only) when there is more than one batch."""
+    weight = next(model.parameters())
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    for chunk in tqdm(batches, unit="batch", disable=True if len(batches) < 2 else None):
+        prompts = [item.echo["prompt"] for item in chunk]
+        batch = prepare([item.image for item in chunk], prompts, tokenizer,
+                        model.cfg.vit.image_size_px, weight.device, weight.dtype)  # fmt: skip
+        answers = generate_answers(model, tokenizer, batch, max_tokens, beam_size)
+        for item, answer in zip(chunk, answers):
+            yield item.echo | {"answer": answer}
+
+
+@contextmanager
+def output_stream(path: Path | None) -> Iterator[TextIO]:
+    """stdout, or a temporary file beside ``path`` renamed to it once every line is written, so a
+    crash leaves no half-written file under that name."""
+    if path is None:
+        yield sys.stdout
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="model.safetensors or step_* folder")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", nargs="+", type=Path, help="image files and folders")
+    source.add_argument("--input", type=Path, help='JSONL: {"image": ..., "prompt": ...} a line')
+    parser.add_argument("--prompt", help='with --image: e.g. "Caption in EN:"')
+    parser.add_argument("--output", type=Path, help="JSONL file to write; default: stdout")
+    parser.add_argument("--tokenizer", help="default: the one recorded with the checkpoint")
+    parser.add_argument("--batch-size", type=_positive, default=8, help="inputs per forward")
+    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES),
+                        help="default: bf16 on CUDA, fp32 on CPU")  # fmt: skip
+    parser.add_argument("--beam-size", type=_positive, default=1, help="1: greedy decoding")
+    parser.add_argument("--max-tokens", type=_positive, default=32, help="answer length limit")
+    return parser
+
+
+def _items(args: argparse.Namespace) -> list[Item]:
+    if args.input is not None:
+        if args.prompt is not None:
+            raise InputError("--prompt goes with --image; --input lines carry their own")
+        return items_from_jsonl(args.input)
+    if args.prompt is None:
+        raise InputError("--image needs --prompt")
+    return items_from_images(args.image, args.prompt)
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise InputError(f"--device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: CUDA is not available")
+    return device
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="model.safetensors or step_* folder")
-    parser.add_argument("--image", required=True, nargs="+", type=Path)
-    parser.add_argument("--prompt", required=True, help='e.g. "Caption in EN:"')
-    parser.add_argument("--tokenizer", help="default: the one recorded with the checkpoint")
-    parser.add_argument("--beam-size", type=int, default=1, help="1: greedy decoding")
-    parser.add_argument("--max-tokens", type=int, default=32, help="answer length limit")
+    parser = _parser()
     args = parser.parse_args(argv)
-    for image in args.image:
-        if not image.is_file():
-            parser.error(f"--image: {image} is not a file")
+    try:
+        if args.output is not None and not args.output.parent.is_dir():
+            raise InputError(f"--output: {args.output.parent} is not a folder")
+        items, device = _items(args), _device(args.device)
+    except InputError as e:
+        parser.error(str(e))
+    dtype = compute_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
     model, tokenizer = load_pali3(args.checkpoint, args.tokenizer)
-    batch = prepare(args.image, args.prompt, tokenizer, model.cfg.vit.image_size_px)
-    answers = generate_answers(model, tokenizer, batch, args.max_tokens, args.beam_size)
-    for image, answer in zip(args.image, answers):
-        print(f"{image}\t{answer}")
+    model = model.to(device, dtype)
+    records = answer_items(model, tokenizer, items, args.batch_size, args.max_tokens,
+                           args.beam_size)  # fmt: skip
+    with output_stream(args.output) as out:
+        for record in records:
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.flush()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ are the model's own greedy/beam tokens, decoded, from an exported file or a chec
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -13,9 +14,10 @@ import torch
 
 from data_pipeline.demo_corpus import build_demo_corpus
 from data_pipeline.transforms import decode_image, normalize_images
+from pali3_train import generate
 from pali3_train.config import load_config, to_dict
 from pali3_train.convert.safetensors_io import save_weights
-from pali3_train.generate import generate_answers, load_pali3, prepare
+from pali3_train.generate import generate_answers, load_pali3, main, prepare
 from pali3_train.models import PaLI3
 from pali3_train.tokenizer import Tokenizer
 
@@ -47,7 +49,7 @@ def exported(tmp_path_factory):
 def test_answers_are_the_models_decoded_tokens(exported, beam_size):
     model, tokenizer = load_pali3(exported["path"])
     reference, prompt = exported["model"], "Caption in EN:"
-    batch = prepare([exported["image"]] * 2, prompt, tokenizer, 32)
+    batch = prepare([exported["image"]] * 2, [prompt] * 2, tokenizer, 32)
     answers = generate_answers(model, tokenizer, batch, max_len=12, beam_size=beam_size)
     # Independently: resize, normalise, tokenise and decode by hand with the original model.
     pixels = normalize_images(decode_image(exported["image"].read_bytes(), 32)[None])
@@ -56,26 +58,174 @@ def test_answers_are_the_models_decoded_tokens(exported, beam_size):
     assert answers == [Tokenizer.load(exported["tokenizer"]).decode(tokens[0])] * 2
 
 
-def test_the_command_line_prints_one_answer_per_image(exported):
-    model, tokenizer = load_pali3(exported["path"])
-    batch = prepare([exported["image"]], "Caption in EN:", tokenizer, 32)
-    expected = generate_answers(model, tokenizer, batch, max_len=8)[0]
+# Five token lengths (5, 15, 9, 11, 7 with the demo tokenizer), so every batch pads some prompts.
+PROMPTS = ["Caption in EN:", "Answer in EN: what colour is the circle at the top left?",
+           "Generate the ocr_text in EN:", "Answer in EN: what colour is the square?",
+           "Answer in EN: what?"]  # fmt: skip
+PHOTOS = ["a.jpg", "b.png", "c.jpeg", "d.PNG", "e.webp"]  # in sorted order
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """A folder of five images of different sizes and formats, and a file that is no image."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("photos")
+    generator = torch.Generator().manual_seed(2)
+    for i, name in enumerate(PHOTOS[::-1]):
+        pixels = torch.randint(0, 256, (24 + 8 * i, 40, 3), generator=generator)
+        Image.fromarray(pixels.to(torch.uint8).numpy()).save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def reference_answer(exported, image: Path, prompt: str, dtype=torch.float32) -> str:
+    """One (image, prompt) answered by hand with the original model: no batching, no padding."""
+    if dtype not in exported:  # a copy: casting the shared model would round its weights
+        exported[dtype] = copy.deepcopy(exported["model"]).to(dtype)
+    model = exported[dtype]
+    pixels = normalize_images(decode_image(image.read_bytes(), 32)[None], dtype)
+    tokenizer = Tokenizer.load(exported["tokenizer"])
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    tokens = model.generate(pixels, ids, torch.ones_like(ids, dtype=torch.bool), 8)
+    return tokenizer.decode(tokens[0])
+
+
+def run_cli(capsys, exported, *args: str) -> list[dict]:
+    """The output records of ``python -m pali3_train.generate`` run in this process."""
+    main(["--checkpoint", str(exported["path"]), "--max-tokens", "8", *args])
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def write_questions(folder: Path, photos: Path) -> Path:
+    """A JSONL file in ``folder``: relative and absolute image paths, ids on some lines, and an
+    order that is not the images' sorted order."""
+    lines = [{"id": "q1", "image": "photos/e.webp", "prompt": PROMPTS[1]},
+             {"image": str(photos / "a.jpg"), "prompt": PROMPTS[0]},
+             {"id": 7, "image": "photos/c.jpeg", "prompt": PROMPTS[2]},
+             {"id": "q4", "image": "photos/b.png", "prompt": PROMPTS[3]},
+             {"id": "q5", "image": "photos/a.jpg", "prompt": PROMPTS[4]}]  # fmt: skip
+    (folder / "photos").symlink_to(photos, target_is_directory=True)
+    path = folder / "questions.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
+    return path
+
+
+def test_a_folder_is_its_images_sorted_each_asked_the_prompt(exported, photos, capsys):
+    records = run_cli(capsys, exported, "--image", str(photos), str(exported["image"]),
+                      "--prompt", PROMPTS[0], "--batch-size", "2")  # fmt: skip
+    images = [photos / name for name in PHOTOS] + [exported["image"]]
+    answers = [reference_answer(exported, image, PROMPTS[0]) for image in images]
+    assert records == [
+        {"image": str(image), "prompt": PROMPTS[0], "answer": answer}
+        for image, answer in zip(images, answers)
+    ]
+
+
+def test_jsonl_questions_keep_their_order_ids_and_relative_paths(exported, photos, capsys,
+                                                                 tmp_path):  # fmt: skip
+    questions = write_questions(tmp_path, photos)
+    records = run_cli(capsys, exported, "--input", str(questions), "--batch-size", "2")
+    lines = [json.loads(line) for line in questions.read_text().splitlines() if line]
+    answers = [reference_answer(exported, tmp_path / q["image"], q["prompt"]) for q in lines]
+    assert records == [q | {"answer": answer} for q, answer in zip(lines, answers)]
+    assert len({r["answer"] for r in records}) > 1, "every answer alike: order is not tested"
+
+
+def test_batches_of_one_and_of_three_give_the_same_answers(exported, photos, capsys, tmp_path):
+    """Prompts of different lengths share a batch right-padded to the longest: the prompt mask
+    must keep that padding out of every answer."""
+    questions = write_questions(tmp_path, photos)
+    tokenizer = Tokenizer.load(exported["tokenizer"])
+    assert len({len(tokenizer.encode(p)) for p in PROMPTS}) == 5
+    one = run_cli(capsys, exported, "--input", str(questions), "--batch-size", "1")
+    three = run_cli(capsys, exported, "--input", str(questions), "--batch-size", "3")
+    lines = [json.loads(line) for line in questions.read_text().splitlines() if line]
+    alone = [reference_answer(exported, tmp_path / q["image"], q["prompt"]) for q in lines]
+    assert [r["answer"] for r in one] == alone
+    assert [r["answer"] for r in three] == alone
+
+
+def test_output_goes_to_a_jsonl_file(exported, photos, capsys, tmp_path):
+    out = tmp_path / "answers.jsonl"
+    assert run_cli(capsys, exported, "--image", str(photos), "--prompt", "x", "--output",
+                   str(out)) == []  # fmt: skip
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["image"] for r in records] == [str(photos / name) for name in PHOTOS]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["answers.jsonl"]  # no temporary left
+
+
+def test_a_crash_leaves_no_output_file(exported, photos, tmp_path, monkeypatch):
+    out = tmp_path / "answers.jsonl"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(generate, "generate_answers", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        main(["--checkpoint", str(exported["path"]), "--image", str(photos), "--prompt", "x",
+              "--output", str(out)])  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bf16_runs_on_the_cpu(exported, photos, capsys):
+    records = run_cli(capsys, exported, "--image", str(photos), "--prompt", PROMPTS[1],
+                      "--device", "cpu", "--dtype", "bf16", "--batch-size", "1")  # fmt: skip
+    assert len(records) == 5 and all(isinstance(r["answer"], str) for r in records)
+    expected = [reference_answer(exported, Path(r["image"]), PROMPTS[1], torch.bfloat16)
+                for r in records]  # fmt: skip
+    assert [r["answer"] for r in records] == expected
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [('{"image": "image.png"}', ':3: no "prompt" field'),
+     ('{"prompt": "x"}', ':3: no "image" field'),
+     ('{"image": "image.png", "prompt": 5}', ':3: "prompt" is not a string'),
+     ('["image.png", "x"]', ":3: not a JSON object"),
+     ('{"image": "image.png", ', ":3: not JSON"),
+     ('{"image": "nope.png", "prompt": "x"}', ":3: image {folder}/nope.png is not a file")],
+)  # fmt: skip
+def test_a_bad_jsonl_line_is_named_before_the_model_loads(exported, capsys, tmp_path, line,
+                                                          message):  # fmt: skip
+    questions = tmp_path / "q.jsonl"
+    (tmp_path / "image.png").symlink_to(exported["image"])
+    good = json.dumps({"image": "image.png", "prompt": "x"})
+    questions.write_text("\n".join([good, good, line, good]) + "\n")
+    with pytest.raises(SystemExit) as stopped:  # loading the model first would fail otherwise
+        main(["--checkpoint", "no-such-model.safetensors", "--input", str(questions)])
+    assert stopped.value.code == 2
+    assert f"--input {questions}{message.format(folder=tmp_path)}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--image", "{tmp}/nope.png", "--prompt", "x"], "--image: {tmp}/nope.png is not a file"),
+     (["--image", "{tmp}", "--prompt", "x"], "--image: {tmp} holds no .jpg/.jpeg/.png/.webp"),
+     (["--image", "{tmp}"], "--image needs --prompt"),
+     (["--input", "{tmp}/q.jsonl"], "--input: {tmp}/q.jsonl is not a file"),
+     (["--input", "{tmp}/q.jsonl", "--image", "{tmp}"], "not allowed with argument"),
+     (["--image", "{tmp}", "--prompt", "x", "--output", "{tmp}/no/a.jsonl"], "is not a folder")],
+)  # fmt: skip
+def test_bad_arguments_are_usage_errors(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as stopped:
+        main(["--checkpoint", "no-such-model.safetensors"] + [a.format(tmp=tmp_path) for a in args])
+    assert stopped.value.code == 2 and message.format(tmp=tmp_path) in capsys.readouterr().err
+
+
+def test_the_command_line_prints_only_jsonl_on_stdout(exported, photos):
     result = subprocess.run(
         [sys.executable, "-m", "pali3_train.generate", "--checkpoint", str(exported["path"]),
-         "--image", str(exported["image"]), "--prompt", "Caption in EN:", "--max-tokens", "8"],
+         "--image", str(photos), "--prompt", "Caption in EN:", "--max-tokens", "8",
+         "--batch-size", "2"],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.splitlines() == [f"{exported['image']}\t{expected}"]
-
-
-def test_a_missing_image_is_named(exported, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "pali3_train.generate", "--checkpoint", str(exported["path"]),
-         "--image", str(tmp_path / "nope.png"), "--prompt", "x"],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 2 and "nope.png is not a file" in result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]  # nothing but JSONL
+    assert [r["image"] for r in records] == [str(photos / name) for name in PHOTOS]
+    assert [r["answer"] for r in records] == [
+        reference_answer(exported, Path(r["image"]), "Caption in EN:") for r in records
+    ]
 
 
 def test_a_siglip_file_is_refused(tmp_path):
