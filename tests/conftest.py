@@ -41,6 +41,18 @@ def demo_held_out(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def reference(demo, tmp_path_factory):
+    """An uninterrupted 2-process ZeRO-2 run of 6 steps, checkpointing every 2 (the engine's
+    tests read it; the fault campaign copies it as its uninterrupted run)."""
+    from tests.engine.conftest import launch, stage_config
+
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    result = launch(stage_config(demo, run_dir), 2)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return run_dir
+
+
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real tracking server on a free port; yields its URI."""
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))

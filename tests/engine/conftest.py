@@ -85,13 +85,34 @@ def launch(config: Path, nproc: int, *args: str, stage: str = "1", timeout: int 
     )
 
 
-@pytest.fixture(scope="session")
-def reference(demo, tmp_path_factory):
-    """An uninterrupted 2-process ZeRO-2 run of 6 steps, checkpointing every 2."""
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    result = launch(stage_config(demo, run_dir), 2)
-    assert result.returncode == 0, result.stderr[-5000:]
-    return run_dir
+def launch_together(*runs: tuple[Path, int], timeout: int = 300):
+    """``launch(config, nproc)`` for each (config, nproc) at once, side by side; returns their
+    CompletedProcesses in order. For independent runs whose ranks together need no more cores than
+    there are: each rank is one thread (OMP_NUM_THREADS=1), and start-up is single-threaded."""
+    import tempfile
+
+    started = []
+    for config, nproc in runs:
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        command = launch_command(config, nproc)
+        process = subprocess.Popen(command, env=launch_env(), cwd=ROOT, stdout=out, stderr=err,
+                                   text=True)  # fmt: skip
+        started.append((command, process, out, err))
+    results = []
+    try:
+        for command, process, out, err in started:
+            process.wait(timeout=timeout)
+            out.seek(0), err.seek(0)
+            results.append(
+                subprocess.CompletedProcess(command, process.returncode, out.read(), err.read())
+            )
+    finally:
+        for _, process, out, err in started:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            out.close(), err.close()
+    return results
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from pali3_train.config import load_config
 from pali3_train.engine.checkpoint import find_latest, verify
 from pali3_train.models import PaLI3
 from pali3_train.plots import read_metrics
-from tests.engine.conftest import ROOT, launch, launch_env, stage_config
+from tests.engine.conftest import ROOT, launch, launch_env, launch_together, stage_config
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -110,31 +110,39 @@ def test_sigterm_saves_and_exits_with_the_requeue_code(demo, tmp_path):
     assert latest is not None and int(latest.name.split("_")[1]) == max(_losses(run_dir))
 
 
-def test_the_deepspeed_launcher_runs_stage1(demo, tmp_path):
-    run_dir = tmp_path / "run"
-    config = stage_config(demo, run_dir, train={"steps": 2})
+def _deepspeed_launch(config: Path, nproc: int) -> subprocess.CompletedProcess:
     deepspeed_cli = Path(sys.executable).parent / "deepspeed"
-    command = [str(deepspeed_cli), "--num_gpus", "2", str(ROOT / "launcher/run.py"),
+    command = [str(deepspeed_cli), "--num_gpus", str(nproc), str(ROOT / "launcher/run.py"),
                "--stage", "1", "--config", str(config)]  # fmt: skip
-    result = subprocess.run(command, env=launch_env(), cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-5000:]
-    assert sorted(_losses(run_dir)) == [1, 2]
-    assert find_latest(run_dir / "checkpoints") == run_dir / "checkpoints" / "step_00000002"
+    return subprocess.run(command, env=launch_env(), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
 
 
-def test_runs_are_tracked_in_mlflow_and_a_resumed_run_continues_the_same_run(
-    demo, mlflow_server, tmp_path
-):
-    from mlflow import MlflowClient
-
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def tracked(demo, mlflow_server, tmp_path_factory):
+    """One run serves two tests: 4 steps on 2 ranks through the DeepSpeed launcher, tracked in
+    MLflow (what it left then is recorded), then resumed under torchrun to 6 steps."""
+    run_dir = tmp_path_factory.mktemp("tracked") / "run"
     tracking = {"backend": "mlflow", "tracking_uri": mlflow_server, "experiment": "engine-test"}
-    first = launch(stage_config(demo, run_dir, tracking=tracking, train={"steps": 4}), 2)
+    first = _deepspeed_launch(stage_config(demo, run_dir, tracking=tracking, train={"steps": 4}),
+                              2)  # fmt: skip
     assert first.returncode == 0, first.stderr[-5000:]
+    after_first = {"losses": _losses(run_dir), "latest": find_latest(run_dir / "checkpoints")}
     resumed = launch(stage_config(demo, run_dir, tracking=tracking, train={"steps": 6}), 2)
     assert resumed.returncode == 0, resumed.stderr[-5000:]
+    return {"run_dir": run_dir, "uri": mlflow_server, "after_first": after_first}
 
+
+def test_the_deepspeed_launcher_runs_stage1(tracked):
+    run_dir, after_first = tracked["run_dir"], tracked["after_first"]
+    assert sorted(after_first["losses"]) == [1, 2, 3, 4]
+    assert after_first["latest"] == run_dir / "checkpoints" / "step_00000004"
+
+
+def test_runs_are_tracked_in_mlflow_and_a_resumed_run_continues_the_same_run(tracked):
+    from mlflow import MlflowClient
+
+    run_dir, mlflow_server = tracked["run_dir"], tracked["uri"]
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("engine-test")
     (run,) = client.search_runs([experiment.experiment_id])
@@ -153,13 +161,17 @@ def test_runs_are_tracked_in_mlflow_and_a_resumed_run_continues_the_same_run(
 
 
 def test_activation_checkpointing_under_zero3_with_a_frozen_vit_changes_no_loss(demo, tmp_path):
-    losses = {}
+    # The two 1-process runs are independent: launched side by side, one core each.
+    runs = {}
     for checkpointing in (False, True):
-        run_dir = tmp_path / f"ac-{checkpointing}"
         parallel = {"zero_stage": 3, "activation_checkpointing": checkpointing}
-        result = launch(stage_config(demo, run_dir, parallel=parallel, train={"steps": 3}), 1)
+        runs[checkpointing] = stage_config(demo, tmp_path / f"ac-{checkpointing}",
+                                           parallel=parallel, train={"steps": 3})  # fmt: skip
+    results = launch_together(*((config, 1) for config in runs.values()))
+    losses = {}
+    for (checkpointing, config), result in zip(runs.items(), results):
         assert result.returncode == 0, result.stderr[-5000:]
-        losses[checkpointing] = _losses(run_dir)
+        losses[checkpointing] = _losses(config.with_suffix(""))
     assert sorted(losses[True]) == [1, 2, 3]
     for step, loss in losses[False].items():
         assert losses[True][step] == pytest.approx(loss, abs=1e-6)
