@@ -45,7 +45,12 @@ def resolve_sources(
         raise ConfigError(where, "data.tokenizer_path", "must name a SentencePiece model")
     resolved = []
     for i, source in enumerate(data.sources):
-        urls = shards.expand(source.shards)
+        try:
+            urls = shards.expand(source.shards)
+        except ValueError as exc:  # an unreadable manifest.json
+            raise ConfigError(where, f"{field}[{i}].shards", str(exc)) from None
+        if not urls:
+            raise ConfigError(where, f"{field}[{i}].shards", f"{source.shards!r} holds no .tar")
         missing = shards.missing_local_shards(urls)
         if missing:
             what = "matches no file" if len(missing) == len(urls) else "has missing shards"

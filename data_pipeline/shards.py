@@ -18,6 +18,8 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from data_pipeline.manifest import MANIFEST_NAME, Manifest
+
 log = logging.getLogger(__name__)
 
 # (url, message): reading the shard failed somewhere
@@ -30,8 +32,24 @@ def is_local(url: str) -> bool:
 
 def expand(pattern: str) -> list[str]:
     """Brace patterns (``a-{000..127}.tar``) and ``::``-separated lists, as webdataset expands
-    them; local URLs become absolute so they survive a change of working directory."""
-    return [str(Path(u).absolute()) if is_local(u) else u for u in expand_urls(pattern)]
+    them, and local folders: a folder ``write_shards`` wrote stands for the shards its manifest
+    lists, any other folder (an img2dataset download) for the ``.tar`` files in it, in name
+    order. Local URLs become absolute so they survive a change of working directory."""
+    urls = []
+    for url in expand_urls(pattern):
+        if not is_local(url):
+            urls.append(url)
+        elif Path(url).is_dir():
+            urls += [str(p.absolute()) for p in _folder_shards(Path(url))]
+        else:
+            urls.append(str(Path(url).absolute()))
+    return urls
+
+
+def _folder_shards(folder: Path) -> list[Path]:
+    if (folder / MANIFEST_NAME).is_file():
+        return [folder / shard.file for shard in Manifest.read(folder).shards]
+    return sorted(folder.glob("*.tar"))
 
 
 def missing_local_shards(urls: list[str]) -> list[str]:

@@ -199,7 +199,9 @@ class SourceConfig:
 
     ``shards`` is anything webdataset opens: a path, a brace pattern
     (``shards-{000000..000127}.tar``) or a ``pipe:`` command that streams a tar (``pipe:aws s3 cp
-    s3://bucket/shard-000000.tar -``). ``prompt`` overrides the task's default template.
+    s3://bucket/shard-000000.tar -``); or a local folder: the shards its ``manifest.json`` lists
+    (what ``write_shards`` wrote), else every ``.tar`` in it (an img2dataset download). ``prompt``
+    overrides the task's default template.
     """
 
     name: str

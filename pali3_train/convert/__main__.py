@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -37,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
         "pali3 the exported directory (vision/, language/, pali3.json, ...)",
     )
     imp.add_argument("out", help="output .safetensors file (pali3: its tokenizer goes beside it)")
+    _model_yaml_option(imp)
     exp = sub.add_parser("export", help="pali3-train safetensors -> HF checkpoint directory")
     exp.add_argument(
         "src",
@@ -48,13 +50,31 @@ def _parser() -> argparse.ArgumentParser:
     asm.add_argument("--vision", required=True, help="SigLIP: HF directory or our .safetensors")
     asm.add_argument("--language", required=True, help="T5/UL2: HF directory or our .safetensors")
     asm.add_argument("--out", required=True, help="output .safetensors file")
+    _model_yaml_option(asm)
     return parser
 
 
-def _print_sections(out: str, sections: dict[str, object]) -> None:
-    print(f"wrote {out}; its model section:")
-    model = {k: dataclasses.asdict(v) for k, v in sections.items()}
-    print(yaml.safe_dump({"model": model}, sort_keys=False))
+def _model_yaml_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--model-yaml",
+        metavar="FILE",
+        help="also write the model section matching the weights to FILE, for a config's "
+        "include: list (default: printed only)",
+    )
+
+
+def _report_sections(out: str, sections: dict[str, object], model_yaml: str | None) -> None:
+    """Print the model section that matches the weights at ``out``, and write it to
+    ``model_yaml`` if given: the file a stage config includes, so its model is the weights'."""
+    text = yaml.safe_dump(
+        {"model": {k: dataclasses.asdict(v) for k, v in sections.items()}}, sort_keys=False
+    )
+    if model_yaml:
+        Path(model_yaml).write_text(f"# the model section of {out}\n{text}")
+        print(f"wrote {out} and its model section to {model_yaml}:")
+    else:
+        print(f"wrote {out}; its model section:")
+    print(text)
 
 
 def _export(src: str, out: str) -> None:
@@ -74,11 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "import" and args.kind == PALI3_KIND:
-            _print_sections(args.out, import_pali3(args.src, args.out))
+            _report_sections(args.out, import_pali3(args.src, args.out), args.model_yaml)
         elif args.command == "import":
-            _print_sections(args.out, import_hf(args.kind, args.src, args.out))
+            _report_sections(args.out, import_hf(args.kind, args.src, args.out), args.model_yaml)
         elif args.command == "assemble":
-            _print_sections(args.out, assemble(args.vision, args.language, args.out))
+            sections = assemble(args.vision, args.language, args.out)
+            _report_sections(args.out, sections, args.model_yaml)
         else:
             _export(args.src, args.out)
     except (FileNotFoundError, KeyError, ValueError) as exc:

@@ -216,6 +216,19 @@ def test_a_bad_source_is_refused_naming_the_field(corpus, change, field, words):
     assert info.value.field_path == field and words in str(info.value)
 
 
+def test_a_folder_stands_for_its_manifests_shards_or_its_tar_files(corpus, tmp_path):
+    """alpha's folder has write_shards' manifest.json; delta's (img2dataset) has none."""
+    expected = [
+        u for s in corpus.sources() for u in resolve_sources(corpus.config([s]).data)[0].urls
+    ]
+    folders = [{**s, "shards": str(corpus.root / s["name"])} for s in corpus.sources()]
+    resolved = resolve_sources(corpus.config(folders).data)
+    assert [u for r in resolved for u in r.urls] == expected
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].shards: .*holds no .tar"):
+        resolve_sources(corpus.config([{**folders[0], "shards": str(tmp_path / "empty")}]).data)
+
+
 def test_partly_missing_shards_are_named(corpus):
     sources = corpus.sources()
     sources[0]["shards"] = sources[0]["shards"].replace("000004}", "000009}")
