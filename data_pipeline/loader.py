@@ -13,7 +13,6 @@ Ranks that share a tensor-parallel group must see the same data: pass the *data-
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -28,9 +27,6 @@ from data_pipeline.tasks import template_error
 from data_pipeline.transforms import Batch, model_input
 from pali3_train.config import ConfigError
 from pali3_train.config.schema import DataConfig
-
-# torchdata 0.11 calls a torch API that torch 2.13 deprecates; nothing for us to act on.
-warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 
 def resolve_sources(

@@ -47,6 +47,7 @@ from pali3_train.engine.lifeline import die_with_parent
 from pali3_train.engine.peak import enable_tf32
 from pali3_train.engine.previous_run import move_aside, previous_run
 from pali3_train.engine.run_lock import RunLocked, lock_run_dir
+from pali3_train.quiet import configure_logging
 from pali3_train.stages.curriculum import CURRICULUM
 
 REFUSAL_GRACE_S = 3.0  # how long a silent refusing rank waits, so rank 0's exit is seen first
@@ -85,6 +86,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by deepspeed
     parser.add_argument("--eval-only", action="store_true", help="evaluate, do not train")
     parser.add_argument("--dry-run", action="store_true", help="check and print the plan only")
+    parser.add_argument(
+        "--verbose", action="store_true", help="DeepSpeed's and megatron-core's own logs too"
+    )
     parser.add_argument("--world-size", type=int, help="dry run: devices (default: environment)")
     parser.add_argument("--gpus-per-node", type=int, help="dry run: devices per node (default 8)")
     args = parser.parse_args(argv)
@@ -132,10 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         return refuse(str(exc), env)
     for warning in warnings if env.is_main else ():
         print(f"warning: {args.config}: {warning}", file=sys.stderr)
-    logging.basicConfig(
-        level=logging.INFO if env.is_main else logging.WARNING,
-        format=f"[rank {env.rank}] %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(env.rank, env.is_main, args.verbose)
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is first imported
     from pali3_train.engine.checkpoint import CheckpointError

@@ -49,6 +49,7 @@ def reference(demo, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     result = launch(stage_config(demo, run_dir), 2)
     assert result.returncode == 0, result.stderr[-5000:]
+    (run_dir.parent / "output.txt").write_text(result.stdout + result.stderr)  # test_quiet.py
     return run_dir
 
 

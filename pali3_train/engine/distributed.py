@@ -22,6 +22,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from pali3_train.quiet import library_chatter
+
 T = TypeVar("T")
 # How long ranks wait for work that rank 0 does alone (a 5B checkpoint's conversion to the
 # universal format reads and writes every tensor once: minutes, on a slow file system an hour).
@@ -77,7 +79,17 @@ def init_distributed(env: DistEnv, timeout_s: float = 1800.0) -> torch.device:
     dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
                             timeout=timedelta(seconds=timeout_s), **bound)  # fmt: skip
     _main_rank_wait = dist.new_group(backend="gloo", timeout=MAIN_RANK_WORK_TIMEOUT)
+    _wrap_for_deepspeed()
     return device
+
+
+def _wrap_for_deepspeed() -> None:
+    """DeepSpeed's communication wrapper round the group just made, which every engine and
+    ``zero.Init`` use: made here once, quietly (on CPU it announces the op it builds)."""
+    import deepspeed  # heavy: imported by the ranks that train, not by every user of this module
+
+    with library_chatter():
+        deepspeed.init_distributed(dist_init_required=False)
 
 
 def free_port() -> int:

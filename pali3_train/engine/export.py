@@ -32,6 +32,7 @@ from pali3_train.engine.checkpoint import (
 )
 from pali3_train.engine.distributed import on_main_rank
 from pali3_train.engine.safe_load import weights_only_loads
+from pali3_train.quiet import library_chatter
 from pali3_train.stages.registry import spec_for
 from pali3_train.tokenizer import copy_beside
 
@@ -54,7 +55,7 @@ def consolidated_weights(checkpoint: Path) -> tuple[CheckpointMeta, StateDict]:
         return meta, {k: v.float() for k, v in state.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with weights_only_loads():
+    with weights_only_loads(), library_chatter():
         return meta, get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=ENGINE_TAG)
 
 

@@ -35,7 +35,6 @@ the CUDA context (~1 GiB): keep a margin.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -130,9 +129,8 @@ def local_numels(model: nn.Module, tp: int, where: str = "config") -> dict[int, 
     local = {id(p): p.numel() for p in model.parameters()}
     if tp == 1:
         return local
-    with warnings.catch_warnings():  # megatron-core warns that Apex/TransformerEngine are absent
-        warnings.simplefilter("ignore")
-        from pali3_train.parallel.tensor_parallel import Shard, _check_divisible, _plan_targets
+    from pali3_train.parallel.tensor_parallel import Shard, _check_divisible, _plan_targets
+
     for path, owner, name, shard in _plan_targets(model):
         child = getattr(owner, name)
         try:

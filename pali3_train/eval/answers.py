@@ -70,7 +70,7 @@ class AnswerEvaluator:
         answers, references = self._gather(answers, references)
         if self.ctx.is_main:
             for answer, refs in list(zip(answers, references))[:3]:
-                log.info("eval %s: %r (references %r)", self.name, answer, refs)
+                log.debug("eval %s: %r (references %r)", self.name, answer, refs)
         return score_answers(self.task, answers, references) | {"samples": float(len(answers))}
 
     def _gather(self, answers: list[str], references: list[list[str]]):
