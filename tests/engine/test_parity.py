@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import traceback
 from pathlib import Path
 
 import deepspeed
@@ -36,6 +37,12 @@ from pali3_train.stages.registry import spec_for
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, GLOBAL_BATCH, MICRO_BATCH = 3, 8, 2
+WORLD = 4
+CASES = [  # (label, tp, zero, stage)
+    ("stage1-tp2-dp2-zero3", 2, 3, "1"),
+    ("stage1-tp1-dp4-zero2", 1, 2, "1"),
+    ("stage0-ring-tp2-dp2-zero3", 2, 3, "0"),
+]
 
 
 def _config(tp: int, zero: int, stage: str):
@@ -91,10 +98,7 @@ def _micro_batch(step: int, index: int, cfg) -> Batch:
     return model_input(batch, torch.device("cpu"), torch.float32)
 
 
-def _train_rank(rank: int, world: int, port: int, tp: int, zero: int, stage: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    init_distributed(DistEnv(rank, world, rank))
+def _train_case(world: int, tp: int, zero: int, stage: str, out: Path) -> None:
     dims = ParallelDims(world, tp)
     init_model_parallel(dims)
     cfg = _config(tp, zero, stage)
@@ -114,8 +118,26 @@ def _train_rank(rank: int, world: int, port: int, tp: int, zero: int, stage: str
     params = list(engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params, enabled=zero == 3):
         local = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
-    torch.save({"losses": losses, "params": local, "tp_rank": tp_rank()}, f"{out}/rank{rank}.pt")
+    torch.save({"losses": losses, "params": local, "tp_rank": tp_rank()}, out)
+    engine.destroy()
     destroy_model_parallel()
+
+
+def _train_rank(rank: int, world: int, port: int, out: str) -> None:
+    """One of the 4 processes: every case in turn, each in its own model-parallel layout on the
+    same process group (start-up, not training, is what a spawn costs); a case that raises
+    leaves its traceback for its test."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    init_distributed(DistEnv(rank, world, rank))
+    for label, tp, zero, stage in CASES:
+        folder = Path(out) / label
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            _train_case(world, tp, zero, stage, folder / f"rank{rank}.pt")
+        except Exception:
+            (folder / f"rank{rank}.error").write_text(traceback.format_exc())
+            raise
     dist.destroy_process_group()
 
 
@@ -170,24 +192,28 @@ def _tp_slices(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return dims
 
 
-@pytest.mark.parametrize(
-    "tp,zero,stage",
-    [(2, 3, "1"), (1, 2, "1"), (2, 3, "0")],
-    ids=["stage1-tp2-dp2-zero3", "stage1-tp1-dp4-zero2", "stage0-ring-tp2-dp2-zero3"],
-)
-def test_four_processes_match_one_unsharded_process(tmp_path, tp, zero, stage):
-    world = 4
-    mp.start_processes(
-        _train_rank,
-        (world, free_port(), tp, zero, stage, str(tmp_path)),
-        nprocs=world,
-        start_method="spawn",
-    )
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory) -> Path:
+    """One spawn of 4 processes that train every case; case label -> its folder of rank files."""
+    out = tmp_path_factory.mktemp("parity")
+    try:
+        mp.start_processes(_train_rank, (WORLD, free_port(), str(out)), nprocs=WORLD,
+                           start_method="spawn")  # fmt: skip
+    except mp.ProcessRaisedException:  # the failing case's test shows the traceback
+        pass
+    return out
+
+
+@pytest.mark.parametrize("label,tp,zero,stage", CASES, ids=[case[0] for case in CASES])
+def test_four_processes_match_one_unsharded_process(four_ranks, label, tp, zero, stage):
+    world, folder = WORLD, four_ranks / label
+    errors = sorted(folder.glob("rank*.error"))
+    assert not errors, errors[0].read_text()
     cfg = _config(tp, zero, stage)
     losses, full = _reference(cfg, stage, world // tp)
     split = _tp_slices(spec_for(cfg).build_model(cfg.model))
     for rank in range(world):
-        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        result = torch.load(folder / f"rank{rank}.pt", weights_only=True)
         assert result["losses"] == pytest.approx(losses, abs=1e-5), json.dumps(
             [result["losses"], losses]
         )
