@@ -42,15 +42,8 @@ def test_a_bad_layout_is_refused_on_every_rank_before_any_work(demo, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_bad_config_exits_2_with_one_line(demo, tmp_path):
-    config = stage_config(demo, tmp_path / "run", train={"global_batch_size": 6})
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "launcher/run.py"), "--stage", "1", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        env=launch_env(),
-        timeout=120,
-    )
+def test_a_bad_config_exits_2_with_one_line(one_process_runs):
+    result, _ = one_process_runs["bad_config"]
     assert result.returncode == 2
     assert (
         "train.micro_batch_size: micro_batch_size=4 does not divide global_batch_size=6"
@@ -205,16 +198,67 @@ def test_stage0_trains_siglip_and_evaluates_held_out_data(demo, demo_held_out, t
         assert {"i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"} <= {k.rsplit("/", 1)[-1] for k in row}
 
 
-def _dry_run(config: Path | str, *args: str, env: dict | None = None, stage: str = "1"):
-    command = [sys.executable, str(ROOT / "launcher/run.py"), "--stage", stage,
-               "--config", str(config), *args]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, env=env or launch_env(),
-                          cwd=ROOT, timeout=120)  # fmt: skip
+def _run_py(config: Path | str, *args: str, stage: str = "1") -> list[str]:
+    return [sys.executable, str(ROOT / "launcher/run.py"), "--stage", stage,
+            "--config", str(config), *args]  # fmt: skip
 
 
-def test_a_dry_run_prints_the_plan_and_starts_nothing(demo, tmp_path):
-    run_dir = tmp_path / "run"
-    result = _dry_run(stage_config(demo, run_dir), "--dry-run", "--world-size", "2")
+@pytest.fixture(scope="module")
+def one_process_runs(demo, tmp_path_factory) -> dict:
+    """name -> (result, its folder) of the one-process `launcher/run.py` commands that end before
+    any training (a refusal, a dry run): each one the start-up and a few checks, one core, so
+    they are all started at once and awaited together."""
+    root = tmp_path_factory.mktemp("one-process")
+    names = ("bad_config", "plan", "env_world", "tp_world", "world_size", "5b", "bare_stage0")
+    folders = {name: root / name for name in names}
+    for folder in folders.values():
+        folder.mkdir()
+
+    def config(name: str, **sections) -> Path:
+        return stage_config(demo, folders[name] / "run", **sections)
+
+    env_world = dict(launch_env(), RANK="0", WORLD_SIZE="4", LOCAL_RANK="0")
+    commands = {  # name -> (command, env, cwd)
+        "bad_config": (_run_py(config("bad_config", train={"global_batch_size": 6})),
+                       launch_env(), None),
+        "plan": (_run_py(config("plan"), "--dry-run", "--world-size", "2"), launch_env(), ROOT),
+        "env_world": (_run_py(config("env_world", train={"global_batch_size": 16}), "--dry-run",
+                              "--gpus-per-node", "2"), env_world, ROOT),
+        "tp_world": (_run_py(config("tp_world", parallel={"tensor_parallel_size": 2}),
+                             "--dry-run", "--world-size", "3"), launch_env(), ROOT),
+        "world_size": (_run_py(config("world_size"), "--world-size", "2"), launch_env(), ROOT),
+        "5b": (_run_py("configs/pali3_5b/stage1.yaml", "--dry-run", "--world-size", "256"),
+               launch_env(), ROOT),
+        "bare_stage0": ([sys.executable, str(ROOT / "launcher/run.py"), "--stage", "0",
+                         "--dry-run"], launch_env(), folders["bare_stage0"]),
+    }  # fmt: skip
+    logs = tmp_path_factory.mktemp("one-process-logs")
+    started = {}
+    for name, (command, env, cwd) in commands.items():
+        out = open(logs / f"{name}.out", "w+")  # noqa: SIM115 (closed below)
+        err = open(logs / f"{name}.err", "w+")  # noqa: SIM115
+        process = subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=err, text=True)
+        started[name] = (command, process, out, err)
+    results = {}
+    try:
+        for name, (command, process, out, err) in started.items():
+            process.wait(timeout=300)
+            out.seek(0), err.seek(0)
+            result = subprocess.CompletedProcess(command, process.returncode, out.read(),
+                                                 err.read())  # fmt: skip
+            results[name] = (result, folders[name])
+    finally:
+        for _, process, out, err in started.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            out.close(), err.close()
+    return results
+
+
+def test_a_dry_run_prints_the_plan_and_starts_nothing(demo, one_process_runs):
+    result, folder = one_process_runs["plan"]
+    run_dir = folder / "run"
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "layout      world 2 = TP 1 x DP 2; 1 node" in out
@@ -229,35 +273,31 @@ def test_a_dry_run_prints_the_plan_and_starts_nothing(demo, tmp_path):
     assert not run_dir.exists()
 
 
-def test_a_dry_run_takes_the_world_size_from_the_environment(demo, tmp_path):
-    config = stage_config(demo, tmp_path / "run", train={"global_batch_size": 16})
-    env = dict(launch_env(), RANK="0", WORLD_SIZE="4", LOCAL_RANK="0")
-    result = _dry_run(config, "--dry-run", "--gpus-per-node", "2", env=env)
+def test_a_dry_run_takes_the_world_size_from_the_environment(one_process_runs):
+    result, _ = one_process_runs["env_world"]
     assert result.returncode == 0, result.stderr[-3000:]
     assert "world 4 = TP 1 x DP 4; 2 nodes x 2, TP groups inside nodes" in result.stdout
     assert "global 16 = micro 4 x accumulation 1 x DP 4" in result.stdout
 
 
-def test_a_dry_run_refuses_a_world_that_tp_does_not_divide(demo, tmp_path):
-    config = stage_config(demo, tmp_path / "run", parallel={"tensor_parallel_size": 2})
-    result = _dry_run(config, "--dry-run", "--world-size", "3")
+def test_a_dry_run_refuses_a_world_that_tp_does_not_divide(one_process_runs):
+    result, _ = one_process_runs["tp_world"]
     assert result.returncode == 2
     assert "parallel.tensor_parallel_size: 2 does not divide the world size 3" in result.stderr
     assert result.stdout == ""
 
 
-def test_world_size_without_dry_run_is_refused(demo, tmp_path):
-    run_dir = tmp_path / "run"
-    result = _dry_run(stage_config(demo, run_dir), "--world-size", "2")
+def test_world_size_without_dry_run_is_refused(one_process_runs):
+    result, folder = one_process_runs["world_size"]
+    run_dir = folder / "run"
     assert result.returncode == 2
     assert "--world-size is only for --dry-run" in result.stderr
     assert not run_dir.exists()
 
 
 @pytest.mark.skipif(Path("/data/webli").exists(), reason="the WebLI shards exist here")
-def test_a_dry_run_of_the_5b_stage1_plans_and_reports_the_missing_shards():
-    config = "configs/pali3_5b/stage1.yaml"
-    result = _dry_run(config, "--dry-run", "--world-size", "256")
+def test_a_dry_run_of_the_5b_stage1_plans_and_reports_the_missing_shards(one_process_runs):
+    result, _ = one_process_runs["5b"]
     assert result.returncode == 2, result.stderr[-3000:]
     out = result.stdout
     assert "layout      world 256 = TP 4 x DP 64; 32 nodes x 8, TP groups inside nodes" in out
@@ -293,13 +333,11 @@ def test_the_briefs_bare_command_trains_the_tiny_stage1_recipe(tmp_path):
     assert (tmp_path / "runs" / "demo_eval" / "scenes" / "manifest.json").is_file()
 
 
-def test_the_bare_stage0_recipe_keeps_its_contrastive_batch_whole_on_one_rank(tmp_path):
+def test_the_bare_stage0_recipe_keeps_its_contrastive_batch_whole_on_one_rank(one_process_runs):
     """One process: the recipe's micro-batch (global / 2) would need accumulation, which the
     contrastive objective refuses; the quickstart picks global / DP instead and says so. A dry
     run builds no corpus and names the missing shards."""
-    command = [sys.executable, str(ROOT / "launcher/run.py"), "--stage", "0", "--dry-run"]
-    result = subprocess.run(command, env=launch_env(), cwd=tmp_path, capture_output=True,
-                            text=True, timeout=120)  # fmt: skip
+    result, tmp_path = one_process_runs["bare_stage0"]
     assert result.returncode == 2, result.stderr[-3000:]  # the shards are not there
     assert "train.micro_batch_size=32" in result.stdout
     assert "1 data-parallel rank(s): micro-batch 32 keeps the global batch" in result.stdout
