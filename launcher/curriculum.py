@@ -25,7 +25,7 @@ from pali3_train.config.curriculum import Curriculum, CurriculumStep
 from pali3_train.config.loader import load_with_sources
 from pali3_train.engine.checks import check_freeze, check_layout, check_stage_flag
 from pali3_train.plots import plot_loss_curves
-from pali3_train.tracking import ParentRun
+from pali3_train.tracking import ParentRun, ui_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(plan.run_dir)
     root.mkdir(parents=True, exist_ok=True)
     first = configs[plan.stages[0].name].tracking
-    parent = ParentRun.open(first, args.curriculum.stem, root / "mlartifacts")
+    parent = ParentRun.open(first, args.curriculum.stem)
     seconds, status = {}, "FAILED"
     try:
         for step, baseline in steps(plan):
@@ -166,10 +166,8 @@ def summary(plan: Curriculum, configs: dict[str, Config], seconds: dict, trackin
     lines = [f"results: {plan.run_dir}/results.md, loss curves: {plan.run_dir}/loss_curves.png"]
     lines += [f"  {name:<22} {took:6.0f} s   {configs[name].run_dir}"
               for name, took in seconds.items()]  # fmt: skip
-    uri = tracking.tracking_uri or "sqlite:///<run_dir>/mlflow.db of each stage"
-    lines.append(
-        f"MLflow UI: mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)"
-    )
+    if tracking.backend != "none":
+        lines.append(f"MLflow UI: {ui_command(tracking)}  (then open http://127.0.0.1:5000)")
     return "\n".join(lines)
 
 

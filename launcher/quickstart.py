@@ -31,7 +31,7 @@ def quickstart(
     if build_corpora:
         build_demo_corpora(Path.cwd(), only_missing=True)
     run_dir = f"runs/quickstart/{recipe.stem}"
-    chosen = [f"run_dir={run_dir}", "tracking.tracking_uri=null"]  # null: a store in run_dir
+    chosen = [f"run_dir={run_dir}"]
     cfg, notes = load_config(recipe), []
     if cfg.stage.init_from and not Path(cfg.stage.init_from).is_file():
         chosen.append("stage.init_from=null")

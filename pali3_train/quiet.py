@@ -26,8 +26,9 @@ NOT_ACTIONABLE = (
     (Warning, r"'set_vital' is deprecated"),
 )
 # Loggers that report their own internals at INFO (megatron's FSDP detection, DeepSpeed's
-# engine set-up): WARNING and above unless verbose.
-CHATTY_LOGGERS = ("megatron", "DeepSpeed", "deepspeed")
+# engine set-up, MLflow's system-metrics sampler starting and stopping): WARNING and above
+# unless verbose.
+CHATTY_LOGGERS = ("megatron", "DeepSpeed", "deepspeed", "mlflow")
 
 
 def filter_warnings() -> None:

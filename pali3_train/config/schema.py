@@ -468,14 +468,26 @@ class KernelsConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    """MLflow tracking. ``tracking_uri: null`` means a sqlite store inside the run directory."""
+    """MLflow tracking. ``tracking_uri: null`` (and no ``$MLFLOW_TRACKING_URI``) means the
+    checkout's own store: ``<store_dir>/mlflow.db`` with artifacts in ``<store_dir>/mlartifacts``,
+    shared by every run started from that directory, so one ``mlflow ui`` shows and compares
+    them all. ``run_name: null`` names a run by its run directory and stage."""
 
     backend: Literal["mlflow", "none"] = "mlflow"
     tracking_uri: str | None = None
+    store_dir: str = "runs"
     experiment: str = "pali3-train"
     run_name: str | None = None
+    # CPU, memory, disk, network and (where present) GPU use, sampled by MLflow's own system
+    # metrics monitor every this many seconds into the run's system/ metrics; null: off.
+    system_metrics_every_s: float | None = 10.0
     # A curriculum's stages are nested under one parent run (set by launcher/curriculum.py).
     parent_run_id: str | None = None
+
+    def __post_init__(self) -> None:
+        require(bool(self.store_dir.strip()), "store_dir", "must name a folder")
+        every = self.system_metrics_every_s
+        require(every is None or every > 0, "system_metrics_every_s", f"must be > 0, got {every}")
 
 
 @dataclass(frozen=True)
@@ -588,6 +600,124 @@ class StageConfig:
         )
 
 
+# --------------------------------------------------------------------------------------- cluster
+
+
+# Options cluster.submit writes itself: an sbatch_extra line may not set them (it would fight the
+# job's own) and is pointed at the option that does.
+SUBMIT_OWNS = {
+    "job-name": "--job-name", "nodes": "--nodes", "ntasks-per-node": "--tasks-per-node",
+    "cpus-per-task": "--cpus-per-task (cluster.cpus_per_task)", "time": "--time",
+    "partition": "--partition", "account": "--account", "qos": "--qos",
+    "gpus-per-node": "--gpus-per-node", "array": "several --config files",
+    "signal": "--signal-seconds", "requeue": "--max-requeues", "output": "run_dir",
+    "open-mode": "run_dir", "exclusive": "--exclusive (cluster.exclusive)",
+    "constraint": "--constraint (cluster.constraint)", "mem": "--mem (cluster.mem)",
+}  # fmt: skip
+# Exported by the job script for the rendezvous, after cluster.env.
+SCRIPT_OWNS_ENV = ("MASTER_ADDR", "MASTER_PORT")
+
+
+def _one_line(value: str) -> bool:
+    return bool(value.strip()) and "\n" not in value and "\r" not in value
+
+
+def _no_space(value: str) -> bool:
+    return bool(value) and not any(c.isspace() for c in value)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """How ``python -m cluster.submit`` builds a stage's Slurm job (``cluster/README.md``); the
+    run itself reads none of it. Each field has a command-line option of the same name (``--setup``,
+    ``--sbatch`` for sbatch_extra, ``--env``) that wins over it; ``--env`` items replace the
+    config's by name, the other list options replace the config's list."""
+
+    # Shell lines run in the job script, in order, before the ranks start (a failing line ends
+    # the job): ``module load cuda/12.4``, ``source .venv/bin/activate``.
+    setup: tuple[str, ...] = ()
+    # The interpreter srun starts on every node, looked up on the job's PATH after the setup
+    # lines (so a venv they activate is the one used); a path pins one.
+    python: str = "python"
+    # pyxis/enroot: srun runs the ranks in this image (--container-image), with these bind
+    # mounts (--container-mounts=SRC:DST[,SRC:DST]); the working directory must be mounted.
+    container_image: str | None = None
+    container_mounts: str | None = None
+    exclusive: bool = False  # whole nodes (--exclusive)
+    constraint: str | None = None  # node features (--constraint=a100&ib)
+    mem: str | None = None  # per node: "0" (all of it), "200G"; null: the cluster's default
+    # null: data.num_workers + 1 (the rank and its loader workers)
+    cpus_per_task: int | None = None
+    # More #SBATCH lines, each an sbatch option: "--reservation=foo", "--mail-type=END".
+    sbatch_extra: tuple[str, ...] = ()
+    # NAME=VALUE exported in the job script after the setup lines, for every rank: NCCL_DEBUG=WARN.
+    env: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for i, line in enumerate(self.setup):
+            require(_one_line(line), f"setup[{i}]", f"must be one non-empty line, got {line!r}")
+            require(
+                not line.rstrip().endswith("\\"),
+                f"setup[{i}]",
+                f"must be a whole command, got a continued line {line!r}",
+            )
+        require(
+            _one_line(self.python), "python", f"must be a command or a path, got {self.python!r}"
+        )
+        for name in ("container_image", "container_mounts", "constraint"):
+            value = getattr(self, name)
+            if value is not None:
+                require(_no_space(value), name, f"must be non-empty, without spaces, got {value!r}")
+        require(
+            self.container_mounts is None or self.container_image is not None,
+            "container_mounts",
+            "needs container_image (mounts are for the container srun starts)",
+            ("container_image",),
+        )
+        if self.mem is not None:
+            number = self.mem[:-1] if self.mem[-1:].upper() in ("K", "M", "G", "T") else self.mem
+            require(
+                number.isdigit() and number.isascii(),
+                "mem",
+                f"must be a size like 0 (a node's whole memory), 64000 (MB) or 200G, "
+                f"got {self.mem!r}",
+            )
+        if self.cpus_per_task is not None:
+            require(
+                self.cpus_per_task >= 1, "cpus_per_task", f"must be >= 1, got {self.cpus_per_task}"
+            )
+        for i, line in enumerate(self.sbatch_extra):
+            where = f"sbatch_extra[{i}]"
+            require(_one_line(line), where, f"must be one non-empty line, got {line!r}")
+            require(
+                line.startswith("--") and len(line) > 2,
+                where,
+                f"must be an sbatch option starting with --, got {line!r}",
+            )
+            option = line[2:].split("=", 1)[0].split()[0] if line[2:].strip() else ""
+            require(
+                option not in SUBMIT_OWNS,
+                where,
+                f"--{option} is set by cluster.submit itself: use {SUBMIT_OWNS.get(option)}",
+            )
+        names: list[str] = []
+        for i, item in enumerate(self.env):
+            name, sep, _ = item.partition("=")
+            require(bool(sep), f"env[{i}]", f"must be NAME=VALUE, got {item!r}")
+            require(
+                name.isidentifier() and name.isascii(),
+                f"env[{i}]",
+                f"{name!r} is not a shell variable name (letters, digits and _, not first a digit)",
+            )
+            require(
+                name not in SCRIPT_OWNS_ENV,
+                f"env[{i}]",
+                f"{name} is set by the job script for the rendezvous",
+            )
+            require(name not in names, f"env[{i}]", f"{name} is given twice")
+            names.append(name)
+
+
 @dataclass(frozen=True)
 class Config:
     # Everything a run writes goes below this folder: checkpoints, the local MLflow store,
@@ -602,6 +732,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     stage: StageConfig = field(default_factory=StageConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # How cluster.submit builds the Slurm job (the run itself ignores it).
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     @property
     def checkpoint_dir(self) -> str:

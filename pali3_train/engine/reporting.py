@@ -58,12 +58,7 @@ class RunReport:
         _append_jsonl(self.run_dir / "metrics.jsonl", {"step": step, **metrics})
         self.tracker.log_metrics(metrics, step)
         bar = self._progress_bar()
-        bar.set_postfix(
-            loss=f"{metrics['loss']:.4f}",
-            lr=f"{metrics['lr']:.2e}",
-            samples_s=f"{metrics['samples_per_s']:.0f}",
-            refresh=False,
-        )
+        bar.set_postfix(_bar_fields(metrics), refresh=False)
         bar.update(step - bar.n)
 
     def evaluation(self, step: int, metrics: dict[str, float]) -> None:
@@ -102,3 +97,19 @@ def _git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def _bar_fields(metrics: dict[str, float]) -> dict[str, str]:
+    """What the progress bar shows of a step's metrics: loss, lr, throughput (samples and
+    visual + text tokens per second), the step's peak memory, and MFU where the device's peak
+    is known."""
+    fields = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}",
+              "samples_s": f"{metrics['samples_per_s']:.0f}"}  # fmt: skip
+    tokens = metrics.get("visual_tokens_per_s", 0.0) + metrics.get("text_tokens_per_s", 0.0)
+    if tokens:
+        fields["tokens_s"] = f"{tokens:,.0f}"
+    if "memory_gib" in metrics:
+        fields["mem_gib"] = f"{metrics['memory_gib']:.1f}"
+    if "mfu" in metrics:
+        fields["mfu"] = f"{metrics['mfu']:.1%}"
+    return fields

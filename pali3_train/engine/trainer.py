@@ -14,7 +14,7 @@ import logging
 import signal
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -37,7 +37,7 @@ from pali3_train.parallel import ParallelDims, dp_group, dp_rank, dp_size, tp_ra
 from pali3_train.precision import compute_dtype
 from pali3_train.stages.registry import spec_for
 from pali3_train.tokenizer import Tokenizer
-from pali3_train.tracking import open_tracker
+from pali3_train.tracking import open_tracker, run_name
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,9 @@ class Trainer:
         context = EvalContext(tokenizer, device, compute_dtype(cfg.train.precision), dp_rank(),
                               dp_size(), dp_group(), env.is_main)  # fmt: skip
         self.evaluators = self.spec.evaluators(cfg, context)
+        tracking = replace(cfg.tracking, run_name=cfg.tracking.run_name or run_name(cfg))
         self.tracker = open_tracker(
-            cfg.tracking, Path(cfg.run_dir), is_main=env.is_main, run_id=self.progress.mlflow_run_id
+            tracking, Path(cfg.run_dir), is_main=env.is_main, run_id=self.progress.mlflow_run_id
         )
         self.progress.mlflow_run_id = self.tracker.run_id
         self.report = RunReport(cfg, self.tracker, env.is_main, self.progress.step)

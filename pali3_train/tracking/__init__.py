@@ -8,8 +8,8 @@ and never raises for tracking trouble. Where each part lives:
 * ``mlflow_tracker``: ``open_tracker`` and ``MlflowTracker``: buffered metrics written by a
   background thread, a fallback run in the run directory while the server is unreachable, and
   its replay into the server run when the server answers again.
-* ``store``: one MLflow store (a server or a sqlite file, ``local_store_uri``) and our experiment
-  in it, and MLflow's size limits.
+* ``store``: one MLflow store (a server, or a sqlite file: by default the checkout's, shared by
+  every run, ``store_uri``) and our experiment in it, and MLflow's size limits.
 * ``outage``: which errors mean the store is down, and the short HTTP limits every MLflow call
   runs with.
 * ``parent``: ``ParentRun``, the run a curriculum's stage runs nest under.
@@ -20,7 +20,7 @@ The config as MLflow params is ``pali3_train.config.flatten_config``.
 from pali3_train.tracking.base import NullTracker, Status, Tracker
 from pali3_train.tracking.mlflow_tracker import MlflowTracker, open_tracker
 from pali3_train.tracking.parent import ParentRun
-from pali3_train.tracking.store import local_store_uri
+from pali3_train.tracking.store import run_name, sqlite_store_uri, store_uri, ui_command
 
 __all__ = [
     "MlflowTracker",
@@ -28,6 +28,9 @@ __all__ = [
     "ParentRun",
     "Status",
     "Tracker",
-    "local_store_uri",
     "open_tracker",
+    "run_name",
+    "sqlite_store_uri",
+    "store_uri",
+    "ui_command",
 ]

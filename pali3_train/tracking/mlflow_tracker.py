@@ -35,10 +35,12 @@ from pali3_train.tracking.store import (
     METRICS_PER_BATCH,
     TAG_VALUE_LIMIT,
     Store,
+    artifact_root,
     chunks,
     local_path,
-    local_store_uri,
     safe_strings,
+    sqlite_store_uri,
+    store_uri,
 )
 
 if TYPE_CHECKING:  # mlflow is imported lazily: the no-op tracker must not pay for it
@@ -64,15 +66,16 @@ def open_tracker(
 ) -> Tracker:
     """The tracker for this process. ``run_id`` (from a checkpoint) continues that run.
 
-    The store is ``cfg.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else a sqlite file in the
-    run directory (no server needed). Raises only for a store that answers but refuses us (bad
-    URI, no permission): at start-up that is a configuration error worth stopping for.
+    The store is ``cfg.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else the checkout's sqlite
+    file in ``cfg.store_dir`` (no server needed); while it cannot be reached, a sqlite file in the
+    run directory stands in. Raises only for a store that answers but refuses us (bad URI, no
+    permission): at start-up that is a configuration error worth stopping for.
     """
     if not is_main or cfg.backend == "none":
         return NullTracker()
     run_dir = Path(run_dir).resolve()
-    local = local_store_uri(run_dir)
-    uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or local
+    local = sqlite_store_uri(run_dir)
+    uri = store_uri(cfg)
     tracker = MlflowTracker(
         cfg,
         run_dir,
@@ -105,7 +108,7 @@ class MlflowTracker:
         self._fallback_uri = fallback_uri
         self._flush_every_s = flush_every_s
         self._retry_every_s = retry_every_s
-        self._artifacts = (run_dir / "mlartifacts").as_uri()
+        self._fallback_artifacts = (run_dir / "mlartifacts").as_uri()
         self._primary: Store | None = None  # None until the configured store has answered
         self._primary_run: str | None = None
         self._fallback: Store | None = None
@@ -121,6 +124,7 @@ class MlflowTracker:
         self._thread = threading.Thread(target=self._worker, name="mlflow-tracker", daemon=True)
         self._closed = False
         self._pid = os.getpid()
+        self._system_metrics = None  # MLflow's SystemMetricsMonitor, once the server run exists
 
     @property
     def run_id(self) -> str | None:
@@ -195,6 +199,8 @@ class MlflowTracker:
         if self._thread.is_alive():
             self._thread.join()
         self.flush()
+        if self._system_metrics is not None:
+            self._system_metrics.finish()
         with self._lock, http_limits():
             if self._down:
                 self._probe()
@@ -232,10 +238,7 @@ class MlflowTracker:
     def _connect(self, remote_run: str | None) -> None:
         """Reach the configured store, continue or create the run there, replay fallback runs."""
         if self._primary is None:
-            artifacts = None
-            if self._fallback_uri is None:  # the run directory's own store
-                self._run_dir.mkdir(parents=True, exist_ok=True)
-                artifacts = self._artifacts
+            artifacts = artifact_root(self._uri)
             self._primary = Store.open(self._uri, self._cfg.experiment, artifacts)
         primary = self._primary
         name = primary.resume_run(remote_run) if remote_run is not None else None
@@ -256,6 +259,21 @@ class MlflowTracker:
             )
         self._down = False
         self._local_run = None
+        self._watch_system()
+
+    def _watch_system(self) -> None:
+        """Start MLflow's own sampler of CPU, memory, disk, network and (with nvidia-ml-py) GPU
+        use into this run's ``system/`` metrics. It ends itself if the store stops answering, for
+        the rest of the run."""
+        every = self._cfg.system_metrics_every_s
+        if every is None or self._system_metrics is not None:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._system_metrics = SystemMetricsMonitor(
+            self._primary_run, sampling_interval=every, resume_logging=True, tracking_uri=self._uri
+        )
+        self._system_metrics.start()
 
     def _new_run_tags(self) -> dict[str, str]:
         tags = {"pali3.run_dir": str(self._run_dir)}
@@ -265,8 +283,9 @@ class MlflowTracker:
 
     def _open_fallback(self) -> Store:
         if self._fallback is None:
-            self._run_dir.mkdir(parents=True, exist_ok=True)
-            self._fallback = Store.open(self._fallback_uri, self._cfg.experiment, self._artifacts)
+            self._fallback = Store.open(
+                self._fallback_uri, self._cfg.experiment, self._fallback_artifacts
+            )
         return self._fallback
 
     def _begin_outage(self, exc: BaseException) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -12,7 +11,14 @@ from typing import Mapping, Sequence
 from pali3_train.config.schema import TrackingConfig
 from pali3_train.tracking.base import Status
 from pali3_train.tracking.outage import http_limits, is_outage
-from pali3_train.tracking.store import KEY_LIMIT, METRICS_PER_BATCH, Store, chunks
+from pali3_train.tracking.store import (
+    KEY_LIMIT,
+    METRICS_PER_BATCH,
+    Store,
+    artifact_root,
+    chunks,
+    store_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,17 +33,15 @@ class ParentRun:
     run_id: str
 
     @classmethod
-    def open(cls, cfg: TrackingConfig, run_name: str, artifact_root: Path) -> ParentRun | None:
-        """None when tracking is off or has no store shared by the stages (each stage then
-        writes its own run directory's store) or the store cannot be reached: the stages run
-        all the same, unnested."""
-        uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        if cfg.backend == "none" or uri is None:
+    def open(cls, cfg: TrackingConfig, run_name: str) -> ParentRun | None:
+        """The parent run in the stages' store (``store_uri``); None when tracking is off or
+        the store cannot be reached: the stages run all the same, unnested."""
+        if cfg.backend == "none":
             return None
+        uri = store_uri(cfg)
         try:
             with http_limits():
-                artifacts = Path(artifact_root).resolve().as_uri()
-                store = Store.open(uri, cfg.experiment, artifacts)
+                store = Store.open(uri, cfg.experiment, artifact_root(uri))
                 run_id, _ = store.create_run(run_name, {"pali3.curriculum": run_name})
         except Exception as exc:
             if not is_outage(exc):

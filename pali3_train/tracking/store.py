@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 from urllib.parse import unquote, urlparse
 
 from pali3_train.config.flatten import truncate
+from pali3_train.config.schema import Config, TrackingConfig
 from pali3_train.tracking.outage import status_code
 
 if TYPE_CHECKING:  # mlflow is imported lazily: the no-op tracker must not pay for it
@@ -31,8 +33,49 @@ PARAMS_TAGS_PER_BATCH = 100
 CHANGED_PARAM_PREFIX = "pali3.changed_param."  # a resumed run's param that now has another value
 
 
-def local_store_uri(run_dir: Path) -> str:
-    return f"sqlite:///{Path(run_dir).resolve()}/mlflow.db"
+def sqlite_store_uri(folder: str | Path) -> str:
+    """The sqlite store ``<folder>/mlflow.db`` (a run directory's fallback, or a checkout's)."""
+    return f"sqlite:///{Path(folder).resolve()}/mlflow.db"
+
+
+def store_uri(cfg: TrackingConfig) -> str:
+    """The store a run of ``cfg`` logs to: ``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else
+    the checkout's sqlite file in ``store_dir``."""
+    uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or sqlite_store_uri(cfg.store_dir)
+
+
+def run_name(cfg: Config) -> str:
+    """A run's default name in a store many runs share: its run directory (relative to the
+    store's folder where it lies inside it: ``runs/demo/stage1`` -> ``demo/stage1``) and its
+    stage, so the runs of a checkout can be told apart and compared in the UI."""
+    run_dir, store = Path(cfg.run_dir).resolve(), Path(cfg.tracking.store_dir).resolve()
+    name = str(run_dir.relative_to(store)) if run_dir.is_relative_to(store) else run_dir.name
+    return f"{name} (stage {cfg.stage.name})" if cfg.stage.name is not None else name
+
+
+def ui_command(cfg: TrackingConfig) -> str:
+    """How to look at the runs of ``cfg``'s store: the ``mlflow ui`` command for a sqlite file,
+    the server's address otherwise."""
+    uri = store_uri(cfg)
+    if sqlite_path(uri) is None:
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite URI (``sqlite:///relative.db``, ``sqlite:////absolute.db``,
+    SQLAlchemy's forms), resolved; None for a server."""
+    prefix = "sqlite:///"
+    return Path(unquote(uri.removeprefix(prefix))).resolve() if uri.startswith(prefix) else None
+
+
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment of ``uri`` keeps its artifacts: ``mlartifacts/`` beside a sqlite
+    file (MLflow's default would be ``./mlruns`` of whatever the working directory is); None
+    for a server, which has its own artifact store."""
+    path = sqlite_path(uri)
+    return None if path is None else (path.parent / "mlartifacts").as_uri()
 
 
 @dataclasses.dataclass
@@ -47,6 +90,8 @@ class Store:
     def open(cls, uri: str, experiment: str, artifact_location: str | None) -> Store:
         from mlflow import MlflowClient
 
+        if (path := sqlite_path(uri)) is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name(experiment)
         if exp is None:

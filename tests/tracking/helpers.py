@@ -1,6 +1,7 @@
 """Helpers for the tracking tests, which run against real MLflow: a local sqlite store, or the
 real ``mlflow server`` of ``tests/conftest.py`` (started once per session)."""
 
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -13,8 +14,10 @@ LOGGER = "pali3_train.tracking"
 
 
 def tracking_cfg(uri: str | None = None, **kw) -> TrackingConfig:
-    """A fresh experiment per test, so that counting runs means something."""
-    return TrackingConfig(tracking_uri=uri, experiment=f"test-{uuid.uuid4().hex[:8]}", **kw)
+    """A fresh experiment per test, so that counting runs means something, and a fresh default
+    store (``store_dir``), so that no test writes into the checkout's ``runs/``."""
+    fresh = {"experiment": f"test-{uuid.uuid4().hex[:8]}", "store_dir": tempfile.mkdtemp()}
+    return TrackingConfig(tracking_uri=uri, **{**fresh, **kw})
 
 
 def metric_history(client: MlflowClient, run_id: str, key: str = "loss") -> list[tuple[int, float]]:

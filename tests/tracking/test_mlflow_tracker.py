@@ -1,13 +1,14 @@
-"""The MLflow tracker against real MLflow: the default sqlite store in the run directory, and a
-real ``mlflow server``."""
+"""The MLflow tracker against real MLflow: the checkout's default sqlite store, and a real
+``mlflow server``."""
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from mlflow import MlflowClient
 
-from pali3_train.config import flatten_config
-from pali3_train.tracking import open_tracker
+from pali3_train.config import config_from_dict, flatten_config
+from pali3_train.tracking import open_tracker, run_name
 from tests.tracking.helpers import (
     LOGGER,
     config_with_lists,
@@ -21,23 +22,48 @@ from tests.tracking.helpers import (
 # ----------------------------------------------------------------------- local default store
 
 
-def test_default_store_is_sqlite_in_the_run_dir(tmp_path):
-    cfg = tracking_cfg(run_name="local")
-    tracker = open_tracker(cfg, tmp_path / "run", is_main=True, flush_every_s=0.1)
+def test_runs_of_a_checkout_share_its_store_with_artifacts_beside_it(tmp_path):
+    store = tmp_path / "runs"
+    cfg = tracking_cfg(run_name="local", store_dir=str(store))
+    tracker = open_tracker(cfg, store / "a", is_main=True, flush_every_s=0.1)
     values = log_steps(tracker, range(3))
     (tmp_path / "notes.txt").write_text("hello")
     tracker.log_artifact(tmp_path / "notes.txt")
     tracker.close()
+    second = open_tracker(tracking_cfg(experiment=cfg.experiment, store_dir=str(store)),
+                          store / "b", is_main=True)  # fmt: skip
+    second.close()
 
-    assert (tmp_path / "run" / "mlflow.db").is_file()
-    client = MlflowClient(f"sqlite:///{tmp_path}/run/mlflow.db")
-    [run] = runs_in(client, cfg.experiment)
-    assert run.info.run_id == tracker.run_id
+    assert not (store / "a" / "mlflow.db").exists(), "no store per run directory"
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    runs = {run.info.run_id: run for run in runs_in(client, cfg.experiment)}
+    assert set(runs) == {tracker.run_id, second.run_id}, "one store shows both runs"
+    run = runs[tracker.run_id]
     assert (run.info.run_name, run.info.status) == ("local", "FINISHED")
     assert metric_history(client, run.info.run_id) == sorted(values.items())
     artifact = Path(run.info.artifact_uri.removeprefix("file://")) / "notes.txt"
-    assert artifact.is_relative_to(tmp_path / "run" / "mlartifacts")
+    assert artifact.is_relative_to(store / "mlartifacts"), "beside the store, not in ./mlruns"
     assert artifact.read_text() == "hello"
+
+
+def test_system_metrics_are_sampled_into_the_run(tmp_path):
+    cfg = tracking_cfg(store_dir=str(tmp_path), system_metrics_every_s=0.2)
+    tracker = open_tracker(cfg, tmp_path / "run", is_main=True)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    wait_until(lambda: "system/cpu_utilization_percentage" in
+               client.get_run(tracker.run_id).data.metrics)  # fmt: skip
+    tracker.close()
+    metrics = client.get_run(tracker.run_id).data.metrics
+    assert 0 <= metrics["system/cpu_utilization_percentage"] <= 100
+    assert metrics["system/system_memory_usage_megabytes"] > 0
+
+
+def test_a_runs_default_name_is_its_run_directory_and_stage(tmp_path):
+    cfg = config_from_dict({"run_dir": str(tmp_path / "runs/demo/stage1"), "stage": {"name": "1"},
+                            "tracking": {"store_dir": str(tmp_path / "runs")}})  # fmt: skip
+    assert run_name(cfg) == "demo/stage1 (stage 1)"
+    elsewhere = replace(cfg, run_dir=str(tmp_path / "scratch" / "try3"))
+    assert run_name(replace(elsewhere, stage=replace(cfg.stage, name=None))) == "try3"
 
 
 # ------------------------------------------------------------------------------ real server
