@@ -1,7 +1,7 @@
 """Capacity planner: the fastest layout to train a stage with that fits a cluster's GPUs.
 
-    python -m cluster.plan --model configs/models/pali3_5b.yaml --gpus 64 --gpu-memory 80
-    python -m cluster.plan --config configs/pali3_5b/stage2_812.yaml --stage 2 --gpus 256 \\
+    python -m cluster.plan --model configs/models/pali3_5b.yaml --world-size 64 --gpu-memory 80
+    python -m cluster.plan --config configs/pali3_5b/stage2_812.yaml --stage 2 --world-size 256 \\
         --gpu-memory 80 --global-batch 1024
 
 Layouts tried: tensor parallelism (TP) over the divisors of --gpus-per-node that the model splits
@@ -43,6 +43,7 @@ import argparse
 import sys
 from dataclasses import dataclass, replace
 
+from pali3_train.cli import command_parser
 from pali3_train.config import Config, ConfigError, add_overrides_option, load_config
 from pali3_train.config.schema import FieldError
 from pali3_train.engine.checks import check_stage_flag
@@ -140,7 +141,8 @@ def search(cfg: Config, cluster: Cluster, where: str = "config") -> Search:
     if gpus % per_node:
         partial = f" (one partial node: --gpus-per-node {gpus})" if gpus < per_node else ""
         raise PlanError(
-            f"--gpus-per-node: --gpus {gpus} is not a whole number of {per_node}-GPU nodes{partial}"
+            f"--gpus-per-node: --world-size {gpus} is not a whole number of {per_node}-GPU "
+            f"nodes{partial}"
         )
     model = stage_model(cfg, where)
     batch = cfg.train.global_batch_size
@@ -195,8 +197,8 @@ def recommend(found: Search) -> Layout:
         f"needs {least.required / GiB:.1f} GiB ({least.describe()}: model states "
         f"{least.states.total / GiB:.1f} GiB + activations {least.activations / GiB:.1f} GiB, "
         f"x {1 + found.cluster.fragmentation:g} + {found.cluster.reserve_gib:g} GiB reserve). "
-        "What would help: GPUs with at least that much memory; more --gpus "
-        f"(ZeRO-3 divides the states by DP); shorter sequences (--image-size, --prompt-tokens, "
+        "What would help: GPUs with at least that much memory; more --world-size "
+        f"(ZeRO-3 divides the states by DP); shorter sequences (--image-size-px, --prompt-tokens, "
         f"--target-tokens) for the activations; or freezing more (--set stage.freeze=[...])"
     )
 
@@ -286,7 +288,7 @@ def load(args: argparse.Namespace) -> tuple[Config, str]:
         ]
     for option, key in (
         ("global_batch", "train.global_batch_size"),
-        ("image_size", "model.vit.image_size_px"),
+        ("image_size_px", "model.vit.image_size_px"),
         ("prompt_tokens", "data.max_prompt_tokens"),
         ("target_tokens", "data.max_target_tokens"),
     ):
@@ -297,21 +299,17 @@ def load(args: argparse.Namespace) -> tuple[Config, str]:
     return check_stage_flag(load_config(where, overrides + args.set), args.stage, where), where
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m cluster.plan",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def build_parser() -> argparse.ArgumentParser:
+    parser = command_parser("python -m cluster.plan", __doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a model preset (bf16, the stage's usual freezing)")
     source.add_argument("--config", help="a stage config (its precision, freezing, batch)")
     parser.add_argument("--stage", choices=tuple(CURRICULUM), help="--model: default 1")
-    parser.add_argument("--gpus", type=int, required=True, help="GPUs in all")
+    parser.add_argument("--world-size", type=int, required=True, help="GPUs in all")
     parser.add_argument("--gpu-memory", type=float, required=True, help="GiB per GPU")
-    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs a node has")
     parser.add_argument("--global-batch", type=int, help="default: the config's")
-    parser.add_argument("--image-size", type=int, help="pixels (model.vit.image_size_px)")
+    parser.add_argument("--image-size-px", type=int, help="model.vit.image_size_px")
     parser.add_argument("--prompt-tokens", type=int, help="data.max_prompt_tokens")
     parser.add_argument("--target-tokens", type=int, help="data.max_target_tokens")
     parser.add_argument(
@@ -322,14 +320,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reserve", type=float, default=2.0, help="GiB kept free per GPU")
     parser.add_argument("--max-micro", type=int, default=256, help="largest micro-batch tried")
     add_overrides_option(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("gpus", "gpu_memory", "gpus_per_node", "hfu", "peak_tflops", "max_micro"):
+    for name in ("world_size", "gpu_memory", "gpus_per_node", "hfu", "peak_tflops", "max_micro"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0")
     if args.hfu > 1:
         parser.error("--hfu is a fraction of the peak, at most 1")
     cluster = Cluster(
-        args.gpus, args.gpu_memory, args.gpus_per_node, args.hfu, args.peak_tflops,
+        args.world_size, args.gpu_memory, args.gpus_per_node, args.hfu, args.peak_tflops,
         args.fragmentation, args.reserve, args.max_micro,
     )  # fmt: skip
     try:

@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 from data_pipeline.manifest import Manifest
 from data_pipeline.tasks import TASKS, format_example
 from data_pipeline.write_shards import Example, write_source
+from pali3_train.cli import command_parser
 from pali3_train.config import SourceConfig
 from pali3_train.tokenizer import Tokenizer, train_tokenizer
 
@@ -526,18 +527,22 @@ def build_demo_corpora(root: str | Path = ".", only_missing: bool = False) -> li
     return built
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = command_parser("python -m data_pipeline.demo_corpus", __doc__)
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", help="output folder")
     target.add_argument("--demo", action="store_true", help=f"both of {', '.join(DEMO_CORPORA)}")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--samples-per-source", type=int, default=512)
-    parser.add_argument("--samples-per-shard", type=int, default=64)
-    parser.add_argument("--image-size-px", type=int, default=64)
-    parser.add_argument("--vocab-size", type=int, default=1000, help="upper bound")
+    parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
+    parser.add_argument("--samples-per-source", type=int, default=512, help="examples per source")
+    parser.add_argument("--samples-per-shard", type=int, default=64, help="examples per shard")
+    parser.add_argument("--image-size-px", type=int, default=64, help="square images, this wide")
+    parser.add_argument("--vocab-size", type=int, default=1000, help="the tokenizer's upper bound")
     parser.add_argument("--split", choices=SPLITS, default="train", help="held_out: for evaluation")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     start = time.perf_counter()
     if args.demo:
         corpora = build_demo_corpora()

@@ -33,6 +33,7 @@ import webdataset as wds
 from PIL import Image
 
 from data_pipeline.manifest import Manifest, ShardInfo, file_sha256
+from pali3_train.cli import command_parser
 
 # webdataset splits a member name at its first dot into key and field, so keys must be dot-free.
 KEY_PATTERN = re.compile(r"^[\w-]+$")
@@ -212,8 +213,8 @@ def _generator(spec: str) -> Callable[..., Iterable[Example]]:
         raise SystemExit(f"error: --generator {spec}: {exc}") from None
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = command_parser("python -m data_pipeline.write_shards", __doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--records", help="JSONL of records (with --images)")
     source.add_argument("--coco-captions", help="COCO captions_*.json (with --images)")
@@ -231,9 +232,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", required=True, help="source name (shard file prefix)")
     parser.add_argument("--tasks", help="comma-separated tasks the records serve (default for "
                         "--coco-captions: caption; for --vqav2-questions: vqa)")  # fmt: skip
-    parser.add_argument("--languages", default="en", help="comma-separated language codes")
-    parser.add_argument("--max-samples-per-shard", type=int, default=10_000)
-    parser.add_argument("--max-bytes-per-shard", type=float, default=1e9)
+    parser.add_argument("--languages", default="en",
+                        help="comma-separated codes; the first is flat JSONL fields'")  # fmt: skip
+    parser.add_argument("--max-samples-per-shard", type=int, default=10_000,
+                        help="a shard closes after this many samples")  # fmt: skip
+    parser.add_argument("--max-bytes-per-shard", type=float, default=1e9,
+                        help="... or once it holds this many bytes")  # fmt: skip
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     from data_pipeline import converters  # here, not at the top: it imports this module

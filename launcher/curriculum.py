@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from pali3_train.config import Config, ConfigError, load_config
+from pali3_train.cli import command_parser
+from pali3_train.config import Config, ConfigError, add_overrides_option, load_config
 from pali3_train.config.curriculum import Curriculum, CurriculumStep
 from pali3_train.config.loader import load_with_sources
 from pali3_train.engine.checks import check_freeze, check_layout, check_stage_flag
@@ -34,9 +35,16 @@ def stage_config_path(curriculum_file: Path, step: CurriculumStep) -> Path:
     return (curriculum_file.parent / step.config).resolve()
 
 
-def overrides(plan: Curriculum, step: CurriculumStep, parent: ParentRun | None, baseline: bool):
-    """--set items: the step's own, then where a baseline goes, then the MLflow nesting."""
-    items = list(step.set)
+def overrides(
+    plan: Curriculum,
+    step: CurriculumStep,
+    parent: ParentRun | None,
+    baseline: bool,
+    common: list[str],
+) -> list[str]:
+    """--set items: the step's own, then the command line's (``common``, for every step), then
+    where a baseline goes, then the MLflow nesting."""
+    items = [*step.set, *common]
     if baseline:
         items += [f"run_dir={plan.run_dir}/{step.name}", "stage.init_from=null"]
     items.append(f"tracking.run_name={step.name}")
@@ -50,16 +58,16 @@ def steps(plan: Curriculum) -> list[tuple[CurriculumStep, bool]]:
     return [(step, True) for step in plan.baselines] + [(step, False) for step in plan.stages]
 
 
-def check_all(path: Path, plan: Curriculum) -> dict[str, Config]:
-    """Every step's config, loaded and validated: a typo in the last stage fails now, not an
-    hour into the first."""
+def check_all(path: Path, plan: Curriculum, common: list[str]) -> dict[str, Config]:
+    """Every step's config, loaded and validated with ``common`` overrides: a typo in the last
+    stage fails now, not an hour into the first."""
     configs = {}
     for step, baseline in steps(plan):
         config_path = stage_config_path(path, step)
         if not config_path.is_file():
             raise ConfigError(str(path), f"{step.name}.config", f"{config_path} does not exist")
         # where: the stage file, knowing which fields the step's --set items gave
-        cfg, where = load_with_sources(config_path, overrides(plan, step, None, baseline))
+        cfg, where = load_with_sources(config_path, overrides(plan, step, None, baseline, common))
         cfg = check_stage_flag(cfg, step.stage, where)
         check_layout(cfg, plan.nproc_per_node, where, training=not baseline)
         check_freeze(cfg, where, training=not baseline)  # module names, on the meta device
@@ -87,11 +95,13 @@ def launch_env() -> dict[str, str]:
 
 
 def run_step(
-    path: Path, plan: Curriculum, step: CurriculumStep, cfg: Config, parent, baseline: bool
-) -> float:
-    extra = ["--set", *overrides(plan, step, parent, baseline)]
-    if baseline:
-        extra.append("--eval-only")
+    args: argparse.Namespace, plan: Curriculum, step: CurriculumStep, cfg: Config, parent,
+    baseline: bool,
+) -> float:  # fmt: skip
+    path = args.curriculum
+    extra = ["--set", *overrides(plan, step, parent, baseline, args.set)]
+    extra += ["--eval-only"] if baseline else []
+    extra += ["--verbose"] if args.verbose else []
     trains = f"stage {cfg.stage.name}" if cfg.stage.name else f"{cfg.stage.objective} objective"
     what = "untrained baseline, evaluated" if baseline else trains
     print(f"\n=== {step.name} ({what}): {step.config}", flush=True)
@@ -127,13 +137,19 @@ def results_table(columns: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = command_parser("python launcher/curriculum.py", __doc__)
     parser.add_argument("curriculum", type=Path, help="a curriculum YAML (see configs/tiny/)")
-    args = parser.parse_args(argv)
+    add_overrides_option(parser, "for every step, after its own set: items")
+    parser.add_argument("--verbose", action="store_true", help="passed to every stage's run")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         plan = load_config(args.curriculum, schema=Curriculum)
-        configs = check_all(args.curriculum, plan)
+        configs = check_all(args.curriculum, plan, args.set)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -145,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for step, baseline in steps(plan):
             cfg = configs[step.name]
-            seconds[step.name] = run_step(args.curriculum, plan, step, cfg, parent, baseline)
+            seconds[step.name] = run_step(args, plan, step, cfg, parent, baseline)
         status = "FINISHED"
     finally:
         columns = {name: final_eval(Path(cfg.run_dir)) for name, cfg in configs.items()}

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from launcher.quickstart import quickstart
+from pali3_train.cli import command_parser
 from pali3_train.config import Config, ConfigError, add_overrides_option
 from pali3_train.config.loader import load_with_sources, one_line
 from pali3_train.engine.checks import check_before_start, check_stage_flag
@@ -72,12 +73,14 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(refuse(message, read_env()))
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = OneLineParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = command_parser("launcher/run.py", __doc__, OneLineParser)
     parser.add_argument("--stage", choices=tuple(CURRICULUM), help="checked against the config")
     parser.add_argument("--config", help="stage YAML (see configs/); default: --stage's recipe")
     add_overrides_option(parser)
-    parser.add_argument("--resume", default="auto", help="auto | none | a checkpoint folder")
+    parser.add_argument(
+        "--resume", default="auto", help="auto (the newest valid checkpoint), none, or a folder"
+    )
     parser.add_argument("--overwrite", action="store_true",
                         help="with --resume none: move the run in run_dir aside")  # fmt: skip
     parser.add_argument("--trust-checkpoint", action="store_true",
@@ -91,6 +94,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--world-size", type=int, help="dry run: devices (default: environment)")
     parser.add_argument("--gpus-per-node", type=int, help="dry run: devices per node (default 8)")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.config is None and args.stage is None:
         parser.error("give --config, or --stage alone for that stage's tiny recipe")

@@ -3,9 +3,9 @@
     python -m pali3_train.generate --checkpoint runs/demo/stage2/model.safetensors \\
         --image photo.png photos/ --prompt "Caption in EN:"
     python -m pali3_train.generate --checkpoint runs/demo/stage2/model.safetensors \\
-        --input questions.jsonl --output answers.jsonl --batch-size 16
+        --input questions.jsonl --out answers.jsonl --batch-size 16
 
-Each prints (or writes, ``--output``) one JSON line per input, in input order:
+Each prints (or writes, ``--out``) one JSON line per input, in input order:
 ``{"image": ..., "prompt": ..., "answer": ...}``, plus the input's ``"id"`` where it has one.
 ``--image`` takes files and folders (a folder's .jpg/.jpeg/.png/.webp files, sorted) and applies
 ``--prompt`` to each; ``--input`` takes a JSONL file of ``{"image": path, "prompt": text}`` lines
@@ -38,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 from data_pipeline.transforms import Batch, decode_image, model_input
+from pali3_train.cli import command_parser
 from pali3_train.config import ModelConfig, config_from_dict
 from pali3_train.convert.safetensors_io import load_weights, read_metadata
 from pali3_train.eval.answers import generate_answers
@@ -211,14 +212,14 @@ def _positive(text: str) -> int:
     return value
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = command_parser("python -m pali3_train.generate", __doc__)
     parser.add_argument("--checkpoint", required=True, help="model.safetensors or step_* folder")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", nargs="+", type=Path, help="image files and folders")
     source.add_argument("--input", type=Path, help='JSONL: {"image": ..., "prompt": ...} a line')
     parser.add_argument("--prompt", help='with --image: e.g. "Caption in EN:"')
-    parser.add_argument("--output", type=Path, help="JSONL file to write; default: stdout")
+    parser.add_argument("--out", type=Path, help="JSONL file to write; default: stdout")
     parser.add_argument("--tokenizer", help="default: the one recorded with the checkpoint")
     parser.add_argument("--batch-size", type=_positive, default=8, help="inputs per forward")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
@@ -252,11 +253,11 @@ def _device(name: str | None) -> torch.device:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.output is not None and not args.output.parent.is_dir():
-            raise InputError(f"--output: {args.output.parent} is not a folder")
+        if args.out is not None and not args.out.parent.is_dir():
+            raise InputError(f"--out: {args.out.parent} is not a folder")
         items, device = _items(args), _device(args.device)
     except InputError as e:
         parser.error(str(e))
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     model = model.to(device, dtype)
     records = answer_items(model, tokenizer, items, args.batch_size, args.max_tokens,
                            args.beam_size)  # fmt: skip
-    with output_stream(args.output) as out:
+    with output_stream(args.out) as out:
         for record in records:
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             out.flush()

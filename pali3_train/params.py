@@ -13,7 +13,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from pali3_train.config import ModelConfig, load_config_or_exit
+from pali3_train.cli import command_parser
+from pali3_train.config import ModelConfig, add_overrides_option, load_config_or_exit
 from pali3_train.models import PaLI3, SigLIP
 
 # PaLI-3 paper (arXiv 2310.09199), Figure 1 and abstract: a 2B SigLIP image encoder, a 3B UL2
@@ -72,21 +73,15 @@ def format_table(rows: list[Row], compare_with_paper: bool = True) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pali3_train.params",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def build_parser() -> argparse.ArgumentParser:
+    parser = command_parser("python -m pali3_train.params", __doc__)
     parser.add_argument("--model", required=True, help="a model preset or any config YAML")
-    parser.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="dotted overrides, e.g. model.vit.depth=48",
-    )
-    args = parser.parse_args(argv)
+    add_overrides_option(parser, "e.g. model.vit.depth=48")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     cfg = load_config_or_exit(args.model, args.set)
     print(format_table(parameter_table(cfg.model)))
     return 0

@@ -238,30 +238,37 @@ def read_texts(path: str | Path, field: str | None = None) -> Iterator[str]:
             yield text
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pali3_train.tokenizer",
-        description="Train, check or extend a SentencePiece model with T5's special ids.",
-    )
+def build_parser() -> argparse.ArgumentParser:
+    from pali3_train.cli import command_parser, subcommand_options
+
+    parser = command_parser("python -m pali3_train.tokenizer", __doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="text files -> a SentencePiece model")
+    options = subcommand_options()
+    train = sub.add_parser("train", help="text files -> a SentencePiece model", **options)
     train.add_argument("--input", required=True, nargs="+", help="texts, one per line (or JSONL)")
     train.add_argument("--field", help="JSONL: the field holding each line's text")
     train.add_argument("--vocab-size", required=True, type=int, help="an upper bound")
     train.add_argument("--out", required=True, help="the .model file to write")
-    train.add_argument("--model-type", default="unigram", choices=("unigram", "bpe"))
-    train.add_argument("--character-coverage", type=float, default=1.0)
-    check = sub.add_parser("check", help="a model's ids, and which markers are not one piece")
-    check.add_argument("model")
-    add = sub.add_parser("add-symbols", help="append markers that are not one piece")
-    add.add_argument("model")
+    train.add_argument("--model-type", default="unigram", choices=("unigram", "bpe"),
+                       help="SentencePiece's algorithm")  # fmt: skip
+    train.add_argument("--character-coverage", type=float, default=1.0,
+                       help="share of characters kept as pieces (lower: CJK text)")  # fmt: skip
+    check = sub.add_parser("check", help="a model's ids, and which markers are not one piece",
+                           **options)  # fmt: skip
+    check.add_argument("model", help="a SentencePiece .model file")
+    add = sub.add_parser("add-symbols", help="append markers that are not one piece", **options)
+    add.add_argument("model", help="the SentencePiece .model file to extend")
     add.add_argument("--out", required=True, help="the extended .model file to write")
     for command in (train, check, add):
         command.add_argument(
             "--symbol", action="append", default=[], required=command is add,
             help='a task marker to keep as one piece, e.g. "<caption>" (repeatable)',
         )  # fmt: skip
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "train":
             texts = (text for path in args.input for text in read_texts(path, args.field))

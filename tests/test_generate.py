@@ -148,7 +148,7 @@ def test_batches_of_one_and_of_three_give_the_same_answers(exported, photos, cap
 
 def test_output_goes_to_a_jsonl_file(exported, photos, capsys, tmp_path):
     out = tmp_path / "answers.jsonl"
-    assert run_cli(capsys, exported, "--image", str(photos), "--prompt", "x", "--output",
+    assert run_cli(capsys, exported, "--image", str(photos), "--prompt", "x", "--out",
                    str(out)) == []  # fmt: skip
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["image"] for r in records] == [str(photos / name) for name in PHOTOS]
@@ -164,7 +164,7 @@ def test_a_crash_leaves_no_output_file(exported, photos, tmp_path, monkeypatch):
     monkeypatch.setattr(generate, "generate_answers", broken)
     with pytest.raises(RuntimeError, match="out of memory"):
         main(["--checkpoint", str(exported["path"]), "--image", str(photos), "--prompt", "x",
-              "--output", str(out)])  # fmt: skip
+              "--out", str(out)])  # fmt: skip
     assert list(tmp_path.iterdir()) == []
 
 
@@ -205,7 +205,7 @@ def test_a_bad_jsonl_line_is_named_before_the_model_loads(exported, capsys, tmp_
      (["--image", "{tmp}"], "--image needs --prompt"),
      (["--input", "{tmp}/q.jsonl"], "--input: {tmp}/q.jsonl is not a file"),
      (["--input", "{tmp}/q.jsonl", "--image", "{tmp}"], "not allowed with argument"),
-     (["--image", "{tmp}", "--prompt", "x", "--output", "{tmp}/no/a.jsonl"], "is not a folder")],
+     (["--image", "{tmp}", "--prompt", "x", "--out", "{tmp}/no/a.jsonl"], "is not a folder")],
 )  # fmt: skip
 def test_bad_arguments_are_usage_errors(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as stopped:

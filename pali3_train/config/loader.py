@@ -138,10 +138,12 @@ def _merge(
             )
 
 
-def add_overrides_option(parser: argparse.ArgumentParser) -> None:
-    """``--set a.b=1 c=2``, repeatable (every occurrence applies), for ``load_config``."""
+def add_overrides_option(parser: argparse.ArgumentParser, applies: str = "") -> None:
+    """``--set a.b=1 c=2``, repeatable (every occurrence applies), for ``load_config``;
+    ``applies`` says to what, where that needs saying."""
+    help_text = "config overrides, dotted.key=value (may repeat)" + (f"; {applies}" * bool(applies))
     parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
-                        help="config overrides, dotted.key=value (may repeat)")  # fmt: skip
+                        help=help_text)  # fmt: skip
 
 
 def apply_overrides(data: dict, origins: Origins, overrides: Sequence[str]) -> None:

@@ -1,4 +1,9 @@
-"""Command line: ``python -m pali3_train.convert {import,export,assemble} ...``.
+"""Convert SigLIP and T5/UL2 towers and trained PaLI-3 models between HuggingFace checkpoints
+and pali3-train's safetensors files.
+
+    python -m pali3_train.convert import {siglip,t5,pali3} SRC --out FILE [--model-yaml FILE]
+    python -m pali3_train.convert export FILE --out DIR
+    python -m pali3_train.convert assemble --vision SRC --language SRC --out FILE
 
 ``import``/``export`` move one tower (siglip, t5) or a whole trained PaLI-3 (``pali3_hf``)
 between HuggingFace checkpoints and our safetensors files; ``export`` tells which by the file's
@@ -14,19 +19,17 @@ from pathlib import Path
 
 import yaml
 
+from pali3_train.cli import command_parser, subcommand_options
 from pali3_train.convert.hf_checkpoint import KINDS, export_hf, import_hf
 from pali3_train.convert.pali3 import assemble
 from pali3_train.convert.pali3_hf import PALI3_KIND, export_pali3, import_pali3, is_pali3
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pali3_train.convert",
-        description="Convert SigLIP / T5-UL2 towers and trained PaLI-3 models between "
-        "HuggingFace checkpoints and pali3-train safetensors.",
-    )
+def build_parser() -> argparse.ArgumentParser:
+    parser = command_parser("python -m pali3_train.convert", __doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    imp = sub.add_parser("import", help="HF checkpoint directory -> pali3-train safetensors")
+    imp = sub.add_parser("import", help="HF checkpoint directory -> pali3-train safetensors",
+                         **subcommand_options())  # fmt: skip
     imp.add_argument(
         "kind",
         choices=(*KINDS, PALI3_KIND),
@@ -37,16 +40,20 @@ def _parser() -> argparse.ArgumentParser:
         help="directory with config.json and (sharded) safetensors, or for "
         "pali3 the exported directory (vision/, language/, pali3.json, ...)",
     )
-    imp.add_argument("out", help="output .safetensors file (pali3: its tokenizer goes beside it)")
+    imp.add_argument(
+        "--out", required=True, help="output .safetensors file (pali3: its tokenizer beside it)"
+    )
     _model_yaml_option(imp)
-    exp = sub.add_parser("export", help="pali3-train safetensors -> HF checkpoint directory")
+    exp = sub.add_parser("export", help="pali3-train safetensors -> HF checkpoint directory",
+                         **subcommand_options())  # fmt: skip
     exp.add_argument(
         "src",
         help="a .safetensors file written by `import`, `assemble` or training: "
         "a tower, or a PaLI-3 (then a directory of HF parts and a model card)",
     )
-    exp.add_argument("out", help="output directory")
-    asm = sub.add_parser("assemble", help="SigLIP + T5/UL2 towers -> a PaLI-3 stage.init_from file")
+    exp.add_argument("--out", required=True, help="output directory")
+    asm = sub.add_parser("assemble", help="SigLIP + T5/UL2 towers -> a PaLI-3 stage.init_from file",
+                         **subcommand_options())  # fmt: skip
     asm.add_argument("--vision", required=True, help="SigLIP: HF directory or our .safetensors")
     asm.add_argument("--language", required=True, help="T5/UL2: HF directory or our .safetensors")
     asm.add_argument("--out", required=True, help="output .safetensors file")
@@ -91,7 +98,7 @@ def _export(src: str, out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "import" and args.kind == PALI3_KIND:
             _report_sections(args.out, import_pali3(args.src, args.out), args.model_yaml)

@@ -142,7 +142,7 @@ Fidelity notes:
 
 ## Back to pali3-train
 
-    python -m pali3_train.convert import pali3 <this directory> model.safetensors
+    python -m pali3_train.convert import pali3 <this directory> --out model.safetensors
 
 rebuilds the original file (weights and model config identical, tokenizer copied beside it as
 `model.spiece.model`), ready for `stage.init_from` or `python -m pali3_train.generate`.

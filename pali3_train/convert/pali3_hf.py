@@ -1,7 +1,7 @@
 """A trained PaLI-3 (our kind-"pali3" file) <-> a directory of stock HuggingFace parts, and back.
 
-    python -m pali3_train.convert export runs/stage2/model.safetensors pali3-hf/
-    python -m pali3_train.convert import pali3 pali3-hf/ stage2-again.safetensors
+    python -m pali3_train.convert export runs/stage2/model.safetensors --out pali3-hf/
+    python -m pali3_train.convert import pali3 pali3-hf/ --out stage2-again.safetensors
 
 transformers has no PaLI-3 class, so the export is the model's three pieces, each loadable on its
 own, with what gluing them needs (``pali3_card`` writes the card with the snippet that does it):

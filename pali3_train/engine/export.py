@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pali3_train.cli import command_parser
 from pali3_train.config import Config, config_from_dict, to_dict
 from pali3_train.convert.hf_checkpoint import FORMAT
 from pali3_train.convert.safetensors_io import StateDict, save_weights
@@ -122,11 +123,15 @@ def _gather_weights(module: nn.Module, zero_stage: int) -> StateDict:
         return full_state_dict(module)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = command_parser("python -m pali3_train.engine.export", __doc__)
     parser.add_argument("checkpoint", help="a step_NNNNNNNN folder")
-    parser.add_argument("out", help="the .safetensors file to write")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", required=True, help="the .safetensors file to write")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     path = export(args.checkpoint, args.out)
     print(f"wrote {path}")
 

@@ -71,7 +71,7 @@ def _convert_to_universal(argv: list[str]) -> None:
 
     torch.serialization.add_safe_globals(allowed_types())  # also seen by forked workers
     os.environ[FORCE_WEIGHTS_ONLY] = "1"
-    sys.argv = ["ds_to_universal", *argv]
+    sys.argv = ["python -m pali3_train.engine.safe_load", *argv]  # its usage line, as typed
     ds_to_universal.main(ds_to_universal.parse_arguments())
 
 

@@ -180,18 +180,18 @@ def test_a_tiny_budget_is_refused_naming_gpu_memory(stage1, capsys):
     with pytest.raises(PlanError, match=r"^--gpu-memory: no layout fits 2.5 GiB .* needs 3\.\d"):
         recommend(replace(stage1, cluster=replace(stage1.cluster, gpu_memory_gib=2.5)))
 
-    assert main(["--model", str(TINY), "--gpus", "8", "--gpu-memory", "0.5"]) == 2
+    assert main(["--model", str(TINY), "--world-size", "8", "--gpu-memory", "0.5"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --gpu-memory: no layout fits 0.5 GiB per GPU; the smallest")
-    assert "--gpus" in err and "--image-size" in err
+    assert "--world-size" in err and "--image-size-px" in err
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--gpus", "12"], "error: --gpus-per-node: --gpus 12 is not a whole number of 8-GPU"),
-        (["--gpus", "4"], "(one partial node: --gpus-per-node 4)"),
-        (["--gpus", "16", "--global-batch", "10"], "error: --global-batch: no layout splits it"),
+        (["--world-size", "12"], "error: --gpus-per-node: --world-size 12 is not a whole number"),
+        (["--world-size", "4"], "(one partial node: --gpus-per-node 4)"),
+        (["--world-size", "16", "--global-batch", "10"], "error: --global-batch: no layout splits"),
     ],
 )
 def test_impossible_requests_are_refused_naming_the_option(args, message, capsys):
@@ -213,7 +213,7 @@ def test_tp_sizes_the_model_cannot_split_are_left_out():
 
 def test_the_cli_recommends_a_layout_for_the_5b_preset_on_64_gpus():
     command = [sys.executable, "-m", "cluster.plan", "--model", str(PRESET)]
-    command += ["--gpus", "64", "--gpu-memory", "80", "--global-batch", "1024"]
+    command += ["--world-size", "64", "--gpu-memory", "80", "--global-batch", "1024"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     out = done.stdout

@@ -57,7 +57,7 @@ def _our_vision(state):
 def test_a_vision_only_siglip_imports_as_the_vit_and_exports_back(tmp_path, prefixed):
     hf = _hf_vision(tmp_path / "hf", prefixed)
     out = tmp_path / "vit.safetensors"
-    assert convert_cli(["import", "siglip", str(tmp_path / "hf"), str(out)]) == 0
+    assert convert_cli(["import", "siglip", str(tmp_path / "hf"), "--out", str(out)]) == 0
     kind, sections, state = read_ours(out)
     assert kind == "siglip" and sections == {"vit": VIT}
     vit, head = _our_vision(state)
@@ -94,7 +94,7 @@ def test_a_tied_t5_head_is_copied_into_ours_and_scaled_as_hf_does(tmp_path, capl
     hf = _hf_t5(tmp_path / "hf", scaled)
     out = tmp_path / "ul2.safetensors"
     with caplog.at_level(logging.WARNING, logger="pali3_train.convert.t5"):
-        assert convert_cli(["import", "t5", str(tmp_path / "hf"), str(out)]) == 0
+        assert convert_cli(["import", "t5", str(tmp_path / "hf"), "--out", str(out)]) == 0
     assert "tied to shared.weight" in caplog.text
     assert ("d_model**-0.5" in caplog.text) == scaled
     _, sections, state = read_ours(out)
@@ -120,7 +120,7 @@ def test_a_missing_untied_head_is_an_error():
 
 
 def _import(kind: str, src, out):
-    assert convert_cli(["import", kind, str(src), str(out)]) == 0
+    assert convert_cli(["import", kind, str(src), "--out", str(out)]) == 0
     return read_ours(out)[2]
 
 

@@ -83,12 +83,18 @@ def test_t5_import_export_round_trip_is_lossless(tmp_path, feed_forward):
     cfg = ul2_config(feed_forward)
     original = _save_hf(hf_t5(cfg), hf_config(cfg), tmp_path / "hf")
     assert (
-        convert_cli(["import", "t5", str(tmp_path / "hf"), str(tmp_path / "ul2.safetensors")]) == 0
+        convert_cli(
+            ["import", "t5", str(tmp_path / "hf"), "--out", str(tmp_path / "ul2.safetensors")]
+        )
+        == 0
     )
     kind, sections, state = read_ours(tmp_path / "ul2.safetensors")
     assert kind == "t5" and sections == {"ul2": cfg}
     UL2(cfg).load_state_dict(state)
-    assert convert_cli(["export", str(tmp_path / "ul2.safetensors"), str(tmp_path / "back")]) == 0
+    assert (
+        convert_cli(["export", str(tmp_path / "ul2.safetensors"), "--out", str(tmp_path / "back")])
+        == 0
+    )
     exported = load_weights(tmp_path / "back")
     assert exported.keys() == original.keys()
     for key, value in original.items():
@@ -104,7 +110,9 @@ def test_t5_import_export_round_trip_is_lossless(tmp_path, feed_forward):
 
 def test_bad_inputs_give_errors_naming_the_path(tmp_path, capsys):
     assert (
-        convert_cli(["import", "t5", str(tmp_path / "nowhere"), str(tmp_path / "x.safetensors")])
+        convert_cli(
+            ["import", "t5", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.safetensors")]
+        )
         == 2
     )
     assert "nowhere/config.json" in capsys.readouterr().err

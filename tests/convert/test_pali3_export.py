@@ -60,7 +60,7 @@ def trained(tmp_path_factory):
     _randomise(model)
     path = folder / "model.safetensors"
     _save_pali3(model.eval(), path, str(folder / "sp.model"))
-    assert convert_cli(["export", str(path), str(folder / "hf")]) == 0
+    assert convert_cli(["export", str(path), "--out", str(folder / "hf")]) == 0
     image = folder / "image.png"
     pixels = torch.randint(0, 256, (40, 48, 3), generator=torch.Generator().manual_seed(1))
     Image.fromarray(pixels.to(torch.uint8).numpy()).save(image)
@@ -151,7 +151,7 @@ def test_the_card_and_manifest_say_what_the_model_is(trained):
 
 def test_importing_back_restores_the_original_file(trained, moved, tmp_path, capsys):
     out = tmp_path / "again" / "model.safetensors"
-    assert convert_cli(["import", "pali3", str(moved), str(out)]) == 0
+    assert convert_cli(["import", "pali3", str(moved), "--out", str(out)]) == 0
     assert "its model section" in capsys.readouterr().out
     original, back = read_metadata(trained["path"]), read_metadata(out)
     assert back == {**original, "tokenizer": "model.spiece.model"}
@@ -169,12 +169,15 @@ def test_importing_back_restores_the_original_file(trained, moved, tmp_path, cap
 def test_without_a_recorded_tokenizer_the_export_says_so(trained, tmp_path, capsys):
     path = tmp_path / "untokenised.safetensors"
     _save_pali3(trained["model"], path, tokenizer=None)
-    assert convert_cli(["export", str(path), str(tmp_path / "hf")]) == 0
+    assert convert_cli(["export", str(path), "--out", str(tmp_path / "hf")]) == 0
     assert "no tokenizer" in capsys.readouterr().out
     assert not (tmp_path / "hf" / "spiece.model").exists()
     assert "No tokenizer" in (tmp_path / "hf" / CARD).read_text()
     assert (
-        convert_cli(["import", "pali3", str(tmp_path / "hf"), str(tmp_path / "b.safetensors")]) == 0
+        convert_cli(
+            ["import", "pali3", str(tmp_path / "hf"), "--out", str(tmp_path / "b.safetensors")]
+        )
+        == 0
     )
     assert "tokenizer" not in read_metadata(tmp_path / "b.safetensors")
 
@@ -188,12 +191,16 @@ def _one_error_line(capsys, argv: list[str], expected: str) -> None:
 def test_files_of_the_wrong_kind_get_one_clear_line(trained, tmp_path, capsys):
     tower = tmp_path / "ul2.safetensors"
     language = str(trained["hf"] / "language")
-    assert convert_cli(["import", "t5", language, str(tower)]) == 0
+    assert convert_cli(["import", "t5", language, "--out", str(tower)]) == 0
     with pytest.raises(ValueError, match="a t5 file where a pali3 one is needed"):
         export_pali3(tower, tmp_path / "x")
     out = str(tmp_path / "x.safetensors")
-    _one_error_line(capsys, ["import", "pali3", language, out], "import it as siglip or t5")
-    _one_error_line(capsys, ["import", "t5", str(trained["hf"]), out], "import it as pali3")
+    _one_error_line(
+        capsys, ["import", "pali3", language, "--out", out], "import it as siglip or t5"
+    )
+    _one_error_line(
+        capsys, ["import", "t5", str(trained["hf"]), "--out", out], "import it as pali3"
+    )
     pali3 = str(trained["path"])
     _one_error_line(capsys, ["assemble", "--vision", pali3, "--language", str(tower), "--out", out],
                     "a pali3 file where a tower (siglip or t5) one is needed")  # fmt: skip

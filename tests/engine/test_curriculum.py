@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from pali3_train.config import load_config
+from pali3_train.config import ConfigError, load_config
 from pali3_train.config.curriculum import Curriculum
 from pali3_train.convert.safetensors_io import load_weights
 from tests.engine.conftest import ROOT, launch_env, stage_config
@@ -123,13 +123,24 @@ def test_the_demo_curriculum_and_every_stage_config_in_it_validate():
 
     path = ROOT / "configs" / "tiny" / "curriculum.yaml"
     plan = load_config(path, schema=Curriculum)
-    configs = check_all(path, plan)
+    configs = check_all(path, plan, [])
     assert list(configs) == [s.name for s in (*plan.baselines, *plan.stages)]
     assert configs["untrained_pali3"].stage.init_from is None
     assert configs["untrained_pali3"].run_dir == "runs/demo/untrained_pali3"
     for step in plan.stages[1:]:  # each stage starts from an earlier stage's export
         earlier = {configs[s.name].run_dir for s in plan.stages[: plan.stages.index(step)]}
         assert str(Path(configs[step.name].stage.init_from).parent) in earlier, step.name
+
+
+def test_the_command_lines_set_applies_to_every_step_and_is_named_when_bad():
+    from launcher.curriculum import check_all
+
+    path = ROOT / "configs" / "tiny" / "curriculum.yaml"
+    plan = load_config(path, schema=Curriculum)
+    configs = check_all(path, plan, ["train.seed=5"])
+    assert {name: cfg.train.seed for name, cfg in configs.items()} == dict.fromkeys(configs, 5)
+    with pytest.raises(ConfigError, match=r"--set train\.seeds=5"):
+        check_all(path, plan, ["train.seeds=5"])
 
 
 def test_a_bad_stage_config_is_refused_before_any_stage_starts(demo, tmp_path):
