@@ -18,7 +18,7 @@ from pali3_train.config import load_config
 from pali3_train.engine.checkpoint import find_latest, verify
 from pali3_train.models import PaLI3
 from pali3_train.plots import read_metrics
-from tests.engine.conftest import ROOT, launch, launch_env, launch_together, stage_config
+from tests.engine.conftest import ROOT, launch, launch_command, launch_env, stage_config
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -153,18 +153,36 @@ def test_runs_are_tracked_in_mlflow_and_a_resumed_run_continues_the_same_run(tra
     assert {"config.yaml", "loss.png"} <= artifacts
 
 
-def test_activation_checkpointing_under_zero3_with_a_frozen_vit_changes_no_loss(demo, tmp_path):
-    # The two 1-process runs are independent: launched side by side, one core each.
-    runs = {}
+@pytest.fixture(scope="module")
+def single_core_runs(demo, tmp_path_factory) -> dict:
+    """name -> (result, folder) of three independent runs whose every process is one thread (the
+    bare command's DeepSpeed launcher starts one rank on a CPU), started at once: the
+    activation-checkpointing pair and the brief's bare command."""
+    root = tmp_path_factory.mktemp("single-core")
+    folders = {name: root / name for name in ("ac-False", "ac-True", "bare")}
+    for folder in folders.values():
+        folder.mkdir()
+    commands = {}
     for checkpointing in (False, True):
         parallel = {"zero_stage": 3, "activation_checkpointing": checkpointing}
-        runs[checkpointing] = stage_config(demo, tmp_path / f"ac-{checkpointing}",
-                                           parallel=parallel, train={"steps": 3})  # fmt: skip
-    results = launch_together(*((config, 1) for config in runs.values()))
+        config = stage_config(demo, folders[f"ac-{checkpointing}"] / "run", parallel=parallel,
+                              train={"steps": 3})  # fmt: skip
+        commands[f"ac-{checkpointing}"] = (launch_command(config, 1), launch_env(), ROOT)
+    deepspeed_cli = Path(sys.executable).parent / "deepspeed"
+    short = ["train.steps=2", "train.warmup_steps=1", "eval.max_samples=4",
+             "tracking.backend=none"]  # fmt: skip
+    bare = [str(deepspeed_cli), str(ROOT / "launcher/run.py"), "--stage", "1", "--set", *short]
+    commands["bare"] = (bare, launch_env(), folders["bare"])
+    results = _run_together(commands, tmp_path_factory.mktemp("single-core-logs"), timeout=600)
+    return {name: (result, folders[name]) for name, result in results.items()}
+
+
+def test_activation_checkpointing_under_zero3_with_a_frozen_vit_changes_no_loss(single_core_runs):
     losses = {}
-    for (checkpointing, config), result in zip(runs.items(), results):
+    for checkpointing in (False, True):
+        result, folder = single_core_runs[f"ac-{checkpointing}"]
         assert result.returncode == 0, result.stderr[-5000:]
-        losses[checkpointing] = _losses(config.with_suffix(""))
+        losses[checkpointing] = _losses(folder / "run")
     assert sorted(losses[True]) == [1, 2, 3]
     for step, loss in losses[False].items():
         assert losses[True][step] == pytest.approx(loss, abs=1e-6)
@@ -232,7 +250,12 @@ def one_process_runs(demo, tmp_path_factory) -> dict:
         "bare_stage0": ([sys.executable, str(ROOT / "launcher/run.py"), "--stage", "0",
                          "--dry-run"], launch_env(), folders["bare_stage0"]),
     }  # fmt: skip
-    logs = tmp_path_factory.mktemp("one-process-logs")
+    results = _run_together(commands, tmp_path_factory.mktemp("one-process-logs"), timeout=300)
+    return {name: (result, folders[name]) for name, result in results.items()}
+
+
+def _run_together(commands: dict, logs: Path, timeout: int) -> dict:
+    """name -> CompletedProcess of each (command, env, cwd), all started at once."""
     started = {}
     for name, (command, env, cwd) in commands.items():
         out = open(logs / f"{name}.out", "w+")  # noqa: SIM115 (closed below)
@@ -242,11 +265,10 @@ def one_process_runs(demo, tmp_path_factory) -> dict:
     results = {}
     try:
         for name, (command, process, out, err) in started.items():
-            process.wait(timeout=300)
+            process.wait(timeout=timeout)
             out.seek(0), err.seek(0)
-            result = subprocess.CompletedProcess(command, process.returncode, out.read(),
-                                                 err.read())  # fmt: skip
-            results[name] = (result, folders[name])
+            results[name] = subprocess.CompletedProcess(command, process.returncode, out.read(),
+                                                        err.read())  # fmt: skip
     finally:
         for _, process, out, err in started.values():
             if process.poll() is None:
@@ -315,15 +337,10 @@ def test_repeated_set_options_all_apply():
     assert args.set == ["a=1", "b=2", "c=3"]
 
 
-def test_the_briefs_bare_command_trains_the_tiny_stage1_recipe(tmp_path):
+def test_the_briefs_bare_command_trains_the_tiny_stage1_recipe(single_core_runs):
     """`deepspeed launcher/run.py --stage 1`, no --config, in a fresh folder: the demo corpora
     are built there, the tiny stage-1 recipe trains (here 2 steps), and it says what it used."""
-    deepspeed_cli = Path(sys.executable).parent / "deepspeed"
-    short = ["train.steps=2", "train.warmup_steps=1", "eval.max_samples=4",
-             "tracking.backend=none"]  # fmt: skip
-    command = [str(deepspeed_cli), str(ROOT / "launcher/run.py"), "--stage", "1", "--set", *short]
-    result = subprocess.run(command, env=launch_env(), cwd=tmp_path, capture_output=True,
-                            text=True, timeout=600)  # fmt: skip
+    result, tmp_path = single_core_runs["bare"]  # run in that fresh folder
     assert result.returncode == 0, result.stderr[-5000:]
     said = result.stdout + result.stderr
     assert f"no --config: stage 1's tiny recipe, {ROOT}/configs/tiny/stage1.yaml" in said
