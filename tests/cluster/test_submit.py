@@ -1,12 +1,15 @@
 """`python -m cluster.submit` against a real Slurm cluster (two slurmd daemons on this machine):
 a 2-node job trains the tiny preset with one rank per node; a job sent the time-limit signal
 saves, requeues itself and ends with the losses of an uninterrupted job, in the same MLflow run;
-requests the cluster cannot run are refused before sbatch. Rendering is checked without Slurm."""
+requests the cluster cannot run are refused before sbatch; a job array's setup lines and
+environment reach every rank. Rendering is checked without Slurm (also test_job_options.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -32,8 +35,10 @@ def _submit(*args: str, env: dict, config: Path | None = None, stage: str = "1")
 
 def _job_config(demo, run_dir: Path) -> Path:
     train = {"steps": STEPS, "global_batch_size": 4, "micro_batch_size": 2}
+    # The ranks run this interpreter, pinned by the config (cluster.python; --python would win).
     return stage_config(demo, run_dir, train=train, checkpoint={"every_steps": 1000},
-                        tracking={"backend": "mlflow"})  # fmt: skip
+                        tracking={"backend": "mlflow"},
+                        cluster={"python": sys.executable})  # fmt: skip
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -93,11 +98,43 @@ def test_the_time_limit_signal_saves_requeues_and_ends_like_an_uninterrupted_job
     assert steps == set(range(1, STEPS + 1))
 
 
+# On the --env PYTHONPATH of the array job below: every Python process a rank starts records
+# what it saw (the interpreter, the variables the setup lines and --env gave it).
+SITECUSTOMIZE = """\
+import json, os, sys
+if "SLURM_PROCID" in os.environ:
+    seen = {k: os.environ.get(k) for k in ("SETUP_SAW_TASK", "FROM_CONFIG", "NOTE")}
+    name = f"task{os.environ.get('SLURM_ARRAY_TASK_ID')}-rank{os.environ['SLURM_PROCID']}.json"
+    with open(os.path.join(os.path.dirname(__file__), name), "w") as f:
+        json.dump({**seen, "prefix": sys.prefix}, f)
+"""
+
+
+def _activate_line() -> str:
+    """The setup line a user would give: activate this venv (the ranks then run its `python`)."""
+    activate = Path(sys.prefix, "bin", "activate")
+    if activate.is_file():
+        return f"source {shlex.quote(str(activate))}"
+    return f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH"
+
+
 def test_a_job_array_trains_one_config_per_task(slurm_cluster, demo, tmp_path):
+    """One task per config; and the job around the ranks: the configs' setup lines (cluster.setup)
+    run before the ranks start, activating this venv, whose `python` the ranks then run from
+    PATH (no --python), and exporting a variable of the task; the configs' cluster.env and
+    --env items (a value with a quote, a space and a $) reach every rank as given."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    (marks / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    cluster = {"setup": [_activate_line(), "export SETUP_SAW_TASK=task$SLURM_ARRAY_TASK_ID"],
+               "env": ["FROM_CONFIG=config", "NOTE=replaced by --env"]}  # fmt: skip
     short = {"steps": 2, "global_batch_size": 2, "micro_batch_size": 2}
-    first, second = (stage_config(demo, tmp_path / name, train=short) for name in ("a", "b"))
+    first, second = (stage_config(demo, tmp_path / name, train=short, cluster=cluster)
+                     for name in ("a", "b"))  # fmt: skip
+    note = "it's a $HOME"
     command = [sys.executable, "-m", "cluster.submit", "--stage", "transfer", "--nodes", "1",
-               "--gpus-per-node", "0", "--wait", "--config", str(first), str(second)]  # fmt: skip
+               "--gpus-per-node", "0", "--wait", "--config", str(first), str(second),
+               "--env", f"PYTHONPATH={marks}", "--env", f"NOTE={note}"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=slurm_cluster.env(),
                             cwd=ROOT, timeout=600)  # fmt: skip
     assert result.returncode == 0, (result.stdout, result.stderr, _log(tmp_path / "a"))
@@ -105,6 +142,13 @@ def test_a_job_array_trains_one_config_per_task(slurm_cluster, demo, tmp_path):
         assert sorted(_losses(tmp_path / name)) == [1, 2], name
     logs = sorted(p.name for p in (tmp_path / "a" / "slurm").glob("*.out"))
     assert len(logs) == 2 and logs[0].endswith("_0.out") and logs[1].endswith("_1.out"), logs
+    log = _log(tmp_path / "a")
+    assert log.count(f"setup: {_activate_line()}") == 2, log
+    assert log.count(f"python: {Path(sys.prefix, 'bin', 'python')}") == 2, log
+    for task in (0, 1):
+        seen = json.loads((marks / f"task{task}-rank0.json").read_text())
+        assert seen == {"SETUP_SAW_TASK": f"task{task}", "FROM_CONFIG": "config", "NOTE": note,
+                        "prefix": sys.prefix}, seen  # fmt: skip
 
 
 @pytest.mark.slurm
