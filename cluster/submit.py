@@ -31,6 +31,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from pali3_train.cli import command_parser
 from pali3_train.config import Config, ConfigError, add_overrides_option, load_config
 from pali3_train.config.schema import ClusterConfig, FieldError
 from pali3_train.engine.checks import check_layout, check_stage_flag
@@ -51,12 +52,12 @@ class Partition:
     default: bool
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = command_parser("python -m cluster.submit", __doc__)
     parser.add_argument("--stage", choices=tuple(CURRICULUM), help="checked against each config")
     parser.add_argument("--config", required=True, nargs="+", help="several: a job array")
     add_overrides_option(parser)
-    parser.add_argument("--nodes", type=int, required=True)
+    parser.add_argument("--nodes", type=int, required=True, help="nodes the job takes")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="0: CPU-only nodes")
     parser.add_argument("--tasks-per-node", type=int, help="ranks per node (default: GPUs, or 1)")
     parser.add_argument(
@@ -64,13 +65,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         help="default: data.num_workers + 1 (the rank and its loader workers)",
     )
-    parser.add_argument("--partition")
-    parser.add_argument("--account")
-    parser.add_argument("--qos")
+    parser.add_argument("--partition", help="Slurm partition (default: the cluster's)")
+    parser.add_argument("--account", help="Slurm account to charge")
+    parser.add_argument("--qos", help="Slurm quality of service")
     parser.add_argument("--time", default="24:00:00", help="Slurm time limit")
     parser.add_argument("--signal-seconds", type=int, default=300, help="save this long before it")
-    parser.add_argument("--max-requeues", type=int, default=20)
-    parser.add_argument("--job-name")
+    parser.add_argument("--max-requeues", type=int, default=20,
+                        help="times the job requeues itself at its time limit")  # fmt: skip
+    parser.add_argument("--job-name", help="default: pali3-stage<S>-<config name>")
     job = parser.add_argument_group(
         "the job around the ranks (each wins over the config's cluster: field of the same name)"
     )
@@ -111,6 +113,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
     parser.add_argument("--wait", action="store_true", help="return when the job has ended")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("nodes", "signal_seconds"):
         if getattr(args, name) < 1:

@@ -37,7 +37,7 @@ def _job_config(demo, run_dir: Path) -> Path:
     train = {"steps": STEPS, "global_batch_size": 4, "micro_batch_size": 2}
     # The ranks run this interpreter, pinned by the config (cluster.python; --python would win).
     return stage_config(demo, run_dir, train=train, checkpoint={"every_steps": 1000},
-                        tracking={"backend": "mlflow"},
+                        tracking={"backend": "mlflow", "store_dir": str(run_dir)},
                         cluster={"python": sys.executable})  # fmt: skip
 
 
