@@ -18,11 +18,11 @@ install: $(STAMP)
 # or TORCH_CUDA=cpu chooses); elsewhere the CPU wheel, with everything else. DeepSpeed is built
 # without its ops (DS_BUILD_OPS=0), on GPUs too: an op a run uses compiles on first use into
 # TORCH_EXTENSIONS_DIR (README, "On GPUs", builds one ahead of time).
-$(STAMP): requirements.txt requirements-deepspeed.txt constraints.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt requirements-deepspeed.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	variant=$$(sh scripts/torch_variant.sh) && if [ "$$variant" != cpu ]; then \
 	    $(PIP) install -q -c constraints.txt torch --index-url $(TORCH_INDEX)/$$variant; fi
-	$(PIP) install -q -c constraints.txt -r requirements.txt
+	$(PIP) install -q -c constraints.txt -r requirements.txt -r requirements-dev.txt
 	DS_BUILD_OPS=0 $(PIP) install -q -c constraints.txt --no-build-isolation -r requirements-deepspeed.txt
 	$(PIP) install -q -c constraints.txt --no-build-isolation --no-deps -e .
 	touch $(STAMP)
@@ -33,7 +33,7 @@ test: install
 # The whole curriculum (baselines, stage 0 -> 1 -> 2 -> transfer) on the tiny preset, 2 CPU
 # processes per stage; corpora are regenerated (seeded, ~5 s), stages resume if interrupted.
 demo: install
-	$(PY) -m data_pipeline.demo_corpus --demo
+	$(PY) -m pali3_train.data_pipeline.demo_corpus --demo
 	$(PY) launcher/curriculum.py configs/tiny/curriculum.yaml
 
 clean:

@@ -1,8 +1,9 @@
 """Capacity planner: the fastest layout to train a stage with that fits a cluster's GPUs.
 
-    python -m cluster.plan --model configs/models/pali3_5b.yaml --world-size 64 --gpu-memory 80
-    python -m cluster.plan --config configs/pali3_5b/stage2_812.yaml --stage 2 --world-size 256 \\
-        --gpu-memory 80 --global-batch 1024
+    python -m pali3_train.cluster.plan --model configs/models/pali3_5b.yaml --world-size 64 \\
+        --gpu-memory 80
+    python -m pali3_train.cluster.plan --config configs/pali3_5b/stage2_812.yaml --stage 2 \\
+        --world-size 256 --gpu-memory 80 --global-batch 1024
 
 Layouts tried: tensor parallelism (TP) over the divisors of --gpus-per-node that the model splits
 evenly (heads, vocabulary, feed-forward widths: the checks ``parallelize`` and the config run),
@@ -300,7 +301,7 @@ def load(args: argparse.Namespace) -> tuple[Config, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = command_parser("python -m cluster.plan", __doc__)
+    parser = command_parser("python -m pali3_train.cluster.plan", __doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a model preset (bf16, the stage's usual freezing)")
     source.add_argument("--config", help="a stage config (its precision, freezing, batch)")

@@ -1,6 +1,6 @@
 """Submit a training stage to Slurm: config -> checked request -> sbatch script -> job.
 
-    python -m cluster.submit --stage 1 --config configs/pali3_5b/stage1.yaml \\
+    python -m pali3_train.cluster.submit --stage 1 --config configs/pali3_5b/stage1.yaml \\
         --nodes 32 --gpus-per-node 8 --partition gpu --time 2-00:00:00 [--dry-run]
 
 The script is rendered from ``cluster/templates/train.sbatch`` and written beside the run's logs
@@ -53,7 +53,7 @@ class Partition:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = command_parser("python -m cluster.submit", __doc__)
+    parser = command_parser("python -m pali3_train.cluster.submit", __doc__)
     parser.add_argument("--stage", choices=tuple(CURRICULUM), help="checked against each config")
     parser.add_argument("--config", required=True, nargs="+", help="several: a job array")
     add_overrides_option(parser)

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from data_pipeline.write_shards import IMAGE_FORMATS, Example, image_path
+from pali3_train.data_pipeline.write_shards import IMAGE_FORMATS, Example, image_path
 
 # VQAv2's files name images by id only; the COCO file name of image 391895 in val2014:
 VQA_IMAGE_NAME = "COCO_{subtype}_{image_id:012d}.jpg"

@@ -7,7 +7,7 @@ languages; words in Latin, Cyrillic and Greek script rendered with matplotlib's 
 OCR; and scikit-learn's scanned handwritten digits. Every text is a function of the image content
 alone, so a model can learn it, and everything follows from one seed, so two builds are identical.
 
-    python -m data_pipeline.demo_corpus --out runs/demo_corpus --seed 0
+    python -m pali3_train.data_pipeline.demo_corpus --out runs/demo_corpus --seed 0
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+from pali3_train.data_pipeline.manifest import Manifest
+from pali3_train.data_pipeline.tasks import TASKS, format_example
+from pali3_train.data_pipeline.write_shards import Example, write_source
 from PIL import Image, ImageDraw, ImageFont
 
-from data_pipeline.manifest import Manifest
-from data_pipeline.tasks import TASKS, format_example
-from data_pipeline.write_shards import Example, write_source
 from pali3_train.cli import command_parser
 from pali3_train.config import SourceConfig
 from pali3_train.tokenizer import Tokenizer, train_tokenizer
@@ -528,7 +528,7 @@ def build_demo_corpora(root: str | Path = ".", only_missing: bool = False) -> li
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = command_parser("python -m data_pipeline.demo_corpus", __doc__)
+    parser = command_parser("python -m pali3_train.data_pipeline.demo_corpus", __doc__)
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", help="output folder")
     target.add_argument("--demo", action="store_true", help=f"both of {', '.join(DEMO_CORPORA)}")

@@ -21,9 +21,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-
-from data_pipeline.health import Health, total
-from data_pipeline.mixture import STATE_VERSION, ResolvedSource, WorkerLayout
+from pali3_train.data_pipeline.health import Health, total
+from pali3_train.data_pipeline.mixture import STATE_VERSION, ResolvedSource, WorkerLayout
 
 
 def worker_states(pipeline_state: dict) -> list[dict]:

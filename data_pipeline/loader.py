@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from pali3_train.data_pipeline import elastic, shards
+from pali3_train.data_pipeline.health import SKIP_REASONS, Health, total
+from pali3_train.data_pipeline.mixture import MixtureDataset, Mode, ResolvedSource, WorkerLayout
+from pali3_train.data_pipeline.tasks import template_error
+from pali3_train.data_pipeline.transforms import Batch, model_input
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from data_pipeline import elastic, shards
-from data_pipeline.health import SKIP_REASONS, Health, total
-from data_pipeline.mixture import MixtureDataset, Mode, ResolvedSource, WorkerLayout
-from data_pipeline.tasks import template_error
-from data_pipeline.transforms import Batch, model_input
 from pali3_train.config import ConfigError
 from pali3_train.config.schema import DataConfig
 

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from typing import Iterator, Literal
 
 import numpy as np
+from pali3_train.data_pipeline import shards
+from pali3_train.data_pipeline.formats import Rejected, prepare_sample
+from pali3_train.data_pipeline.health import DataQualityError, Health
+from pali3_train.data_pipeline.transforms import Batch, Sample, collate
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data_pipeline import shards
-from data_pipeline.formats import Rejected, prepare_sample
-from data_pipeline.health import DataQualityError, Health
-from data_pipeline.transforms import Batch, Sample, collate
 from pali3_train.config.schema import SourceConfig
 from pali3_train.tokenizer import Tokenizer
 

@@ -13,10 +13,10 @@ import itertools
 from collections import Counter
 
 import numpy as np
+from pali3_train.data_pipeline import shards
+from pali3_train.data_pipeline.formats import Rejected, members, prepare_sample
+from pali3_train.data_pipeline.mixture import ResolvedSource
 
-from data_pipeline import shards
-from data_pipeline.formats import Rejected, members, prepare_sample
-from data_pipeline.mixture import ResolvedSource
 from pali3_train.config import ConfigError
 
 SAMPLES_READ = 8

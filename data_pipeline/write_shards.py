@@ -6,11 +6,11 @@ yields ``Example`` objects. Each sample in a shard is ``<key>.jpg``, ``.png`` or
 original encoded bytes, never re-encoded) and ``<key>.json`` (the record: one field per task,
 each keyed by language; see ``data_pipeline/tasks.py``).
 
-    python -m data_pipeline.write_shards --images photos/ --records records.jsonl \\
+    python -m pali3_train.data_pipeline.write_shards --images photos/ --records records.jsonl \\
         --out shards/photos --name photos --tasks caption,vqa --languages en,de
-    python -m data_pipeline.write_shards --images val2014/ \\
+    python -m pali3_train.data_pipeline.write_shards --images val2014/ \\
         --coco-captions annotations/captions_val2014.json --out shards/coco_val --name coco_val
-    python -m data_pipeline.write_shards --images val2014/ \\
+    python -m pali3_train.data_pipeline.write_shards --images val2014/ \\
         --vqav2-questions v2_OpenEnded_mscoco_val2014_questions.json \\
         --vqav2-annotations v2_mscoco_val2014_annotations.json \\
         --out shards/vqav2_val --name vqav2_val
@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal
 
 import webdataset as wds
+from pali3_train.data_pipeline.manifest import Manifest, ShardInfo, file_sha256
 from PIL import Image
 
-from data_pipeline.manifest import Manifest, ShardInfo, file_sha256
 from pali3_train.cli import command_parser
 
 # webdataset splits a member name at its first dot into key and field, so keys must be dot-free.
@@ -214,7 +214,7 @@ def _generator(spec: str) -> Callable[..., Iterable[Example]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = command_parser("python -m data_pipeline.write_shards", __doc__)
+    parser = command_parser("python -m pali3_train.data_pipeline.write_shards", __doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--records", help="JSONL of records (with --images)")
     source.add_argument("--coco-captions", help="COCO captions_*.json (with --images)")
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
 
-    from data_pipeline import converters  # here, not at the top: it imports this module
+    from pali3_train.data_pipeline import converters  # here, not at the top: it imports this module
 
     language = args.languages.split(",")[0]
     needs_images = args.records or args.coco_captions or args.vqav2_questions

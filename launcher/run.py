@@ -36,8 +36,8 @@ import time
 from pathlib import Path
 
 import torch
+from pali3_train.launcher.quickstart import quickstart
 
-from launcher.quickstart import quickstart
 from pali3_train.cli import command_parser
 from pali3_train.config import Config, ConfigError, add_overrides_option
 from pali3_train.config.loader import load_with_sources, one_line

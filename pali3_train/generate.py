@@ -37,10 +37,10 @@ from typing import Any, Iterator, Sequence, TextIO
 import torch
 from tqdm import tqdm
 
-from data_pipeline.transforms import Batch, decode_image, model_input
 from pali3_train.cli import command_parser
 from pali3_train.config import ModelConfig, config_from_dict
 from pali3_train.convert.safetensors_io import load_weights, read_metadata
+from pali3_train.data_pipeline.transforms import Batch, decode_image, model_input
 from pali3_train.eval.answers import generate_answers
 from pali3_train.models import PaLI3
 from pali3_train.precision import COMPUTE_DTYPES, compute_dtype

@@ -11,12 +11,12 @@ import pytest
 
 # usage line -> module whose build_parser() makes that command's parser
 ENTRY_POINTS = {
-    "launcher/run.py": "launcher.run",
-    "python launcher/curriculum.py": "launcher.curriculum",
-    "python -m cluster.plan": "cluster.plan",
-    "python -m cluster.submit": "cluster.submit",
-    "python -m data_pipeline.write_shards": "data_pipeline.write_shards",
-    "python -m data_pipeline.demo_corpus": "data_pipeline.demo_corpus",
+    "launcher/run.py": "pali3_train.launcher.run",
+    "python launcher/curriculum.py": "pali3_train.launcher.curriculum",
+    "python -m pali3_train.cluster.plan": "pali3_train.cluster.plan",
+    "python -m pali3_train.cluster.submit": "pali3_train.cluster.submit",
+    "python -m pali3_train.data_pipeline.write_shards": "pali3_train.data_pipeline.write_shards",
+    "python -m pali3_train.data_pipeline.demo_corpus": "pali3_train.data_pipeline.demo_corpus",
     "python -m pali3_train.convert": "pali3_train.convert.__main__",
     "python -m pali3_train.generate": "pali3_train.generate",
     "python -m pali3_train.tokenizer": "pali3_train.tokenizer",

@@ -235,7 +235,7 @@ class SourceConfig:
                 False,
                 "task",
                 "vqa needs question/answer records: use format: pali3 "
-                "(python -m data_pipeline.write_shards --vqav2-questions ...)",
+                "(python -m pali3_train.data_pipeline.write_shards --vqav2-questions ...)",
                 ("format",),
             )
 
@@ -628,10 +628,11 @@ def _no_space(value: str) -> bool:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """How ``python -m cluster.submit`` builds a stage's Slurm job (``cluster/README.md``); the
-    run itself reads none of it. Each field has a command-line option of the same name (``--setup``,
-    ``--sbatch`` for sbatch_extra, ``--env``) that wins over it; ``--env`` items replace the
-    config's by name, the other list options replace the config's list."""
+    """How ``python -m pali3_train.cluster.submit`` builds a stage's Slurm job
+    (``cluster/README.md``); the run itself reads none of it. Each field has a command-line
+    option of the same name (``--setup``, ``--sbatch`` for sbatch_extra, ``--env``) that wins
+    over it; ``--env`` items replace the config's by name, the other list options replace the
+    config's list."""
 
     # Shell lines run in the job script, in order, before the ranks start (a failing line ends
     # the job): ``module load cuda/12.4``, ``source .venv/bin/activate``.

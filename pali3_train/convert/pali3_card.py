@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from data_pipeline.tasks import TASKS
+from pali3_train.data_pipeline.tasks import TASKS
 
 SNIPPET = """\
 from pathlib import Path

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.loader import resolve_sources
-from data_pipeline.probe import probe_sources
 from pali3_train.config import Config, ConfigError
 from pali3_train.config.schema import FieldError
+from pali3_train.data_pipeline.loader import resolve_sources
+from pali3_train.data_pipeline.probe import probe_sources
 from pali3_train.engine.checkpoint import CheckpointError, read_meta, resolve, sizes_only
 from pali3_train.engine.deepspeed_config import accumulation_steps
 from pali3_train.engine.previous_run import previous_run

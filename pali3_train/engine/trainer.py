@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data_pipeline.loader import DataPipeline
 from pali3_train.config import Config, to_dict
+from pali3_train.data_pipeline.loader import DataPipeline
 from pali3_train.engine import checkpoint
 from pali3_train.engine.build import build_model, make_engine
 from pali3_train.engine.checkpoint import CheckpointMeta

@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from data_pipeline.transforms import Batch
 from pali3_train.config.schema import TaskName
+from pali3_train.data_pipeline.transforms import Batch
 from pali3_train.engine.distributed import all_ranks_agree
 from pali3_train.eval.evaluator import Batches, EvalContext
 from pali3_train.eval.scoring import score_answers

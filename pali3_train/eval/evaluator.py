@@ -14,9 +14,9 @@ from typing import Callable, Iterable, Iterator, Protocol
 import torch
 from torch import nn
 
-from data_pipeline.loader import DataPipeline
-from data_pipeline.transforms import Batch
 from pali3_train.config import Config, SourceConfig
+from pali3_train.data_pipeline.loader import DataPipeline
+from pali3_train.data_pipeline.transforms import Batch
 from pali3_train.tokenizer import Tokenizer
 
 Batches = Callable[[], Iterable[Batch]]  # a fresh pass over held-out batches at each call

@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from data_pipeline.transforms import Batch
 from pali3_train.config import Config, ConfigError
 from pali3_train.config.schema import DataConfig, EvalConfig
 from pali3_train.convert.safetensors_io import StateDict
+from pali3_train.data_pipeline.transforms import Batch
 from pali3_train.engine.flops import SampleFlops, Tally, map_head, text_tower, vit
 from pali3_train.engine.memory import Activations, tower, trains
 from pali3_train.eval.embeddings import EmbeddingEvaluator

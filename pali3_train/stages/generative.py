@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from data_pipeline.transforms import Batch
 from pali3_train.config import Config, ConfigError
 from pali3_train.convert.rename import StateDict, add_prefix, strip_prefix
+from pali3_train.data_pipeline.transforms import Batch
 from pali3_train.engine.flops import SampleFlops, Tally, ul2, vit
 from pali3_train.engine.memory import (
     BYTES,

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 from torch import nn
 
-from data_pipeline.transforms import Batch
 from pali3_train.config import Config, ModelConfig
 from pali3_train.convert.safetensors_io import StateDict
+from pali3_train.data_pipeline.transforms import Batch
 
 if TYPE_CHECKING:
     from pali3_train.engine.flops import SampleFlops

@@ -13,8 +13,7 @@ from __future__ import annotations
 import os
 
 import pytest
-
-from cluster.testing.local_cluster import LocalSlurmCluster, install_slurm
+from pali3_train.cluster.testing.local_cluster import LocalSlurmCluster, install_slurm
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects

@@ -1,7 +1,7 @@
-"""The job around the ranks, rendered by ``python -m cluster.submit --dry-run`` in this process (no
-Slurm asked): every option of the ``cluster:`` section and its command-line twin, the options
-winning, the interpreter looked up on the node, the CPUs per rank, and each refusal as one line.
-The real job that runs setup lines and --env items is in test_submit.py (the job array)."""
+"""The job around the ranks, rendered by ``python -m pali3_train.cluster.submit --dry-run`` in this
+process (no Slurm asked): every option of the ``cluster:`` section and its command-line twin, the
+options winning, the interpreter looked up on the node, the CPUs per rank, and each refusal as one
+line. The real job that runs setup lines and --env items is in test_submit.py (the job array)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 import pytest
+from pali3_train.cluster import submit
 
-from cluster import submit
 from tests.engine.conftest import ROOT, stage_config
 
 

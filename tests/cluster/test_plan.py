@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from pali3_train.cluster.plan import Cluster, PlanError, main, recommend, search
 
-from cluster.plan import Cluster, PlanError, main, recommend, search
 from pali3_train.config import load_config
 from pali3_train.engine.dry_run import build_plan
 from pali3_train.engine.memory import local_numels
@@ -146,7 +146,7 @@ def _snippet(text: str) -> dict:
 
 @pytest.mark.parametrize("which", ["stage1", "stage2"])
 def test_the_recommendation_fits_factorises_and_is_what_the_dry_run_prints(which, request):
-    from cluster.plan import format_report
+    from pali3_train.cluster.plan import format_report
 
     found = request.getfixturevalue(which)
     best = recommend(found)
@@ -212,7 +212,7 @@ def test_tp_sizes_the_model_cannot_split_are_left_out():
 
 
 def test_the_cli_recommends_a_layout_for_the_5b_preset_on_64_gpus():
-    command = [sys.executable, "-m", "cluster.plan", "--model", str(PRESET)]
+    command = [sys.executable, "-m", "pali3_train.cluster.plan", "--model", str(PRESET)]
     command += ["--world-size", "64", "--gpu-memory", "80", "--global-batch", "1024"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -1,7 +1,7 @@
-"""`python -m pali3_train.cluster.submit` against a real Slurm cluster (two slurmd daemons on
-this machine): a 2-node job trains the tiny preset with one rank per node; a job sent the time-limit signal
-saves, requeues itself and ends with the losses of an uninterrupted job, in the same MLflow run;
-requests the cluster cannot run are refused before sbatch; a job array's setup lines and
+"""`python -m pali3_train.cluster.submit` against a real Slurm cluster (two slurmd daemons on this
+machine): a 2-node job trains the tiny preset with one rank per node; a job sent the time-limit
+signal saves, requeues itself and ends with the losses of an uninterrupted job, in the same MLflow
+run; requests the cluster cannot run are refused before sbatch; a job array's setup lines and
 environment reach every rank. Rendering is checked without Slurm (also test_job_options.py)."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import yaml
 from pali3_train.plots import read_metrics
 from tests.engine.conftest import ROOT, stage_config
 
+SUBMIT = "pali3_train.cluster.submit"  # run as python -m SUBMIT
 STEPS = 300  # long enough (~15 s on 2 CPU ranks) to signal the job mid-way
 OVERRIDES = ("--set", "train.seed=3", "train.warmup_steps=2")  # both must reach the ranks
 

@@ -13,6 +13,7 @@ import shutil
 
 import pytest
 import torch
+from pali3_train.data_pipeline.transforms import decode_image, normalize_images
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import (
@@ -22,7 +23,6 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from data_pipeline.transforms import decode_image, normalize_images
 from pali3_train.config import to_dict
 from pali3_train.convert.__main__ import main as convert_cli
 from pali3_train.convert.hf_checkpoint import FORMAT

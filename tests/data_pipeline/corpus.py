@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import webdataset as wds
+from pali3_train.data_pipeline.loader import DataPipeline
+from pali3_train.data_pipeline.mixture import Mode
+from pali3_train.data_pipeline.write_shards import Example, write_source
 from PIL import Image
 
-from data_pipeline.loader import DataPipeline
-from data_pipeline.mixture import Mode
-from data_pipeline.write_shards import Example, write_source
 from pali3_train.config import Config, config_from_dict
 from pali3_train.tokenizer import train_tokenizer
 

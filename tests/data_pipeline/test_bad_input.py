@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
+from pali3_train.data_pipeline import health
+from pali3_train.data_pipeline.health import DataQualityError
 
-from data_pipeline.health import DataQualityError
 from tests.data_pipeline.corpus import (
     Corpus,
     cut_before,
@@ -20,6 +21,7 @@ from tests.data_pipeline.corpus import (
 )
 
 GOOD = 8  # samples per damaged shard before damage
+HEALTH_LOGGER = health.__name__
 
 
 def _write(path: Path, samples: list[dict]) -> None:
@@ -85,7 +87,7 @@ def test_each_kind_of_damage_is_skipped_and_counted(corpus, damaged, workers):
 def test_skips_are_logged_with_shard_and_key(corpus, damaged, caplog):
     cfg = corpus.config(damaged, num_workers=0, max_skip_fraction=0.5, read_retry_delay_s=0)
     list(pipeline(cfg, 0, 1, 4, mode="epoch"))
-    lines = [r.getMessage() for r in caplog.records if r.name == "data_pipeline.health"]
+    lines = [r.getMessage() for r in caplog.records if r.name == HEALTH_LOGGER]
     assert any("'cats-00001'" in m and "cats-0.tar" in m and "corrupt_image" in m for m in lines)
     assert any("gone.tar" in m and "unreadable_shard" in m for m in lines)
 
@@ -131,7 +133,7 @@ def test_a_remote_shard_that_fails_is_retried_before_it_counts_as_bad(
         assert cut == [f"remote-{i:05d}" for i in range(len(cut))] and len(cut) < 3 * GOOD
         assert sorted(keys) == cut + [f"remote-{i:05d}" for i in range(3 * GOOD, 4 * GOOD)]
         if workers == 0:
-            skips = [r.getMessage() for r in caplog.records if r.name == "data_pipeline.health"]
+            skips = [r.getMessage() for r in caplog.records if r.name == HEALTH_LOGGER]
             assert len(skips) == 1 and url in skips[0] and "unreadable_shard" in skips[0]
 
 

@@ -1,7 +1,7 @@
 """Annotation files -> shards -> the real pipeline: tiny hand-made COCO captions, VQAv2 and flat
-JSONL files through ``python -m data_pipeline.write_shards`` (its ``main``), read back in epoch
-mode: every record once, every reference kept, the target one of them; a malformed file refused
-in one line naming the file and the field, before any shard is written."""
+JSONL files through ``python -m pali3_train.data_pipeline.write_shards`` (its ``main``), read back
+in epoch mode: every record once, every reference kept, the target one of them; a malformed file
+refused in one line naming the file and the field, before any shard is written."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from pali3_train.data_pipeline.manifest import Manifest
+from pali3_train.data_pipeline.write_shards import main
 from PIL import Image
 
-from data_pipeline.manifest import Manifest
-from data_pipeline.write_shards import main
 from pali3_train.tokenizer import Tokenizer
 from tests.data_pipeline.corpus import pipeline
 

@@ -15,11 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from PIL import Image
-from sklearn.datasets import load_digits
-
-from data_pipeline import demo_corpus, write_shards
-from data_pipeline.demo_corpus import (
+from pali3_train.data_pipeline import demo_corpus, write_shards
+from pali3_train.data_pipeline.demo_corpus import (
     BACKGROUND,
     COLOURS,
     OCR_WORDS,
@@ -31,9 +28,12 @@ from data_pipeline.demo_corpus import (
     scenes,
     text_images,
 )
-from data_pipeline.loader import resolve_sources
-from data_pipeline.manifest import Manifest
-from data_pipeline.tasks import TASKS, format_example
+from pali3_train.data_pipeline.loader import resolve_sources
+from pali3_train.data_pipeline.manifest import Manifest
+from pali3_train.data_pipeline.tasks import TASKS, format_example
+from PIL import Image
+from sklearn.datasets import load_digits
+
 from pali3_train.config import load_config
 from pali3_train.config.schema import DataConfig
 from pali3_train.tokenizer import UNK_ID, Tokenizer
@@ -242,7 +242,14 @@ def test_tokenizer_covers_every_text_of_all_four_scripts(builds):
 
 def test_write_shards_cli_with_the_digits_generator(tmp_path, capsys):
     write_shards.main(
-        ["--generator", "data_pipeline.demo_corpus:digits", "--count", "25", "--seed", "1"]
+        [
+            "--generator",
+            "pali3_train.data_pipeline.demo_corpus:digits",
+            "--count",
+            "25",
+            "--seed",
+            "1",
+        ]
         + ["--out", str(tmp_path), "--name", "digits", "--tasks", "caption,alt_text,vqa"]
         + ["--languages", "en,de,fr,es", "--max-samples-per-shard", "10"]
     )

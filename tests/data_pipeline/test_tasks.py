@@ -6,8 +6,12 @@ import re
 
 import numpy as np
 import pytest
-
-from data_pipeline.tasks import MissingField, format_example, format_record, template_error
+from pali3_train.data_pipeline.tasks import (
+    MissingField,
+    format_example,
+    format_record,
+    template_error,
+)
 
 RECORD = {
     "caption": {"en": "a red circle", "de": "ein roter Kreis"},

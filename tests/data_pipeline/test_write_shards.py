@@ -10,11 +10,11 @@ import sys
 
 import pytest
 import webdataset as wds
+from pali3_train.data_pipeline.manifest import Manifest
+from pali3_train.data_pipeline.shards import expand
+from pali3_train.data_pipeline.write_shards import Example, examples_from_folder, write_source
 from PIL import Image
 
-from data_pipeline.manifest import Manifest
-from data_pipeline.shards import expand
-from data_pipeline.write_shards import Example, examples_from_folder, write_source
 from tests.data_pipeline.corpus import example
 
 
@@ -131,7 +131,7 @@ def test_the_command_line_writes_shards_from_a_folder(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "data_pipeline.write_shards",
+        "pali3_train.data_pipeline.write_shards",
         "--images",
         str(images),
         "--records",

@@ -119,7 +119,7 @@ def test_stage_runs_nest_under_one_mlflow_parent_run(curriculum):
 
 
 def test_the_demo_curriculum_and_every_stage_config_in_it_validate():
-    from launcher.curriculum import check_all
+    from pali3_train.launcher.curriculum import check_all
 
     path = ROOT / "configs" / "tiny" / "curriculum.yaml"
     plan = load_config(path, schema=Curriculum)
@@ -133,7 +133,7 @@ def test_the_demo_curriculum_and_every_stage_config_in_it_validate():
 
 
 def test_the_command_lines_set_applies_to_every_step_and_is_named_when_bad():
-    from launcher.curriculum import check_all
+    from pali3_train.launcher.curriculum import check_all
 
     path = ROOT / "configs" / "tiny" / "curriculum.yaml"
     plan = load_config(path, schema=Curriculum)

@@ -331,7 +331,7 @@ def test_a_dry_run_of_the_5b_stage1_plans_and_reports_the_missing_shards(one_pro
 
 
 def test_repeated_set_options_all_apply():
-    from launcher.run import parse_args
+    from pali3_train.launcher.run import parse_args
 
     args = parse_args(["--stage", "1", "--config", "c.yaml", "--set", "a=1", "--set", "b=2", "c=3"])
     assert args.set == ["a=1", "b=2", "c=3"]

@@ -71,16 +71,16 @@ def test_out_of_memory_is_reported_with_what_to_change(make_trainer):
 def test_the_training_data_pipeline_is_built_once_per_run(make_trainer, monkeypatch):
     """Start-up no longer consumes a batch to count FLOPs and rebuild the pipeline: one training
     pipeline per run; evaluation passes read their own held-out sources."""
-    import data_pipeline.loader
+    import pali3_train.data_pipeline.loader
 
     built = []
-    real_init = data_pipeline.loader.DataPipeline.__init__
+    real_init = pali3_train.data_pipeline.loader.DataPipeline.__init__
 
     def counting(self, *args, **kwargs):
         built.append(kwargs.get("mode", "train"))
         real_init(self, *args, **kwargs)
 
-    monkeypatch.setattr(data_pipeline.loader.DataPipeline, "__init__", counting)
+    monkeypatch.setattr(pali3_train.data_pipeline.loader.DataPipeline, "__init__", counting)
     trainer = make_trainer(train={"steps": 2})
     assert trainer.run() == 0
     assert built.count("train") == 1

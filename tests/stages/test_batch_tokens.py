@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from pali3_train.data_pipeline.transforms import Batch
 
-from data_pipeline.transforms import Batch
 from pali3_train.config import load_config
 from pali3_train.stages.registry import OBJECTIVES
 
