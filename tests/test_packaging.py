@@ -6,6 +6,7 @@ nothing is downloaded) and every console script answers ``--help`` from the inst
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -24,25 +25,30 @@ def _pins(*files: str) -> set[str]:
     return {line for line in lines if line and not line.startswith("#")}
 
 
+def _python_says(python: Path, code: str, cwd: Path) -> str:
+    done = subprocess.run([python, "-c", code], cwd=cwd, check=True, capture_output=True, text=True)
+    return done.stdout.strip()
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            str(out),
-            str(ROOT),
-        ],
-        check=True,
-        capture_output=True,
+    """Built from a copy of the checkout's sources, so that setuptools' build/ folder (which
+    would keep files deleted since) is never reused and nothing is written into the checkout."""
+    source = tmp_path_factory.mktemp("source") / "pali3-train"
+    local = (
+        ".git",
+        ".venv",
+        ".cache",
+        "runs",
+        "build",
+        "*.egg-info",
+        "__pycache__",
+        ".pytest_cache",
     )
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*local), symlinks=True)
+    out = tmp_path_factory.mktemp("wheel")
+    command = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*command, "-w", str(out), str(source)], check=True, capture_output=True)
     [built] = out.glob("pali3_train-*.whl")
     return built
 
@@ -54,29 +60,10 @@ def installed(wheel, tmp_path_factory) -> Path:
     venv = tmp_path_factory.mktemp("venv") / "env"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    site = subprocess.run(
-        [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+    site = _python_says(python, "import sysconfig; print(sysconfig.get_path('purelib'))", venv)
     Path(site, "dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "--python",
-            str(python),
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-index",
-            str(wheel),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps"]
+    subprocess.run([*pip, "--no-index", str(wheel)], check=True, capture_output=True)
     return venv
 
 
@@ -107,13 +94,9 @@ def test_the_wheel_installs_one_name_with_its_data_and_pinned_dependencies(wheel
 
 def test_every_console_script_runs_help_from_the_installed_copy(installed, tmp_path):
     python = installed / "bin" / "python"
-    where = subprocess.run(
-        [python, "-c", "import pali3_train.data_pipeline as d; print(d.__file__)"],
-        cwd=tmp_path,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    where = _python_says(
+        python, "import pali3_train.data_pipeline as d; print(d.__file__)", tmp_path
+    )
     assert where.startswith(str(installed)), "the wheel's copy, not the checkout"
     for script in SCRIPTS:
         result = subprocess.run(

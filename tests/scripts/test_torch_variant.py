@@ -110,7 +110,7 @@ def install_commands(bin_dir: Path, tmp_path: Path, *make_args: str) -> list[str
 
 
 CPU_COMMANDS = [
-    "pip install -q -c constraints.txt -r requirements.txt",
+    "pip install -q -c constraints.txt -r requirements.txt -r requirements-dev.txt",
     "pip install -q -c constraints.txt --no-build-isolation -r requirements-deepspeed.txt",
     "pip install -q -c constraints.txt --no-build-isolation --no-deps -e .",
 ]
