@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
-from pali3_train.data_pipeline.loader import DataPipeline
-from pali3_train.data_pipeline.shards import expand
-from pali3_train.data_pipeline.write_shards import Example, write_source
 from PIL import Image
 
 from pali3_train.config import config_from_dict
+from pali3_train.data_pipeline.loader import DataPipeline
+from pali3_train.data_pipeline.shards import expand
+from pali3_train.data_pipeline.write_shards import Example, write_source
 from pali3_train.tokenizer import train_tokenizer
 
 TASKS = ("caption", "vqa", "ocr")

@@ -46,9 +46,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from pali3_train.data_pipeline.transforms import Batch, model_input
 
 from pali3_train.config import Config, config_from_dict, load_config, to_dict
+from pali3_train.data_pipeline.transforms import Batch, model_input
 from pali3_train.engine.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

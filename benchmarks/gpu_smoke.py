@@ -66,11 +66,11 @@ from typing import Callable
 
 import torch
 import yaml
-from pali3_train.data_pipeline.demo_corpus import DemoCorpus, build_demo_corpus
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from pali3_train.config import Config, SourceConfig, UL2Config, ViTConfig, load_config
+from pali3_train.data_pipeline.demo_corpus import DemoCorpus, build_demo_corpus
 from pali3_train.models.ul2 import UL2
 from pali3_train.models.vit import VisionTransformer
 from pali3_train.stages.curriculum import CURRICULUM

@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-from pali3_train.data_pipeline.manifest import Manifest
-from pali3_train.data_pipeline.tasks import TASKS, format_example
-from pali3_train.data_pipeline.write_shards import Example, write_source
 from PIL import Image, ImageDraw, ImageFont
 
 from pali3_train.cli import command_parser
 from pali3_train.config import SourceConfig
+from pali3_train.data_pipeline.manifest import Manifest
+from pali3_train.data_pipeline.tasks import TASKS, format_example
+from pali3_train.data_pipeline.write_shards import Example, write_source
 from pali3_train.tokenizer import Tokenizer, train_tokenizer
 
 EUROPEAN = ("en", "de", "fr", "es")

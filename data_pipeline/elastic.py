@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+
 from pali3_train.data_pipeline.health import Health, total
 from pali3_train.data_pipeline.mixture import STATE_VERSION, ResolvedSource, WorkerLayout
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from pali3_train.data_pipeline.tasks import TASKS, MissingField, format_record
-from pali3_train.data_pipeline.transforms import IMAGE_FIELDS, Sample, decode_image
 
 from pali3_train.config.schema import FieldMapping, SourceConfig
+from pali3_train.data_pipeline.tasks import TASKS, MissingField, format_record
+from pali3_train.data_pipeline.transforms import IMAGE_FIELDS, Sample, decode_image
 
 JSON_KEY = "json:"
 

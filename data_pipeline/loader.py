@@ -18,15 +18,15 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from pali3_train.config import ConfigError
+from pali3_train.config.schema import DataConfig
 from pali3_train.data_pipeline import elastic, shards
 from pali3_train.data_pipeline.health import SKIP_REASONS, Health, total
 from pali3_train.data_pipeline.mixture import MixtureDataset, Mode, ResolvedSource, WorkerLayout
 from pali3_train.data_pipeline.tasks import template_error
 from pali3_train.data_pipeline.transforms import Batch, model_input
-from torchdata.stateful_dataloader import StatefulDataLoader
-
-from pali3_train.config import ConfigError
-from pali3_train.config.schema import DataConfig
 
 
 def resolve_sources(

@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from typing import Iterator, Literal
 
 import numpy as np
+from torch.utils.data import IterableDataset, get_worker_info
+
+from pali3_train.config.schema import SourceConfig
 from pali3_train.data_pipeline import shards
 from pali3_train.data_pipeline.formats import Rejected, prepare_sample
 from pali3_train.data_pipeline.health import DataQualityError, Health
 from pali3_train.data_pipeline.transforms import Batch, Sample, collate
-from torch.utils.data import IterableDataset, get_worker_info
-
-from pali3_train.config.schema import SourceConfig
 from pali3_train.tokenizer import Tokenizer
 
 Mode = Literal["train", "epoch"]

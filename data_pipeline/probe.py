@@ -13,11 +13,11 @@ import itertools
 from collections import Counter
 
 import numpy as np
+
+from pali3_train.config import ConfigError
 from pali3_train.data_pipeline import shards
 from pali3_train.data_pipeline.formats import Rejected, members, prepare_sample
 from pali3_train.data_pipeline.mixture import ResolvedSource
-
-from pali3_train.config import ConfigError
 
 SAMPLES_READ = 8
 

@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from pali3_train.data_pipeline.manifest import MANIFEST_NAME, Manifest
 from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from pali3_train.data_pipeline.manifest import MANIFEST_NAME, Manifest
 
 log = logging.getLogger(__name__)
 

@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal
 
 import webdataset as wds
-from pali3_train.data_pipeline.manifest import Manifest, ShardInfo, file_sha256
 from PIL import Image
 
 from pali3_train.cli import command_parser
+from pali3_train.data_pipeline.manifest import Manifest, ShardInfo, file_sha256
 
 # webdataset splits a member name at its first dot into key and field, so keys must be dot-free.
 KEY_PATTERN = re.compile(r"^[\w-]+$")

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pali3_train.data_pipeline.demo_corpus import build_demo_corpora
-
 from pali3_train.config import load_config
+from pali3_train.data_pipeline.demo_corpus import build_demo_corpora
 from pali3_train.stages.curriculum import CURRICULUM
 from pali3_train.stages.registry import spec_for
 

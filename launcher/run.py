@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 
 import torch
-from pali3_train.launcher.quickstart import quickstart
 
 from pali3_train.cli import command_parser
 from pali3_train.config import Config, ConfigError, add_overrides_option
@@ -48,6 +47,7 @@ from pali3_train.engine.lifeline import die_with_parent
 from pali3_train.engine.peak import enable_tf32
 from pali3_train.engine.previous_run import move_aside, previous_run
 from pali3_train.engine.run_lock import RunLocked, lock_run_dir
+from pali3_train.launcher.quickstart import quickstart
 from pali3_train.quiet import configure_logging
 from pali3_train.stages.curriculum import CURRICULUM
 

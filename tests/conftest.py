@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from pali3_train.data_pipeline.demo_corpus import build_demo_corpus
 
+from pali3_train.data_pipeline.demo_corpus import build_demo_corpus
 from tests.mlflow_server import MlflowServer
 
 # Every run the suite starts, in this process or in the ranks it launches, checks that tensors

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from pali3_train.data_pipeline.demo_corpus import build_demo_corpus
-from pali3_train.data_pipeline.transforms import decode_image, normalize_images
 
 from pali3_train import generate
 from pali3_train.config import load_config, to_dict
 from pali3_train.convert.safetensors_io import save_weights
+from pali3_train.data_pipeline.demo_corpus import build_demo_corpus
+from pali3_train.data_pipeline.transforms import decode_image, normalize_images
 from pali3_train.generate import generate_answers, load_pali3, main, prepare
 from pali3_train.models import PaLI3
 from pali3_train.tokenizer import Tokenizer

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from pali3_train.cluster.testing.local_cluster import LocalSlurmCluster, install_slurm
 
 

@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from pali3_train.cluster import submit
 
+from pali3_train.cluster import submit
 from tests.engine.conftest import ROOT, stage_config
 
 

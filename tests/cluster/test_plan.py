@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from pali3_train.cluster.plan import Cluster, PlanError, main, recommend, search
 
+from pali3_train.cluster.plan import Cluster, PlanError, main, recommend, search
 from pali3_train.config import load_config
 from pali3_train.engine.dry_run import build_plan
 from pali3_train.engine.memory import local_numels

@@ -13,7 +13,6 @@ import shutil
 
 import pytest
 import torch
-from pali3_train.data_pipeline.transforms import decode_image, normalize_images
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import (
@@ -28,6 +27,7 @@ from pali3_train.convert.__main__ import main as convert_cli
 from pali3_train.convert.hf_checkpoint import FORMAT
 from pali3_train.convert.pali3_hf import CARD, export_pali3
 from pali3_train.convert.safetensors_io import load_weights, read_metadata, save_weights
+from pali3_train.data_pipeline.transforms import decode_image, normalize_images
 from pali3_train.generate import load_pali3
 from pali3_train.models import PaLI3
 from pali3_train.models.ul2 import shift_right

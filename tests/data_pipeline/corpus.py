@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import webdataset as wds
-from pali3_train.data_pipeline.loader import DataPipeline
-from pali3_train.data_pipeline.mixture import Mode
-from pali3_train.data_pipeline.write_shards import Example, write_source
 from PIL import Image
 
 from pali3_train.config import Config, config_from_dict
+from pali3_train.data_pipeline.loader import DataPipeline
+from pali3_train.data_pipeline.mixture import Mode
+from pali3_train.data_pipeline.write_shards import Example, write_source
 from pali3_train.tokenizer import train_tokenizer
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "grey": (128,) * 3}

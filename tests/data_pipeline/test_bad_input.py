@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
+
 from pali3_train.data_pipeline import health
 from pali3_train.data_pipeline.health import DataQualityError
-
 from tests.data_pipeline.corpus import (
     Corpus,
     cut_before,

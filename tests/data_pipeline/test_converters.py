@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from pali3_train.data_pipeline.manifest import Manifest
-from pali3_train.data_pipeline.write_shards import main
 from PIL import Image
 
+from pali3_train.data_pipeline.manifest import Manifest
+from pali3_train.data_pipeline.write_shards import main
 from pali3_train.tokenizer import Tokenizer
 from tests.data_pipeline.corpus import pipeline
 

@@ -15,6 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from pali3_train.config import load_config
+from pali3_train.config.schema import DataConfig
 from pali3_train.data_pipeline import demo_corpus, write_shards
 from pali3_train.data_pipeline.demo_corpus import (
     BACKGROUND,
@@ -31,11 +36,6 @@ from pali3_train.data_pipeline.demo_corpus import (
 from pali3_train.data_pipeline.loader import resolve_sources
 from pali3_train.data_pipeline.manifest import Manifest
 from pali3_train.data_pipeline.tasks import TASKS, format_example
-from PIL import Image
-from sklearn.datasets import load_digits
-
-from pali3_train.config import load_config
-from pali3_train.config.schema import DataConfig
 from pali3_train.tokenizer import UNK_ID, Tokenizer
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

@@ -9,8 +9,8 @@ from collections import Counter
 from itertools import islice
 
 import pytest
-from pali3_train.data_pipeline.loader import DataPipeline
 
+from pali3_train.data_pipeline.loader import DataPipeline
 from tests.data_pipeline.corpus import SOURCES, pipeline
 
 BATCH = 3  # with shards of 5, 4 and 3 samples: stops fall inside shards

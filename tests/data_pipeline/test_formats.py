@@ -10,12 +10,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from pali3_train.data_pipeline.formats import Rejected, prepare_sample, read_record
-from pali3_train.data_pipeline.transforms import decode_image
 from PIL import Image
 
 from pali3_train.config import ConfigError, config_from_dict
 from pali3_train.config.schema import FieldMapping, SourceConfig
+from pali3_train.data_pipeline.formats import Rejected, prepare_sample, read_record
+from pali3_train.data_pipeline.transforms import decode_image
 
 
 def _source(**fields) -> SourceConfig:

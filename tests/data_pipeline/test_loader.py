@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from pali3_train.config import ConfigError
 from pali3_train.data_pipeline.health import Health
 from pali3_train.data_pipeline.loader import DataPipeline, resolve_sources
 from pali3_train.data_pipeline.mixture import SourceStream, WorkerLayout
 from pali3_train.data_pipeline.transforms import decode_image, normalize_images
-
-from pali3_train.config import ConfigError
 from pali3_train.engine.distributed import free_port
 from pali3_train.tokenizer import Tokenizer
 from tests.data_pipeline.corpus import COLOURS, pipeline

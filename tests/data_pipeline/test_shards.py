@@ -7,9 +7,9 @@ import tarfile
 from pathlib import Path
 
 import pytest
+
 from pali3_train.data_pipeline.shards import expand, missing_local_shards, read_shard
 from pali3_train.data_pipeline.write_shards import write_source
-
 from tests.data_pipeline.corpus import cut_before, example, flaky_pipe
 
 

@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pytest
+
 from pali3_train.data_pipeline.tasks import (
     MissingField,
     format_example,

@@ -7,9 +7,9 @@ import io
 import numpy as np
 import pytest
 import torch
-from pali3_train.data_pipeline.transforms import Sample, collate, decode_image, normalize_images
 from PIL import Image
 
+from pali3_train.data_pipeline.transforms import Sample, collate, decode_image, normalize_images
 from pali3_train.tokenizer import train_tokenizer
 
 

@@ -10,11 +10,11 @@ import sys
 
 import pytest
 import webdataset as wds
+from PIL import Image
+
 from pali3_train.data_pipeline.manifest import Manifest
 from pali3_train.data_pipeline.shards import expand
 from pali3_train.data_pipeline.write_shards import Example, examples_from_folder, write_source
-from PIL import Image
-
 from tests.data_pipeline.corpus import example
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 import yaml
-from pali3_train.data_pipeline.health import SKIP_REASONS
 
+from pali3_train.data_pipeline.health import SKIP_REASONS
 from pali3_train.plots import read_metrics
 from tests.engine.conftest import launch, stage_config
 

@@ -9,9 +9,9 @@ import json
 from dataclasses import replace
 
 import pytest
-from pali3_train.data_pipeline.loader import DataPipeline
 
 from pali3_train.config import load_config
+from pali3_train.data_pipeline.loader import DataPipeline
 from pali3_train.eval.scoring import score_answers
 from pali3_train.generate import generate_answers, load_pali3
 from tests.engine.conftest import launch, stage_config

@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from pali3_train.data_pipeline.transforms import Batch, model_input
 
 from pali3_train.config import config_from_dict, load_config
+from pali3_train.data_pipeline.transforms import Batch, model_input
 from pali3_train.engine.build import build_model, make_engine
 from pali3_train.engine.deepspeed_config import accumulation_steps
 from pali3_train.engine.distributed import DistEnv, free_port, init_distributed

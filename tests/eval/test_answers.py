@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from pali3_train.data_pipeline.transforms import Batch
 
 from pali3_train.config import load_config
+from pali3_train.data_pipeline.transforms import Batch
 from pali3_train.eval.answers import AnswerEvaluator, _references, generate_answers
 from pali3_train.eval.evaluator import EvalContext, held_out
 from pali3_train.eval.scoring import score_answers

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from pali3_train.data_pipeline.transforms import Batch
 
 from pali3_train.config import ZeroShotConfig, load_config
+from pali3_train.data_pipeline.transforms import Batch
 from pali3_train.eval.embeddings import EmbeddingEvaluator
 from pali3_train.eval.evaluator import EvalContext, held_out
 from pali3_train.eval.retrieval import recall_at_k

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from pali3_train.data_pipeline.transforms import Batch
 
 from pali3_train.config import load_config
+from pali3_train.data_pipeline.transforms import Batch
 from pali3_train.stages.registry import OBJECTIVES
 
 ROOT = Path(__file__).resolve().parents[2]
