@@ -165,6 +165,9 @@ class ModelConfig:
     vit: ViTConfig = field(default_factory=ViTConfig)
     text: TextConfig = field(default_factory=TextConfig)
     ul2: UL2Config = field(default_factory=UL2Config)
+    # A learned embedding per frame position (at most 16 frames) added to a video's visual
+    # tokens, so the encoder can tell frames apart beyond their order; PaLI-3 uses none.
+    temporal_embedding: bool = False
 
 
 # ------------------------------------------------------------------------------------------ data
