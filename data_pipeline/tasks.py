@@ -16,6 +16,9 @@ keeps, so a resume draws the same ones); evaluation scores against all of them
 (``Formatted.references``). A plain string draws nothing, so records without lists give exactly
 the prompts and targets they always did.
 
+The video tasks read the same fields as their image counterparts (``video_caption`` the caption,
+``video_qa`` the vqa pairs); only the sample's media differs.
+
 Prompts follow PaLI's phrasing with upper-case language codes ("Answer in EN: ..."); a mixture
 source may replace a task's template but only with the placeholders that task fills.
 """
@@ -116,6 +119,11 @@ TASKS: dict[str, Task] = {
     ),
     "vqa": Task("vqa", "Answer in {lang}: {question}", frozenset({"lang", "question"}), _vqa),
     "ocr": Task("ocr", "Generate the ocr_text in {lang}:", frozenset({"lang"}), _caption),
+    # A clip of frames instead of an image; the records read alike (docs/video.md).
+    "video_caption": Task(
+        "caption", "Caption the video in {lang}:", frozenset({"lang"}), _caption
+    ),
+    "video_qa": Task("vqa", "Answer in {lang}: {question}", frozenset({"lang", "question"}), _vqa),
 }
 assert set(TASKS) == set(get_args(TaskName)), "config.schema.TaskName and TASKS disagree"
 

@@ -173,7 +173,12 @@ class ModelConfig:
 # ------------------------------------------------------------------------------------------ data
 
 
-TaskName = Literal["caption", "alt_text", "split_caption", "vqa", "ocr"]
+TaskName = Literal[
+    "caption", "alt_text", "split_caption", "vqa", "ocr", "video_caption", "video_qa"
+]
+# Tasks whose samples are videos (a clip of up to data.max_frames frames), not images.
+VIDEO_TASKS = frozenset({"video_caption", "video_qa"})
+MAX_FRAMES = 16  # PaLI-3's video transfers sample at most 16 frames
 ShardFormat = Literal["pali3", "img2dataset"]
 
 
@@ -218,6 +223,10 @@ class SourceConfig:
     # DataComp and CC12M downloads come), read through ``fields``.
     format: ShardFormat = "pali3"
     fields: FieldMapping | None = None
+    # Video tasks: the fixed time between the frames sampled from a video, in seconds or in
+    # frames; exactly one of them (``docs/video.md``).
+    frame_stride_s: float | None = None
+    frame_stride_frames: int | None = None
 
     def __post_init__(self) -> None:
         require(bool(self.name.strip()), "name", "must not be empty")
@@ -233,14 +242,32 @@ class SourceConfig:
                 f"{lang!r} is not among languages {list(self.languages)}",
                 ("languages",),
             )
-        if self.format == "img2dataset" and self.task == "vqa":
+        self._check_frame_stride()
+        if self.format == "img2dataset" and self.task in ("vqa", "video_qa"):
             require(
                 False,
                 "task",
-                "vqa needs question/answer records: use format: pali3 "
+                f"{self.task} needs question/answer records: use format: pali3 "
                 "(python -m pali3_train.data_pipeline.write_shards --vqav2-questions ...)",
                 ("format",),
             )
+
+
+    def _check_frame_stride(self) -> None:
+        strides = ("frame_stride_s", "frame_stride_frames")
+        given = [name for name in strides if getattr(self, name) is not None]
+        if self.task not in VIDEO_TASKS:
+            for name in given:
+                require(False, name, f"is read only by video tasks, not {self.task}", ("task",))
+            return
+        require(
+            len(given) == 1,
+            "frame_stride_s",
+            f"task {self.task} needs exactly one of frame_stride_s and frame_stride_frames",
+            ("frame_stride_frames", "task"),
+        )
+        value = getattr(self, given[0])
+        require(value > 0, given[0], f"must be > 0, got {value}")
 
 
 @dataclass(frozen=True)
@@ -270,9 +297,17 @@ class DataConfig:
     # (each sample once per epoch, across resumes and resharding). A run killed between
     # checkpoints logs again the batches it replays after resuming.
     log_served_keys: bool = False
+    # Frames per video sample (1..16). A mixture with a video source makes every sample a clip
+    # of this many frames, real ones first and the rest masked; an image is a one-frame clip.
+    max_frames: int = MAX_FRAMES
 
     def __post_init__(self) -> None:
         _positive(self, "max_prompt_tokens", "max_target_tokens", "open_shards_per_source")
+        require(
+            1 <= self.max_frames <= MAX_FRAMES,
+            "max_frames",
+            f"must be in [1, {MAX_FRAMES}], got {self.max_frames}",
+        )
         _positive(self, "skip_check_min_samples")
         require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         require(self.read_retries >= 0, "read_retries", f"must be >= 0, got {self.read_retries}")
@@ -295,6 +330,12 @@ class DataConfig:
                 "sources",
                 "the total weight is 0: give at least one source a positive weight",
             )
+
+
+def has_video(data: DataConfig) -> bool:
+    """Whether any source of the mixture is a video task: then every batch is clips
+    ([B, data.max_frames, 3, S, S] with a frame mask), images included."""
+    return any(s.task in VIDEO_TASKS for s in data.sources)
 
 
 # ------------------------------------------------------------------------------------- training
