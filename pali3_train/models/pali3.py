@@ -2,6 +2,13 @@
 
 The decoder is trained with teacher forcing on the target text; the loss covers target tokens
 only. ``generate`` decodes with greedy or beam search over the same encoder output.
+
+A video is its frames [B, F, 3, H, W], as PaLI-3 transfers to video tasks: each frame goes
+through the ViT on its own (the frames of the whole batch as one batch of B*F images, so ZeRO-3
+and tensor parallelism see nothing new), and the frames' tokens follow each other in time order
+before the prompt. ``frame_mask`` [B, F] marks the real frames of a clip shorter than F; the
+tokens of the padded ones are masked out of the encoder's attention, like prompt padding. A still
+image is a clip of one frame.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import torch
 from torch import nn
 
 from pali3_train.config import ModelConfig
+from pali3_train.config.schema import MAX_FRAMES
 from pali3_train.losses.text import TokenLoss
 from pali3_train.models.decoding import beam_search
 from pali3_train.models.ul2 import UL2, shift_right
@@ -31,6 +39,14 @@ class PaLI3(nn.Module):
         self.cfg = cfg
         self.vit = VisionTransformer(cfg.vit)
         self.projection = nn.Linear(cfg.vit.width, cfg.ul2.d_model)
+        # One learned vector per frame position, added after the projection: it lives in the
+        # space UL2's encoder reads, whatever the ViT and the projection do (frozen, or trained
+        # from an image checkpoint), and it tells frames apart where the encoder cannot: its
+        # relative positions share one bucket beyond 128 tokens (T5's max distance; a 224 px
+        # frame is 256). Zeros at first, so a model from an image checkpoint starts unchanged.
+        self.temporal_embed = (
+            nn.Embedding(MAX_FRAMES, cfg.ul2.d_model) if cfg.temporal_embedding else None
+        )
         self.ul2 = UL2(cfg.ul2)
         # (hidden states, LM head, target, mask) -> mean over real target tokens: all logits at
         # once by default. From outside, pali3_train.parallel swaps in a collective loss for a
@@ -38,15 +54,40 @@ class PaLI3(nn.Module):
         self.token_loss = TokenLoss()
         nn.init.xavier_uniform_(self.projection.weight)
         nn.init.zeros_(self.projection.bias)
+        if self.temporal_embed is not None:
+            nn.init.zeros_(self.temporal_embed.weight)
+
+    def embed_visual(
+        self, images: torch.Tensor, frame_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [B, 3, H, W] or frames [B, F, 3, H, W], frame_mask [B, F] (True = real frame;
+        None: all real) -> (visual tokens [B, F*N, d_model] frame after frame, mask [B, F*N])."""
+        frames = images if images.dim() == 5 else images[:, None]
+        batch, count = frames.shape[:2]
+        tokens = self.projection(self.vit(frames.flatten(0, 1)))  # [B*F, N, d_model]
+        tokens = tokens.unflatten(0, (batch, count))  # [B, F, N, d_model]
+        if self.temporal_embed is not None:
+            if count > MAX_FRAMES:
+                raise ValueError(f"{count} frames: the temporal embedding has {MAX_FRAMES}")
+            positions = torch.arange(count, device=tokens.device)
+            tokens = tokens + self.temporal_embed(positions)[:, None]
+        if frame_mask is None:
+            frame_mask = torch.ones(batch, count, dtype=torch.bool, device=tokens.device)
+        mask = frame_mask.bool()[:, :, None].expand(-1, -1, tokens.shape[2])
+        return tokens.flatten(1, 2), mask.flatten(1)
 
     def encode(
-        self, images: torch.Tensor, prompt: torch.Tensor, prompt_mask: torch.Tensor
+        self,
+        images: torch.Tensor,
+        prompt: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        frame_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """images [B, 3, H, W], prompt [B, P], prompt_mask [B, P] ->
-        (encoder output [B, N + P, d_model], its mask [B, N + P]); N visual tokens come first."""
-        visual = self.projection(self.vit(images))
+        """images (or frames and frame_mask: ``embed_visual``), prompt [B, P], prompt_mask
+        [B, P] -> (encoder output [B, V + P, d_model], its mask [B, V + P]); the V visual tokens
+        come first."""
+        visual, visual_mask = self.embed_visual(images, frame_mask)
         x = torch.cat([visual, self.ul2.embed(prompt)], dim=1)
-        visual_mask = torch.ones(visual.shape[:2], dtype=torch.bool, device=prompt_mask.device)
         mask = torch.cat([visual_mask, prompt_mask.bool()], dim=1)
         return self.ul2.encode(x, mask), mask
 
@@ -57,9 +98,11 @@ class PaLI3(nn.Module):
         prompt_mask: torch.Tensor,
         target: torch.Tensor,
         target_mask: torch.Tensor,
+        frame_mask: torch.Tensor | None = None,
     ) -> PaLI3Output:
-        """target [B, T] (ending in EOS, right-padded), target_mask [B, T]."""
-        memory, memory_mask = self.encode(images, prompt, prompt_mask)
+        """target [B, T] (ending in EOS, right-padded), target_mask [B, T]; the rest as
+        ``encode``."""
+        memory, memory_mask = self.encode(images, prompt, prompt_mask, frame_mask)
         state = self.ul2.start_decoding(memory, memory_mask, use_cache=False)
         hidden = self.ul2.decode_hidden(shift_right(target, self.cfg.ul2.pad_id), state)
         loss = self.token_loss(hidden, self.ul2.lm_head, target, target_mask.bool())
@@ -74,11 +117,12 @@ class PaLI3(nn.Module):
         max_len: int,
         beam_size: int = 1,
         use_cache: bool = True,
+        frame_mask: torch.Tensor | None = None,
         **search_options,
     ) -> torch.Tensor:
         """-> tokens [B, <= max_len], PAD after EOS. beam_size=1 is greedy decoding;
-        ``search_options`` go to ``beam_search``."""
-        memory, memory_mask = self.encode(images, prompt, prompt_mask)
+        ``search_options`` go to ``beam_search``; the inputs as ``encode``."""
+        memory, memory_mask = self.encode(images, prompt, prompt_mask, frame_mask)
         return beam_search(
             self.ul2, memory, memory_mask, max_len, beam_size, use_cache, **search_options
         ).tokens
