@@ -120,9 +120,7 @@ TASKS: dict[str, Task] = {
     "vqa": Task("vqa", "Answer in {lang}: {question}", frozenset({"lang", "question"}), _vqa),
     "ocr": Task("ocr", "Generate the ocr_text in {lang}:", frozenset({"lang"}), _caption),
     # A clip of frames instead of an image; the records read alike (docs/video.md).
-    "video_caption": Task(
-        "caption", "Caption the video in {lang}:", frozenset({"lang"}), _caption
-    ),
+    "video_caption": Task("caption", "Caption the video in {lang}:", frozenset({"lang"}), _caption),
     "video_qa": Task("vqa", "Answer in {lang}: {question}", frozenset({"lang", "question"}), _vqa),
 }
 assert set(TASKS) == set(get_args(TaskName)), "config.schema.TaskName and TASKS disagree"

@@ -25,11 +25,12 @@ IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 class Sample:
     key: str
     source: str
-    image: torch.Tensor  # uint8 [3, S, S]
+    image: torch.Tensor  # uint8 [3, S, S]; in a mixture with videos a clip: uint8 [F, 3, S, S]
     prompt: str
     target: str
     epoch: int = 0  # which pass over its source the sample's shard belongs to
     references: tuple[str, ...] = ()  # every reference, where the record listed several
+    frame_mask: torch.Tensor | None = None  # bool [F]: a clip's real frames (video.pad_clip)
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ class Batch:
     """One batch of one data-parallel rank. ``health`` is the producing worker's counters after
     this batch (see ``health.Health``), so the consumer can report them without a side channel."""
 
-    images: torch.Tensor  # uint8 [B, 3, S, S]
+    # uint8 [B, 3, S, S]; where the mixture has a video source, clips: uint8 [B, F, 3, S, S]
+    images: torch.Tensor
     prompt: torch.Tensor  # long [B, P], PAD-padded, EOS-terminated
     prompt_mask: torch.Tensor  # bool [B, P]
     target: torch.Tensor  # long [B, T]
@@ -49,6 +51,7 @@ class Batch:
     epochs: tuple[int, ...] = ()  # per sample: the pass over its source (Sample.epoch)
     # per sample: every reference (Sample.references); () where the target is the one reference
     references: tuple[tuple[str, ...], ...] = ()
+    frame_mask: torch.Tensor | None = None  # bool [B, F] with clips: the real frames; else None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -78,6 +81,11 @@ def decode_image(data: bytes, size_px: int) -> torch.Tensor:
         # A JPEG decodes straight to a smaller scale when it is much larger than needed.
         img.draft("RGB", (size_px, size_px))
         pixels = torch.from_numpy(np.array(img.convert("RGB")))  # [H, W, 3]
+    return resize_square(pixels, size_px)
+
+
+def resize_square(pixels: torch.Tensor, size_px: int) -> torch.Tensor:
+    """uint8 [H, W, 3] -> uint8 [3, size_px, size_px], squashed (images and video frames alike)."""
     if pixels.shape[:2] == (size_px, size_px):
         return pixels.permute(2, 0, 1).contiguous()
     # torch's antialiased bilinear resize on uint8 (channels-last) is ~4x faster than PIL's.
@@ -106,9 +114,11 @@ def collate(
     worker: int,
     health: dict,
 ) -> Batch:
-    """Stack images and tokenise to fixed lengths, so every step has the same shapes."""
+    """Stack images (or clips, all of one length) and tokenise to fixed lengths, so every step
+    has the same shapes."""
     prompt, prompt_mask = tokenizer.batch_encode([s.prompt for s in samples], max_prompt_tokens)
     target, target_mask = tokenizer.batch_encode([s.target for s in samples], max_target_tokens)
+    masks = [s.frame_mask for s in samples]
     return Batch(
         images=torch.stack([s.image for s in samples]),
         prompt=prompt,
@@ -121,4 +131,5 @@ def collate(
         health=health,
         epochs=tuple(s.epoch for s in samples),
         references=tuple(s.references for s in samples),
+        frame_mask=None if masks[0] is None else torch.stack(masks),
     )

@@ -252,7 +252,6 @@ class SourceConfig:
                 ("format",),
             )
 
-
     def _check_frame_stride(self) -> None:
         strides = ("frame_stride_s", "frame_stride_frames")
         given = [name for name in strides if getattr(self, name) is not None]

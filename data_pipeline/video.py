@@ -1,0 +1,185 @@
+"""Video samples: which frames a clip takes, and decoding just those.
+
+PaLI-3 reads a video as at most 16 frames a fixed time apart, each through the ViT on its own.
+A clip here is that: ``max_frames`` slots, filled in time order with frames ``stride`` apart, the
+real ones first and the rest zeros with a ``False`` in the frame mask. A short video is padded,
+never looped or stretched, so the model never sees a frame twice as if it were new motion.
+
+Where the clip starts. The span of frames the clip covers usually fits the video with room to
+spare (its *slack*); training starts it at a random fraction of that slack, drawn from the
+worker's generator (whose state a checkpoint keeps, so a resumed run draws the same clips), and
+evaluation centres it. ``frame_indices`` is that arithmetic alone, so it can be checked by hand.
+
+A video arrives either encoded (mp4, webm: decoded with PyAV, which bundles its own FFmpeg) or as
+a list of encoded frames (JPEG/PNG, extracted beforehand at a known frame rate). Only the chosen
+frames are converted and resized, with the same resize as images (``transforms.resize_square``).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import av
+import numpy as np
+import torch
+
+from pali3_train.data_pipeline.transforms import decode_image, resize_square
+
+VIDEO_FIELDS = ("mp4", "webm")
+# Float slack when a stride in seconds times a frame rate lands on a whole frame (0.1 s x 30 fps).
+_EPS = 1e-6
+
+Encoded = bytes | Sequence[bytes]  # an mp4/webm file, or its frames as JPEG/PNG files
+
+
+class UndecodableVideo(ValueError):
+    """The video (or one of its frames) cannot be decoded, or holds no frame."""
+
+
+@dataclass(frozen=True)
+class FrameStride:
+    """The fixed time between sampled frames: ``seconds`` (needs the video's frame rate) or
+    ``frames``; exactly one."""
+
+    seconds: float | None = None
+    frames: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.seconds is None) == (self.frames is None):
+            raise ValueError("a frame stride is given in seconds or in frames, exactly one")
+        value = self.seconds if self.frames is None else self.frames
+        if not value > 0:
+            raise ValueError(f"a frame stride must be > 0, got {value}")
+
+    def in_frames(self, fps: float | None) -> float:
+        if self.frames is not None:
+            return float(self.frames)
+        if not fps:
+            raise UndecodableVideo(
+                f"a stride of {self.seconds} s needs the video's frame rate, which it lacks"
+            )
+        return self.seconds * fps
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the shard writer's manifest records of a video."""
+
+    frames: int
+    fps: float | None  # None: a frame list given without its rate
+
+    @property
+    def duration_s(self) -> float | None:
+        return self.frames / self.fps if self.fps else None
+
+
+def frame_indices(
+    frame_count: int, fps: float | None, stride: FrameStride, max_frames: int, offset: float | None
+) -> list[int]:
+    """The frames a clip takes, in time order: ``min(max_frames, as many as fit)`` frames
+    ``stride`` apart, starting at ``offset`` (in [0, 1)) times the room left in the video, or
+    centred in it when ``offset`` is None (evaluation). A stride longer than the video takes one
+    frame; one shorter than a frame takes consecutive frames (never the same frame twice)."""
+    if frame_count < 1:
+        raise UndecodableVideo("the video holds no frame")
+    step = max(1.0, stride.in_frames(fps))
+    taken = min(max_frames, math.floor((frame_count - 1) / step + _EPS) + 1)
+    slack = (frame_count - 1) - (taken - 1) * step
+    start = slack / 2 if offset is None else offset * slack
+    return [math.floor(start + k * step + _EPS) for k in range(taken)]
+
+
+def sample_clip(
+    encoded: Encoded,
+    size_px: int,
+    max_frames: int,
+    stride: FrameStride,
+    rng: np.random.Generator | None,
+    fps: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A video -> (uint8 [max_frames, 3, size_px, size_px], bool [max_frames] mask of the real
+    frames). ``rng`` draws where a training clip starts (one draw per video, whatever its
+    length); None centres it (evaluation). ``fps`` is a frame list's rate (an encoded video
+    knows its own); a stride in frames needs none. Raises ``UndecodableVideo``."""
+    offset = None if rng is None else float(rng.random())
+    if isinstance(encoded, (bytes, bytearray, memoryview)):
+        frames = _decode_video(bytes(encoded), size_px, max_frames, stride, offset)
+    else:
+        indices = frame_indices(len(encoded), fps, stride, max_frames, offset)
+        frames = [_decode_frame(encoded[i], size_px, i) for i in indices]
+    return pad_clip(frames, max_frames)
+
+
+def pad_clip(frames: Sequence[torch.Tensor], max_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frames (uint8 [3, S, S] each, at most ``max_frames``) -> (the clip padded with zero
+    frames, the mask of the real ones). An image in a mixture with videos is a one-frame clip."""
+    clip = torch.zeros((max_frames, *frames[0].shape), dtype=torch.uint8)
+    clip[: len(frames)] = torch.stack(list(frames))
+    mask = torch.zeros(max_frames, dtype=torch.bool)
+    mask[: len(frames)] = True
+    return clip, mask
+
+
+def video_info(encoded: Encoded, fps: float | None = None) -> VideoInfo:
+    """Decode every frame (the shard writer's check that a video is whole) and count them;
+    ``fps`` as in ``sample_clip``. Raises ``UndecodableVideo``."""
+    if isinstance(encoded, (bytes, bytearray, memoryview)):
+        try:
+            with av.open(io.BytesIO(bytes(encoded))) as container:
+                stream = container.streams.video[0]
+                count = sum(1 for _ in container.decode(stream))
+                fps = _rate(stream)
+        except (av.FFmpegError, IndexError, ValueError) as exc:
+            raise UndecodableVideo(_why(exc)) from None
+    else:
+        for i, frame in enumerate(encoded):
+            _decode_frame(frame, 1, i)
+        count = len(encoded)
+    if count == 0:
+        raise UndecodableVideo("the video holds no frame")
+    return VideoInfo(count, fps)
+
+
+def _decode_video(
+    data: bytes, size_px: int, max_frames: int, stride: FrameStride, offset: float | None
+) -> list[torch.Tensor]:
+    """Count the frames by demuxing (no decoding), then decode up to the last chosen one."""
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            stream = container.streams.video[0]
+            count = sum(1 for packet in container.demux(stream) if packet.size)
+            wanted = frame_indices(count, _rate(stream), stride, max_frames, offset)
+            container.seek(0)
+            frames = []
+            for i, frame in enumerate(container.decode(stream)):
+                if i in wanted:
+                    pixels = torch.from_numpy(frame.to_ndarray(format="rgb24"))
+                    frames.append(resize_square(pixels, size_px))
+                if len(frames) == len(wanted):
+                    return frames
+    except (av.FFmpegError, IndexError, ValueError) as exc:
+        raise UndecodableVideo(_why(exc)) from None
+    raise UndecodableVideo(f"{count} frames demuxed, but only {len(frames)} of those chosen decode")
+
+
+def _decode_frame(data: bytes, size_px: int, index: int) -> torch.Tensor:
+    try:
+        return decode_image(data, size_px)
+    except Exception as exc:  # PIL raises many types for bad data
+        raise UndecodableVideo(f"frame {index}: {type(exc).__name__}: {exc}") from None
+
+
+def _rate(stream: av.video.stream.VideoStream) -> float | None:
+    rate = stream.average_rate or stream.guessed_rate
+    return float(rate) if rate else None
+
+
+def _why(exc: Exception) -> str:
+    if isinstance(exc, UndecodableVideo):
+        return str(exc)
+    if isinstance(exc, IndexError):
+        return "no video stream"
+    return f"{type(exc).__name__}: {exc}"
