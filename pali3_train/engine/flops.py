@@ -25,7 +25,8 @@ replicated layers aside. Each objective composes the towers below in its spec
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from pali3_train.config import TextConfig, UL2Config, ViTConfig
@@ -51,6 +52,7 @@ class Tally:
         self.freeze = tuple(freeze)
         self.forward = self.backward = self.recompute = 0.0
         self._products: list[float] = []  # forward FLOPs of each product so far
+        self._times = 1  # how many inputs each product runs over (``repeated``)
 
     def result(self) -> SampleFlops:
         return SampleFlops(self.forward + self.backward, self.recompute)
@@ -61,8 +63,19 @@ class Tally:
         paths = [f"{path}.{n}" for n in names] or [path]
         return any(not any(p == f or p.startswith(f + ".") for f in self.freeze) for p in paths)
 
+    @contextmanager
+    def repeated(self, times: int) -> Iterator[None]:
+        """Products inside run over ``times`` inputs of the shapes given (a video's frames, each
+        through the ViT on its own): each costs, and recomputes, ``times`` times as much."""
+        outer, self._times = self._times, self._times * times
+        try:
+            yield
+        finally:
+            self._times = outer
+
     def product(self, flops: float, *operands: bool) -> bool:
         """A product whose gradient-carrying ``operands`` each cost it once more in backward."""
+        flops *= self._times
         self.forward += flops
         self.backward += flops * sum(operands)
         self._products.append(flops)

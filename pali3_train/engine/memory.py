@@ -241,13 +241,14 @@ def trains(*modules: nn.Module) -> bool:
 
 
 def tower(cfg: Config, name: str, blocks: int, seq: int, width: int, keeps: bool,
-          extra: float = 0.0) -> Tower:  # fmt: skip
+          extra: float = 0.0, per_sample: int = 1) -> Tower:  # fmt: skip
     """The activations of ``blocks`` blocks of width ``width`` over ``seq`` tokens for one
     micro-batch of ``cfg`` (module docstring); ``keeps``: whether the tower keeps any (it trains
-    or passes a gradient on); ``extra``: bytes it keeps besides its blocks."""
+    or passes a gradient on); ``extra``: bytes it keeps besides its blocks; ``per_sample``:
+    sequences per sample (a video's frames, each through the ViT on its own)."""
     if not keeps:
         return Tower(name, blocks, seq, width, 0.0, 0.0, 0.0)
-    b, t = cfg.train.micro_batch_size, cfg.parallel.tensor_parallel_size
+    b, t = cfg.train.micro_batch_size * per_sample, cfg.parallel.tensor_parallel_size
     w = BYTES[cfg.train.precision]
     block = seq * b * width * (10 + 24 / t) * w / 2
     inputs = w * seq * b * width

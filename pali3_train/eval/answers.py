@@ -37,11 +37,10 @@ def generate_answers(
     beam_size: int = 1,
     all_finished: Callable[[torch.Tensor], bool] | None = None,
 ) -> list[str]:
-    """The decoded answer to each (image, prompt) of a model-ready ``batch``."""
+    """The decoded answer to each (image or clip, prompt) of a model-ready ``batch``."""
     options = {"all_finished": all_finished} if all_finished else {}
-    tokens = model.generate(
-        batch.images, batch.prompt, batch.prompt_mask, max_len, beam_size, **options
-    )
+    tokens = model.generate(batch.images, batch.prompt, batch.prompt_mask, max_len, beam_size,
+                            frame_mask=batch.frame_mask, **options)  # fmt: skip
     return tokenizer.batch_decode(tokens)
 
 

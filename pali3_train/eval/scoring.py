@@ -12,12 +12,17 @@ from pali3_train.eval.vqa import vqa_accuracy
 Metric = Callable[[Sequence[str], Sequence[Sequence[str]]], float]
 
 CAPTIONING: dict[str, Metric] = {"cider": cider_d}
+QUESTION_ANSWERING: dict[str, Metric] = {"vqa_accuracy": vqa_accuracy}
+# A video's answers are scored as an image's: MSR-VTT and VATEX captions by CIDEr-D, MSR-VTT-QA
+# and ActivityNet-QA by VQA accuracy (as PaLI-3 reports them).
 METRICS_BY_TASK: dict[TaskName, dict[str, Metric]] = {
     "caption": CAPTIONING,
     "alt_text": CAPTIONING,
     "split_caption": CAPTIONING,
-    "vqa": {"vqa_accuracy": vqa_accuracy},
+    "vqa": QUESTION_ANSWERING,
     "ocr": {"exact_match": exact_match, "anls": anls},
+    "video_caption": CAPTIONING,
+    "video_qa": QUESTION_ANSWERING,
 }
 
 

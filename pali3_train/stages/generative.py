@@ -1,6 +1,10 @@
 """Stages 1, 2 and transfer: PaLI-3 (ViT tokens projected and prepended to the prompt, UL2
 generating the answer) trained by token cross-entropy on the task mixture, evaluated by scoring
-generated answers, exported as a PaLI-3 file that generation and the next stage read."""
+generated answers, exported as a PaLI-3 file that generation and the next stage read.
+
+A mixture with a video source makes every sample a clip of ``data.max_frames`` frames (an image
+is a clip of one): the ViT then runs over every frame, padded ones too, and the encoder reads
+all their tokens, so the FLOPs and activations count F x tokens-per-frame visual tokens."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import torch
 from torch import nn
 
 from pali3_train.config import Config, ConfigError
+from pali3_train.config.schema import has_video
 from pali3_train.convert.rename import StateDict, add_prefix, strip_prefix
 from pali3_train.data_pipeline.transforms import Batch
 from pali3_train.engine.flops import SampleFlops, Tally, ul2, vit
@@ -30,14 +35,25 @@ EXPORT_KIND = "pali3"
 
 def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     return model(
-        batch.images, batch.prompt, batch.prompt_mask, batch.target, batch.target_mask
+        batch.images,
+        batch.prompt,
+        batch.prompt_mask,
+        batch.target,
+        batch.target_mask,
+        frame_mask=batch.frame_mask,
     ).loss
+
+
+def frames(cfg: Config) -> int:
+    """Images through the ViT per sample: a clip's ``data.max_frames`` when the mixture holds a
+    video source (padded frames are computed, then masked), else the one image."""
+    return cfg.data.max_frames if has_video(cfg.data) else 1
 
 
 def tokens_per_sample(cfg: Config) -> dict[str, int]:
     data = cfg.data
     return {
-        "image": cfg.model.vit.num_patches,
+        "image": frames(cfg) * cfg.model.vit.num_patches,
         "prompt": data.max_prompt_tokens,
         "target": data.max_target_tokens,
     }
@@ -50,11 +66,14 @@ def batch_tokens(cfg: Config, batch: Batch) -> dict[str, int]:
 
 
 def flops(cfg: Config) -> SampleFlops:
-    """The ViT over the patches, the projection, UL2 over patches + prompt and the target."""
+    """The ViT over each frame's patches, the projection, UL2 over all frames' patches + prompt
+    and the target. (The temporal embedding is an addition: no product.)"""
     t, vit_cfg, ul2_cfg, data = Tally(cfg.stage.freeze), cfg.model.vit, cfg.model.ul2, cfg.data
-    patches = vit_cfg.num_patches
-    visual = t.linear("projection", vit(t, "vit", vit_cfg), patches, vit_cfg.width,
-                      ul2_cfg.d_model, bias=True)  # fmt: skip
+    patches = frames(cfg) * vit_cfg.num_patches
+    with t.repeated(frames(cfg)):
+        tokens = vit(t, "vit", vit_cfg)
+    visual = t.linear("projection", tokens, patches, vit_cfg.width, ul2_cfg.d_model, bias=True)
+    visual = visual or (cfg.model.temporal_embedding and t.trains("temporal_embed"))
     ul2(t, "ul2", ul2_cfg, visual, patches, data.max_prompt_tokens, data.max_target_tokens)
     return t.result()
 
@@ -86,10 +105,11 @@ def activations(cfg: Config, model: nn.Module) -> Activations:
         BYTES[cfg.train.precision],
     )
     vit, ul2, target = cfg.model.vit, cfg.model.ul2, cfg.data.max_target_tokens
-    seq = vit.num_patches + cfg.data.max_prompt_tokens
+    seq = frames(cfg) * vit.num_patches + cfg.data.max_prompt_tokens
     # A tower keeps activations if it trains or a gradient must pass through it to one that does.
     vit_keeps = trains(model.vit)
-    enc_keeps = vit_keeps or trains(model.projection, model.ul2.embed, model.ul2.encoder_layers)
+    before_encoder = (model.projection, model.temporal_embed, model.ul2.embed)
+    enc_keeps = vit_keeps or trains(*filter(None, before_encoder), model.ul2.encoder_layers)
     dec_keeps = enc_keeps or trains(model.ul2.decoder_layers, model.ul2.lm_head)
     bias = b * (ul2.num_heads // t) * seq**2 * w  # [b, heads/t, s, s], shared by all layers
     cross_kv = ul2.num_decoder_layers * 2 * b * seq * ul2.num_heads * ul2.d_kv / t * w
@@ -99,7 +119,9 @@ def activations(cfg: Config, model: nn.Module) -> Activations:
                                cfg.train.precision)  # fmt: skip
     return Activations(
         (
-            tower(cfg, "vit", vit.depth, vit.num_patches, vit.width, vit_keeps),
+            tower(
+                cfg, "vit", vit.depth, vit.num_patches, vit.width, vit_keeps, per_sample=frames(cfg)
+            ),  # fmt: skip
             tower(cfg, "ul2 encoder", ul2.num_encoder_layers, seq, ul2.d_model, enc_keeps, bias),
             tower(
                 cfg, "ul2 decoder", ul2.num_decoder_layers, target, ul2.d_model, dec_keeps, cross_kv

@@ -56,5 +56,7 @@ class StageSpec:
 
 
 def visual_tokens(cfg: Config, batch: Batch) -> int:
-    """Patch tokens the ViT sees in ``batch``: every image is cut into the config's grid."""
-    return len(batch.images) * cfg.model.vit.num_patches
+    """Patch tokens of ``batch``'s images, or of its clips' real frames (padded frames are
+    masked out): every image or frame is cut into the config's grid."""
+    images = len(batch.images) if batch.frame_mask is None else int(batch.frame_mask.sum())
+    return images * cfg.model.vit.num_patches

@@ -68,3 +68,12 @@ def test_rows_are_scored_against_all_their_references_else_the_target():
     unlisted = Batch(*[getattr(batch, f) for f in ("images", "prompt", "prompt_mask")],
                      ids, ids > 0, ("a", "b"), ("s", "s"), 0, {})  # fmt: skip
     assert _references(unlisted, _Decoder()) == [["decoded 7"], ["decoded 8"]]
+
+
+def test_video_tasks_are_scored_by_cider_d_and_vqa_accuracy():
+    """Hand-worked: two captions equal to their one reference score CIDEr-D's corpus maximum,
+    5 (tests/eval/test_captioning.py); an answer two of ten annotators gave scores 0.6."""
+    captions = score_answers("video_caption", ["a cat", "a dog"], [["a cat"], ["a dog"]])
+    assert captions == pytest.approx({"cider": 5.0})
+    answers = ["red"] * 2 + ["blue"] * 8
+    assert score_answers("video_qa", ["red"], [answers]) == pytest.approx({"vqa_accuracy": 0.6})
