@@ -9,11 +9,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pali3_train.config import Config, load_config
+from pali3_train.config.schema import has_video
 from pali3_train.engine import peak
 from pali3_train.parallel.checkpointing import apply_activation_checkpointing
 from pali3_train.stages.registry import spec_for, stage_model
 from tests.engine.conftest import ROOT
 
+VIDEO = (
+    "data.sources=[{name: clips, shards: clips.tar, task: video_caption, frame_stride_frames: 2}]"
+)
 CONFIGS = {
     "tiny stage 0": ("configs/tiny/stage0.yaml", []),
     "tiny stage 0, image tower frozen": ("configs/tiny/stage0.yaml", ["stage.freeze=[image]"]),
@@ -32,6 +36,12 @@ CONFIGS = {
         "configs/models/small.yaml",
         ["stage.objective=generative", "stage.freeze=[vit]"],
     ),
+    # a video source: every sample is a clip of data.max_frames frames through the ViT
+    "tiny video, 5 frames": ("configs/tiny/stage2.yaml", [VIDEO, "data.max_frames=5"]),
+    "tiny video, ViT frozen, temporal embedding": (
+        "configs/tiny/stage2.yaml",
+        [VIDEO, "data.max_frames=3", "stage.freeze=[vit]", "model.temporal_embedding=true"],
+    ),
 }
 
 
@@ -48,8 +58,9 @@ def counted(cfg: Config, checkpointing: bool) -> float:
     if checkpointing:
         apply_activation_checkpointing(model)
     vit, data = cfg.model.vit, cfg.data
+    clip = (data.max_frames,) if has_video(data) else ()
     with torch.device("meta"):
-        images = torch.zeros(1, 3, vit.image_size_px, vit.image_size_px)
+        images = torch.zeros(1, *clip, 3, vit.image_size_px, vit.image_size_px)
         prompt = torch.zeros(1, data.max_prompt_tokens, dtype=torch.long)
         target = torch.zeros(1, data.max_target_tokens, dtype=torch.long)
     with FlopCounterMode(display=False) as counter:

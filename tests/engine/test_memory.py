@@ -154,6 +154,24 @@ def test_activations_by_hand_for_the_tiny_stage1(tmp_path):
     assert vit.plain == 2 * block(16)
 
 
+def test_activations_by_hand_for_a_tiny_video_stage():
+    """The tiny stage 1 with a video source of 4 frames, ViT trained: the ViT runs over 4 x 8
+    images of 16 patches, the encoder reads 4 x 16 patches + 24 prompt tokens."""
+    cfg = load_config(
+        ROOT / "configs/tiny/stage1.yaml",
+        ["train.micro_batch_size=8", "kernels.cross_entropy=plain", "stage.freeze=[]",
+         "data.max_frames=4", "data.sources=[{name: clips, shards: clips.tar, "
+         "task: video_qa, frame_stride_s: 0.5}]"],
+    )  # fmt: skip
+    vit, encoder, _ = spec_for(cfg).activations(cfg, stage_model(cfg, "t")).towers
+    w, h, seq = 4, 64, 4 * 16 + 24
+    block = lambda s, b: s * b * h * (10 + 24) * w / 2  # noqa: E731
+    assert vit.plain == 2 * block(16, 4 * 8)
+    assert vit.checkpointed == 2 * w * 16 * 4 * 8 * h
+    assert encoder.seq == seq
+    assert encoder.plain == 2 * block(seq, 8) + 8 * 4 * seq**2 * w
+
+
 @pytest.mark.parametrize(
     ("overrides", "path", "expected"),
     [
