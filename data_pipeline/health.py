@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 SKIP_REASONS = (
     "corrupt_image",
+    "corrupt_video",
     "invalid_json",
     "invalid_text",
     "missing_field",

@@ -21,7 +21,7 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from pali3_train.config import ConfigError
-from pali3_train.config.schema import DataConfig
+from pali3_train.config.schema import DataConfig, has_video
 from pali3_train.data_pipeline import elastic, shards
 from pali3_train.data_pipeline.health import SKIP_REASONS, Health, total
 from pali3_train.data_pipeline.mixture import MixtureDataset, Mode, ResolvedSource, WorkerLayout
@@ -33,13 +33,15 @@ def resolve_sources(
     data: DataConfig, where: str = "config", field: str = "data.sources"
 ) -> tuple[ResolvedSource, ...]:
     """Expand every source's shard pattern and check what can be checked before training:
-    local shards exist, prompt templates fit their task, a tokenizer is named. Errors name the
-    field (``data.sources[2].shards``, or under ``field``); ``where`` names the file."""
+    local shards exist, prompt templates fit their task, a tokenizer is named. With a video
+    source every source reads clips of ``data.max_frames``. Errors name the field
+    (``data.sources[2].shards``, or under ``field``); ``where`` names the file."""
     if not data.sources:
         raise ConfigError(where, field, "the mixture has no sources")
     if not data.tokenizer_path:
         raise ConfigError(where, "data.tokenizer_path", "must name a SentencePiece model")
     resolved = []
+    max_frames = data.max_frames if has_video(data) else None
     for i, source in enumerate(data.sources):
         try:
             urls = shards.expand(source.shards)
@@ -56,7 +58,7 @@ def resolve_sources(
             raise ConfigError(where, f"{field}[{i}].shards", f"{source.shards!r} {what}: {shown}")
         if source.prompt is not None and (problem := template_error(source.task, source.prompt)):
             raise ConfigError(where, f"{field}[{i}].prompt", problem)
-        resolved.append(ResolvedSource(source, tuple(urls)))
+        resolved.append(ResolvedSource(source, tuple(urls), max_frames))
     return tuple(resolved)
 
 

@@ -33,6 +33,9 @@ class Manifest:
     pattern: str
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> examples not written
     tokenizer: str | None = None  # relative to the manifest's folder, or absolute
+    # key -> {"frames", "fps", "duration_s"} of each video sample (fps and duration null where
+    # a video states no frame rate)
+    videos: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
     @property
     def samples(self) -> int:

@@ -41,6 +41,8 @@ STATE_VERSION = 2  # 2 added each source's first queue and base (elastic resume)
 class ResolvedSource:
     spec: SourceConfig
     urls: tuple[str, ...]
+    # Every sample a clip of this many frames (the mixture has a video source), or None: images.
+    max_frames: int | None = None
 
 
 @dataclass(frozen=True)
@@ -265,15 +267,18 @@ class MixtureIterator:
             if raw is None:
                 self.exhausted[i] = True
                 continue
-            sample = self._prepare(self.sources[i].spec, raw)
+            sample = self._prepare(self.sources[i], raw)
             self.health.check(self.ds.max_skip_fraction, self.ds.skip_check_min_samples)
             if sample is not None:
                 return sample
         return None
 
-    def _prepare(self, spec: SourceConfig, raw: dict) -> Sample | None:
+    def _prepare(self, source: ResolvedSource, raw: dict) -> Sample | None:
+        spec, centred = source.spec, self.ds.mode == "epoch"  # an evaluation pass centres clips
         try:
-            sample = prepare_sample(spec, raw, self.rng, self.ds.image_size_px)
+            sample = prepare_sample(
+                spec, raw, self.rng, self.ds.image_size_px, source.max_frames, centred
+            )
         except Rejected as exc:
             key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
             self.health.record_skip(spec.name, exc.reason, url, key, exc.detail)

@@ -51,7 +51,7 @@ def _all_rejected(source: ResolvedSource, url: str, image_size_px: int) -> str |
     rng = np.random.default_rng(0)
     for raw in raws:
         try:
-            prepare_sample(source.spec, raw, rng, image_size_px)
+            prepare_sample(source.spec, raw, rng, image_size_px, source.max_frames)
             return None
         except Rejected as exc:
             reasons[str(exc)] += 1

@@ -4,7 +4,9 @@ A source is a folder of images with a JSONL of records, COCO captions or VQAv2 a
 with their image folder (``converters.py``), or a generator function (``module:function``) that
 yields ``Example`` objects. Each sample in a shard is ``<key>.jpg``, ``.png`` or ``.webp`` (the
 original encoded bytes, never re-encoded) and ``<key>.json`` (the record: one field per task,
-each keyed by language; see ``data_pipeline/tasks.py``).
+each keyed by language; see ``data_pipeline/tasks.py``). A video sample holds ``<key>.mp4`` or
+``.webm`` instead, or its frames (``<key>.frame0000.jpg``, ... and their rate in ``<key>.fps``;
+``formats.py``); the manifest records each video's frame count, frame rate and duration.
 
     python -m pali3_train.data_pipeline.write_shards --images photos/ --records records.jsonl \\
         --out shards/photos --name photos --tasks caption,vqa --languages en,de
@@ -14,6 +16,8 @@ each keyed by language; see ``data_pipeline/tasks.py``).
         --vqav2-questions v2_OpenEnded_mscoco_val2014_questions.json \\
         --vqav2-annotations v2_mscoco_val2014_annotations.json \\
         --out shards/vqav2_val --name vqav2_val
+    python -m pali3_train.data_pipeline.write_shards --images clips/ --records clips.jsonl \\
+        --out shards/clips --name clips --tasks video_caption,video_qa
 """
 
 from __future__ import annotations
@@ -33,19 +37,25 @@ import webdataset as wds
 from PIL import Image
 
 from pali3_train.cli import command_parser
+from pali3_train.data_pipeline import video
+from pali3_train.data_pipeline.formats import FPS_MEMBER, frame_member
 from pali3_train.data_pipeline.manifest import Manifest, ShardInfo, file_sha256
 
 # webdataset splits a member name at its first dot into key and field, so keys must be dot-free.
 KEY_PATTERN = re.compile(r"^[\w-]+$")
 IMAGE_FORMATS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+VIDEO_FORMATS = {".mp4": "mp4", ".webm": "webm"}
 
 
 @dataclass(frozen=True)
 class Example:
     key: str
-    image: bytes  # encoded JPEG, PNG or WebP
-    image_format: Literal["jpg", "png", "webp"]
+    # An encoded JPEG, PNG or WebP; an encoded mp4 or webm video; or a video's frames in time
+    # order, each an encoded JPEG or PNG (then image_format is theirs and fps is needed).
+    image: bytes | tuple[bytes, ...]
+    image_format: Literal["jpg", "png", "webp", "mp4", "webm"]
     record: dict  # task fields, e.g. {"caption": {"en": "a red square"}}
+    fps: float | None = None  # a frame list's frame rate (an encoded video knows its own)
 
 
 def write_source(
@@ -60,7 +70,7 @@ def write_source(
 ) -> Manifest:
     """Write ``examples`` as ``<out_dir>/<name>-NNNNNN.tar`` and ``<out_dir>/manifest.json``.
 
-    An example whose image does not decode is left out and counted in the manifest's
+    An example whose image or video does not decode is left out and counted in the manifest's
     ``skipped``; a malformed or repeated key is an error, because keys are how samples are
     traced (and deduplicated) across a training run.
     """
@@ -71,6 +81,7 @@ def write_source(
     shards: list[ShardInfo] = []
     skipped: Counter[str] = Counter()
     seen: set[str] = set()
+    videos: dict[str, dict] = {}
 
     def shard_done(path: str) -> None:
         shards.append(
@@ -88,17 +99,12 @@ def write_source(
     with writer:
         for example in examples:
             _check_key(example.key, seen)
-            if not _decodes(example.image):
-                skipped["corrupt_image"] += 1
-                print(f"{name}: skipping {example.key}: image does not decode", file=sys.stderr)
+            problem = _check_media(example, videos)
+            if problem:
+                skipped[problem] += 1
+                print(f"{name}: skipping {example.key}: {problem}", file=sys.stderr)
                 continue
-            writer.write(
-                {
-                    "__key__": example.key,
-                    example.image_format: example.image,
-                    "json": example.record,
-                }
-            )
+            writer.write({"__key__": example.key, **_media(example), "json": example.record})
     last = len(shards) - 1
     manifest = Manifest(
         source=name,
@@ -108,18 +114,24 @@ def write_source(
         pattern=f"{name}-{{000000..{last:06d}}}.tar" if last > 0 else f"{name}-000000.tar",
         skipped=dict(skipped),
         tokenizer=tokenizer,
+        videos=videos,
     )
     manifest.write(out_dir)
     return manifest
 
 
-def image_path(images: Path, name: str, where: str) -> Path:
-    """``images / name``, refused (naming ``where``) unless it is an image file we read."""
+def image_path(
+    images: Path, name: str, where: str, formats: dict = IMAGE_FORMATS, what: str = "image"
+) -> Path:
+    """``images / name``, refused (naming ``where``) unless it is a file of ``formats`` (by
+    default the images we read; ``what`` the files are, for the message)."""
     path = images / name
-    if path.suffix.lower() not in IMAGE_FORMATS:
-        raise ValueError(f"{where}: {path}: only .jpg, .jpeg, .png and .webp images are supported")
+    if path.suffix.lower() not in formats:
+        *others, last = formats
+        allowed = f"{', '.join(others)} and {last}"
+        raise ValueError(f"{where}: {path}: only {allowed} {what}s are supported")
     if not path.is_file():
-        raise ValueError(f"{where}: {path}: no such image")
+        raise ValueError(f"{where}: {path}: no such {what}")
     return path
 
 
@@ -129,6 +141,29 @@ def _check_key(key: str, seen: set[str]) -> None:
     if key in seen:
         raise ValueError(f"sample key {key!r} appears twice")
     seen.add(key)
+
+
+def _check_media(example: Example, videos: dict[str, dict]) -> str | None:
+    """The skip reason if ``example``'s media does not decode; a video's frame count, rate
+    and duration go into ``videos`` under its key."""
+    if isinstance(example.image, bytes) and example.image_format not in video.VIDEO_FIELDS:
+        return None if _decodes(example.image) else "corrupt_image"
+    if not isinstance(example.image, bytes) and example.fps is None:
+        raise ValueError(f"sample {example.key!r}: a list of frames needs their fps")
+    try:
+        info = video.video_info(example.image, example.fps)
+    except video.UndecodableVideo:
+        return "corrupt_video"
+    videos[example.key] = {"frames": info.frames, "fps": info.fps, "duration_s": info.duration_s}
+    return None
+
+
+def _media(example: Example) -> dict[str, bytes]:
+    """The tar members of an example's image or video (``formats.py`` reads them back)."""
+    if isinstance(example.image, bytes):
+        return {example.image_format: example.image}
+    frames = {frame_member(i, example.image_format): f for i, f in enumerate(example.image)}
+    return {**frames, FPS_MEMBER: repr(float(example.fps)).encode()}
 
 
 def _decodes(image: bytes) -> bool:
@@ -144,10 +179,11 @@ def examples_from_folder(
     images: str | Path, records: str | Path, language: str = "en"
 ) -> Iterator[Example]:
     """One example per JSONL line: ``{"image": "<path under images>", "key": optional, ...task
-    fields}``. Without ``key`` the image path (slashes and dots made '_') is the key, so a
-    rewrite of the same folder gives the same keys. Task fields are in the record schema, or
-    flat (``record_from_flat_fields``: ``"captions": [...]``, ``"question"`` and ``"answers"``),
-    then in ``language``."""
+    fields}``; a video is ``"video": "<.mp4/.webm path>"`` or ``"frames": [<.jpg/.png paths in
+    time order>], "fps": <their rate>`` instead. Without ``key`` the image, video or first frame
+    path (slashes and dots made '_') is the key, so a rewrite of the same folder gives the same
+    keys. Task fields are in the record schema, or flat (``record_from_flat_fields``:
+    ``"captions": [...]``, ``"question"`` and ``"answers"``), then in ``language``."""
     images, records = Path(images), Path(records)
     with open(records, encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
@@ -158,13 +194,42 @@ def examples_from_folder(
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{where}: invalid JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("image"), str):
-                raise ValueError(f'{where}: each line needs an "image" path')
-            path = image_path(images, record.pop("image"), where)
-            image_format = IMAGE_FORMATS[path.suffix.lower()]
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object")
+            media, path, fps = _read_media(images, record, where)
             key = record.pop("key", None) or re.sub(r"[^\w-]", "_", str(path.relative_to(images)))
             record = record_from_flat_fields(record, language, where)
-            yield Example(key, path.read_bytes(), image_format, record)
+            formats = VIDEO_FORMATS if path.suffix.lower() in VIDEO_FORMATS else IMAGE_FORMATS
+            yield Example(key, media, formats[path.suffix.lower()], record, fps)
+
+
+def _read_media(
+    images: Path, record: dict, where: str
+) -> tuple[bytes | tuple[bytes, ...], Path, float | None]:
+    """Pop a JSONL line's ``image``, ``video`` or ``frames`` (with ``fps``) -> (its bytes, the
+    path that names it, the frames' rate)."""
+    named = [n for n in ("image", "video", "frames") if n in record]
+    if len(named) != 1:
+        raise ValueError(
+            f'{where}: each line needs an "image" path (or a "video" path, or "frames" and "fps")'
+        )
+    value = record.pop(named[0])
+    if named[0] != "frames":
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: {named[0]}: expected a path, got {value!r}")
+        formats = IMAGE_FORMATS if named[0] == "image" else VIDEO_FORMATS
+        path = image_path(images, value, where, formats, named[0])
+        return path.read_bytes(), path, None
+    fps = record.pop("fps", None)
+    if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+        raise ValueError(f"{where}: frames: expected a list of image paths, got {value!r}")
+    if not (isinstance(fps, (int, float)) and fps > 0):
+        raise ValueError(f"{where}: fps: frames need their frame rate (> 0), got {fps!r}")
+    frame_formats = {k: v for k, v in IMAGE_FORMATS.items() if v in ("jpg", "png")}
+    paths = [image_path(images, v, f"{where}: frames", frame_formats, "frame") for v in value]
+    if len({IMAGE_FORMATS[p.suffix.lower()] for p in paths}) > 1:
+        raise ValueError(f"{where}: frames: mixes JPEG and PNG files; use one format")
+    return tuple(p.read_bytes() for p in paths), paths[0], float(fps)
 
 
 FLAT_TEXT_FIELDS = {"caption": "caption", "captions": "caption", "alt_text": "alt_text",
@@ -221,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--vqav2-questions", help="VQAv2 questions JSON (with --images and "
                         "--vqav2-annotations)")  # fmt: skip
     source.add_argument("--generator", help="module:function yielding Example objects")
-    parser.add_argument("--images", help="folder the records' image paths are relative to")
+    parser.add_argument("--images", help="folder the records' image, video and frame paths "
+                        "are relative to")  # fmt: skip
     parser.add_argument("--vqav2-annotations", help="VQAv2 annotations JSON (the answers)")
     parser.add_argument("--vqav2-image-name", help="an image's file name from {image_id}, e.g. "
                         "COCO_val2014_{image_id:012d}.jpg (default: from the questions' "
