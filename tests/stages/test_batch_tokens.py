@@ -3,6 +3,7 @@ and text (real tokens only: prompt and target for PaLI-3, the caption for SigLIP
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,3 +40,11 @@ def test_visual_tokens_are_patches_and_text_tokens_the_real_ones():
     cfg = load_config(ROOT / "configs/models/tiny.yaml")
     assert OBJECTIVES["generative"].batch_tokens(cfg, _batch()) == {"visual": 32, "text": 4 + 7}
     assert OBJECTIVES["contrastive"].batch_tokens(cfg, _batch()) == {"visual": 32, "text": 7}
+
+
+def test_visual_tokens_of_clips_count_only_their_real_frames():
+    """The same two samples as clips of 5 frames, 3 and 1 of them real: 4 frames of 16 patches."""
+    clips = torch.zeros(2, 5, 3, 32, 32, dtype=torch.uint8)
+    batch = replace(_batch(), images=clips, frame_mask=_mask([3, 1], 5))
+    cfg = load_config(ROOT / "configs/models/tiny.yaml")
+    assert OBJECTIVES["generative"].batch_tokens(cfg, batch) == {"visual": 4 * 16, "text": 4 + 7}
