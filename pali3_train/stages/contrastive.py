@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pali3_train.config import Config, ConfigError
-from pali3_train.config.schema import DataConfig, EvalConfig
+from pali3_train.config.schema import DataConfig, EvalConfig, has_video
 from pali3_train.convert.safetensors_io import StateDict
 from pali3_train.data_pipeline.transforms import Batch
 from pali3_train.engine.flops import SampleFlops, Tally, map_head, text_tower, vit
@@ -105,6 +105,14 @@ IGNORED = {
 
 
 def check(cfg: Config, where: str) -> list[str]:
+    if has_video(cfg.data):
+        raise ConfigError(
+            where,
+            "data.sources",
+            "video tasks train PaLI-3 (stage.objective: generative); SigLIP embeds one image "
+            "per text",
+            also=("stage.objective",),
+        )
     if cfg.data.max_target_tokens > cfg.model.text.max_len:
         raise ConfigError(
             where,

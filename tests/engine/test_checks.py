@@ -44,6 +44,13 @@ def test_contrastive_texts_must_fit_the_text_tower():
         check_layout(cfg, 2, "s0.yaml")
 
 
+def test_a_video_source_is_refused_for_the_contrastive_objective():
+    clips = "data.sources=[{name: clips, shards: c.tar, task: video_caption, frame_stride_s: 1}]"
+    cfg = load_config(STAGE0, [clips])
+    with pytest.raises(ConfigError, match="data.sources: video tasks train PaLI-3"):
+        check_layout(cfg, 2, "s0.yaml")
+
+
 def test_zero_shot_evaluation_is_refused_for_the_generative_objective():
     classes = "eval.zero_shot=[{source: scenes_caption, classes: [red, blue]}]"
     cfg = load_config(STAGE1, [classes])
