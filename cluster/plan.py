@@ -223,7 +223,8 @@ def format_report(found: Search, best: Layout, top: int = 8) -> str:
         f"capacity plan: stage {stage} of {found.where} on {cluster.gpus} GPUs ({nodes} x "
         f"{cluster.gpus_per_node}), {cluster.gpu_memory_gib:g} GiB each",
         f"model       {params:,} parameters, {trainable:,} trainable; {train.precision}",
-        f"            per sample {vit.num_patches:,} image tokens ({vit.image_size_px} px) + "
+        f"            per sample {tokens['image']:,} image tokens ({vit.num_patches:,} a "
+        f"{vit.image_size_px} px image or frame) + "
         f"{text}; frozen: {', '.join(cfg.stage.freeze) or 'nothing'}",
         f"batch       global {train.global_batch_size:,}"
         + (

@@ -173,6 +173,25 @@ def test_the_recommendation_fits_factorises_and_is_what_the_dry_run_prints(which
     assert plan.states == best.states and plan.activation_bytes == best.activations
 
 
+def test_the_5b_video_config_plans_for_16_frames_of_256_tokens():
+    """16 frames at 224 px: 4,096 visual tokens in the UL2 encoder (plus 16 of prompt), the
+    frozen ViT run over 16 images a sample; the recommendation pasted back dry-runs alike."""
+    from pali3_train.cluster.plan import format_report
+
+    path = ROOT / "configs/pali3_5b/transfer_video.yaml"
+    found = search(load_config(path), Cluster(gpus=64, gpu_memory_gib=80), str(path))
+    best = recommend(found)
+    assert best.required <= 80 * GiB
+    text = format_report(found, best)
+    assert "per sample 4,096 image tokens (256 a 224 px image or frame) + 16 prompt" in text
+    pasted = [f"{section}.{k}={v}" for section, values in _snippet(text).items()
+              for k, v in values.items()]  # fmt: skip
+    plan = build_plan(load_config(path, pasted), 64)
+    encoder = next(t for t in plan.activations.towers if t.name == "ul2 encoder")
+    assert encoder.seq == 16 * 256 + 16
+    assert plan.states == best.states and plan.activation_bytes == best.activations
+
+
 # -------------------------------------------------------------------------------- refusals
 
 

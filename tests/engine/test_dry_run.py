@@ -33,6 +33,7 @@ def test_the_paper_scale_configs_are_all_there():
         "transfer_captioning.yaml",
         "transfer_vqa.yaml",
         "transfer_ocr.yaml",
+        "transfer_video.yaml",
     }
 
 
@@ -77,6 +78,7 @@ def test_the_stages_chain_through_each_others_exports():
         "transfer_captioning": "stage2_812",
         "transfer_vqa": "stage2_812",
         "transfer_ocr": "stage2_1064",
+        "transfer_video": "stage1",  # 16 frames at 224 px
     }
     for name, parent in expected.items():
         init = configs[name].stage.init_from
