@@ -33,6 +33,24 @@ def test_the_next_stage_starts_from_exported_weights(demo, tmp_path):
         assert torch.equal(value, trained[name]), name
 
 
+def test_an_image_checkpoint_starts_a_temporal_embedding_at_zeros(demo, tmp_path, caplog):
+    """A video transfer with the temporal embedding on, from a stage 1/2 file without it: the
+    file's weights load as they are, the table starts at zeros (the image model, unchanged) and
+    the log names it."""
+    weights = tmp_path / "stage1.safetensors"
+    torch.manual_seed(3)
+    trained = PaLI3(load_config(stage_config(demo, tmp_path / "a")).model).state_dict()
+    save_weights(trained, weights, {"kind": "pali3"})
+    config = stage_config(demo, tmp_path / "b", model={"temporal_embedding": True},
+                          stage={"init_from": str(weights)})  # fmt: skip
+    with caplog.at_level("INFO", logger="pali3_train.engine.init_from"):
+        state = build_model(load_config(config), ParallelDims(1, 1)).state_dict()
+    assert sorted(state) == sorted([*trained, "temporal_embed.weight"])
+    assert all(torch.equal(state[name], value) for name, value in trained.items())
+    assert not state["temporal_embed.weight"].any()
+    assert "1 tensors keep their initialisation: ['temporal_embed.weight']" in caplog.text
+
+
 def test_stage1_takes_the_vit_of_a_stage0_siglip_file(demo, tmp_path):
     cfg = load_config(stage_config(demo, tmp_path / "a"))
     torch.manual_seed(5)
