@@ -1,10 +1,12 @@
-"""A small four-source corpus of real shards for the data pipeline tests.
+"""A small five-source corpus of real shards for the data pipeline tests.
 
-Shard counts (5, 5, 4, 4 with uneven last shards) are chosen not to divide the 2x2 and 3x1
+Shard counts (5, 5, 4, 3, 4 with uneven last shards) are chosen not to divide the 2x2 and 3x1
 rank x worker layouts the tests use, so that exactly-once is tested where it is hard. Source
 ``delta`` is laid out as img2dataset writes (WebP image, ``.txt`` caption, ``.json`` metadata)
 and read with ``format: img2dataset``, so every exactly-once, resume and damage test covers both
-shard formats.
+shard formats. Source ``epsilon`` is video (``video_caption``): tiny clips of 2 to 7 frames,
+mp4 and JPEG frame lists in turn, so the same tests cover video sources and the batches of a
+mixture with video (clips of ``max_frames`` = 4, images as one-frame clips).
 """
 
 from __future__ import annotations
@@ -15,20 +17,27 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import webdataset as wds
 from PIL import Image
 
 from pali3_train.config import Config, config_from_dict
 from pali3_train.data_pipeline.loader import DataPipeline
 from pali3_train.data_pipeline.mixture import Mode
+from pali3_train.data_pipeline.video import encode_video
 from pali3_train.data_pipeline.write_shards import Example, write_source
 from pali3_train.tokenizer import train_tokenizer
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "grey": (128,) * 3}
 # name -> (samples, samples per shard)
-SOURCES = {"alpha": (23, 5), "beta": (17, 4), "gamma": (11, 3), "delta": (13, 4)}
-TASKS = {"alpha": "caption", "beta": "vqa", "gamma": "split_caption", "delta": "caption"}
+SOURCES = {"alpha": (23, 5), "beta": (17, 4), "gamma": (11, 3), "epsilon": (7, 3),
+           "delta": (13, 4)}  # fmt: skip
+TASKS = {"alpha": "caption", "beta": "vqa", "gamma": "split_caption", "epsilon": "video_caption",
+         "delta": "caption"}  # fmt: skip
 FORMATS = {"delta": "img2dataset"}  # the others: pali3
+VIDEO = {"epsilon": {"frame_stride_frames": 2}}  # video sources and their options
+VIDEO_FPS = 5.0
+MAX_FRAMES = 4
 
 
 def example(source: str, index: int, size_px: int = 12, image_format: str = "PNG") -> Example:
@@ -40,12 +49,44 @@ def example(source: str, index: int, size_px: int = 12, image_format: str = "PNG
     image.save(
         buffer, format=image_format, **({"lossless": True} if image_format == "WEBP" else {})
     )
-    record = {
+    return Example(
+        f"{source}-{index:05d}", buffer.getvalue(), image_format.lower(), _record(source, index)
+    )
+
+
+def _record(source: str, index: int) -> dict:
+    colour = list(COLOURS)[index % len(COLOURS)]
+    return {
         "caption": {"en": f"a {colour} square number {index}", "de": f"ein Quadrat {index}"},
         "alt_text": {"en": f"the {colour} square {index} of {source}"},
         "vqa": {"en": [["what colour is it?", colour], ["which number?", str(index)]]},
     }
-    return Example(f"{source}-{index:05d}", buffer.getvalue(), image_format.lower(), record)
+
+
+def video_frames(index: int, size_px: int = 16) -> np.ndarray:
+    """uint8 [T, S, S, 3], T = 2 + index % 6: video ``index``'s colour, each frame a step
+    brighter (so frames tell apart after H.264/JPEG) and a white square moving right."""
+    colour = np.array(COLOURS[list(COLOURS)[index % len(COLOURS)]], dtype=np.int64)
+    count = 2 + index % 6
+    frames = np.zeros((count, size_px, size_px, 3), dtype=np.int64)
+    for t in range(count):
+        frames[t] = np.clip(colour // 2 + 16 * t, 0, 255)
+        frames[t, 4:8, 2 * t : 2 * t + 4] = 255
+    return frames.astype(np.uint8)
+
+
+def video_example(source: str, index: int) -> Example:
+    """Video ``index``: an mp4 for even indices, JPEG frames at ``VIDEO_FPS`` for odd ones."""
+    frames = video_frames(index)
+    key, record = f"{source}-{index:05d}", _record(source, index)
+    if index % 2 == 0:
+        return Example(key, encode_video(frames, VIDEO_FPS), "mp4", record)
+    jpegs = []
+    for pixels in frames:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+        jpegs.append(buffer.getvalue())
+    return Example(key, tuple(jpegs), "jpg", record, VIDEO_FPS)
 
 
 def img2dataset_sample(e: Example) -> dict:
@@ -99,7 +140,8 @@ class Corpus:
     def keys(self) -> set[str]:
         return {f"{name}-{i:05d}" for name, (count, _) in SOURCES.items() for i in range(count)}
 
-    def sources(self, **weights: float) -> list[dict]:
+    def sources(self, video: bool = True, **weights: float) -> list[dict]:
+        """Every source (without the video ones unless ``video``), weighted by ``weights``."""
         return [
             {
                 "name": name,
@@ -108,8 +150,10 @@ class Corpus:
                 "weight": weights.get(name, 1.0),
                 "languages": ["en", "de"],
                 "format": FORMATS.get(name, "pali3"),
+                **VIDEO.get(name, {}),
             }
             for name, pattern in self.patterns.items()
+            if video or name not in VIDEO
         ]
 
     def config(self, sources: list[dict] | None = None, seed: int = 7, **data: object) -> Config:
@@ -121,6 +165,7 @@ class Corpus:
                     "sources": self.sources() if sources is None else sources,
                     "max_prompt_tokens": 16,
                     "max_target_tokens": 12,
+                    "max_frames": MAX_FRAMES,
                     **data,
                 },
                 "train": {"seed": seed},
@@ -158,7 +203,8 @@ def write_corpus(root: Path) -> Corpus:
             examples = [example(name, i, image_format="WEBP") for i in range(count)]
             patterns[name] = write_img2dataset(examples, root / name, per_shard)
         else:
-            examples = [example(name, i) for i in range(count)]
+            make = video_example if name in VIDEO else example
+            examples = [make(name, i) for i in range(count)]
             manifest = write_source(
                 examples, root / name, name, [TASKS[name]], ["en", "de"], per_shard
             )
@@ -166,7 +212,8 @@ def write_corpus(root: Path) -> Corpus:
         for e in examples:
             texts += [*e.record["caption"].values(), *e.record["alt_text"].values()]
             texts += [text for pair in e.record["vqa"]["en"] for text in pair]
-    texts += [f"{task} in {lang}:" for task in ("Caption", "Answer") for lang in ("EN", "DE")]
+    texts += [f"{task} in {lang}:" for task in ("Caption", "Answer", "Caption the video")
+              for lang in ("EN", "DE")]  # fmt: skip
     texts += [f"Generate the alt_text in {lang} at 0:" for lang in ("EN", "DE")]
     tokenizer = train_tokenizer(
         texts=texts, vocab_size=200, model_type="bpe", model_path=root / "tok.model"

@@ -91,7 +91,7 @@ def test_shard_order_differs_between_epochs(corpus):
 
 
 def test_sources_are_drawn_by_weight(corpus):
-    weights = {"alpha": 1.0, "beta": 3.0, "gamma": 0.0, "delta": 1.0}
+    weights = {"alpha": 1.0, "beta": 3.0, "gamma": 0.0, "epsilon": 0.0, "delta": 1.0}
     cfg = corpus.config(corpus.sources(**weights), num_workers=0)
     counts = Counter(k.split("-")[0] for k in _keys(pipeline(cfg, 0, 1, 8), 100))
     assert "gamma" not in counts
@@ -99,9 +99,11 @@ def test_sources_are_drawn_by_weight(corpus):
 
 
 def test_batches_hold_what_the_task_formats(corpus):
+    """An image-only mixture: images [B, 3, S, S] and no frame mask (video: test_video.py)."""
     tokenizer = Tokenizer.load(corpus.tokenizer)
-    batch = next(iter(pipeline(corpus.config(num_workers=0), 0, 1, 6)))
+    batch = next(iter(pipeline(corpus.config(corpus.sources(video=False), num_workers=0), 0, 1, 6)))
     assert batch.images.shape == (6, 3, 16, 16) and batch.images.dtype == torch.float32
+    assert batch.frame_mask is None
     assert batch.images.min() >= -1 and batch.images.max() <= 1
     for key, prompt, target in zip(
         batch.keys, tokenizer.batch_decode(batch.prompt), tokenizer.batch_decode(batch.target)
@@ -137,7 +139,7 @@ def _encoded_images(corpus) -> dict[str, bytes]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_images_are_the_decoded_samples_normalised(corpus, dtype):
     """Workers hand over uint8; the batch the model gets is each key's own image in [-1, 1]."""
-    cfg = corpus.config(num_workers=2)
+    cfg = corpus.config(corpus.sources(video=False), num_workers=2)
     batch = next(iter(pipeline(cfg, 0, 1, 8, image_dtype=dtype)))
     encoded = _encoded_images(corpus)
     size = cfg.model.vit.image_size_px
@@ -150,7 +152,9 @@ def test_images_are_the_decoded_samples_normalised(corpus, dtype):
 
 
 def _tensors(batch):
-    return [batch.images, batch.prompt, batch.prompt_mask, batch.target, batch.target_mask]
+    # The corpus has a video source: images are clips, with their frame masks.
+    return [batch.images, batch.frame_mask, batch.prompt, batch.prompt_mask, batch.target,
+            batch.target_mask]  # fmt: skip
 
 
 @pytest.mark.parametrize("workers,mode", [(2, "train"), (0, "train"), (2, "epoch")])
