@@ -225,6 +225,59 @@ BAD = [
         "data.sources[0].weight",
         "must be >= 0",
     ),
+    ("too many frames", {"data": {"max_frames": 17}}, [], "data.max_frames", "[1, 16], got 17"),
+    (
+        "a frame stride on an image task",
+        {
+            "data": {
+                "sources": [
+                    {"name": "a", "shards": "a", "task": "caption", "frame_stride_frames": 2}
+                ]
+            }
+        },
+        [],
+        "data.sources[0].frame_stride_frames",
+        "is read only by video tasks, not caption",
+    ),
+    (
+        "a video task without a frame stride",
+        {"data": {"sources": [{"name": "a", "shards": "a", "task": "video_qa"}]}},
+        [],
+        "data.sources[0].frame_stride_s",
+        "needs exactly one of frame_stride_s and frame_stride_frames",
+    ),
+    (
+        "a video task with both frame strides",
+        {
+            "data": {
+                "sources": [
+                    {
+                        "name": "a",
+                        "shards": "a",
+                        "task": "video_caption",
+                        "frame_stride_s": 1.0,
+                        "frame_stride_frames": 2,
+                    }
+                ]
+            }
+        },
+        [],
+        "data.sources[0].frame_stride_s",
+        "needs exactly one of",
+    ),
+    (
+        "a zero frame stride",
+        {
+            "data": {
+                "sources": [
+                    {"name": "a", "shards": "a", "task": "video_caption", "frame_stride_s": 0}
+                ]
+            }
+        },
+        [],
+        "data.sources[0].frame_stride_s",
+        "must be > 0, got 0",
+    ),
     (
         "duplicate source names",
         {

@@ -61,3 +61,15 @@ def test_remote_shards_are_read_only_by_the_dry_run(corpus):
     check_data(cfg, "mix.yaml")  # a real start: every rank runs it; a bucket is not opened
     with pytest.raises(ConfigError, match="would be rejected"):
         check_data(cfg, "mix.yaml", remote=True)
+
+
+def test_image_shards_read_as_a_video_source_are_refused_naming_what_they_hold(corpus):
+    alpha, *_ = corpus.sources()
+    clips = {**alpha, "name": "clips", "task": "video_caption", "frame_stride_s": 0.5}
+    words = r"no .mp4/.webm or .frame0000.jpg member \(members: .json, .png\)"
+    with pytest.raises(ConfigError, match=r"data.sources\[1\].format: all 5 samples .*" + words):
+        check_data(corpus.config([alpha, clips]), "mix.yaml")
+
+
+def test_a_video_source_passes_beside_image_sources(corpus):
+    assert check_data(corpus.config(), "mix.yaml").startswith("5 sources")

@@ -1,0 +1,262 @@
+"""Video samples: the frames a clip takes (against hand-worked indices), decoding mp4, webm and
+JPEG frame lists back to the frames that were encoded, clips in batches, corrupt videos skipped
+and counted, and what the shard writer records of each video."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from pali3_train.data_pipeline.manifest import Manifest
+from pali3_train.data_pipeline.transforms import normalize_images
+from pali3_train.data_pipeline.video import (
+    FrameStride,
+    UndecodableVideo,
+    encode_video,
+    frame_indices,
+    sample_clip,
+)
+from pali3_train.data_pipeline.write_shards import Example, main, write_source
+from tests.data_pipeline.corpus import MAX_FRAMES, pipeline, video_example, video_frames
+
+SECONDS, FRAMES = FrameStride(seconds=0.5), FrameStride(frames=10)
+
+# ------------------------------------------------------------------------------ frame indices
+
+
+@pytest.mark.parametrize(
+    "count,fps,stride,max_frames,offset,expected",
+    [
+        # 4 s at 25 fps, every 12.5 frames: 8 fit in 99 frames, 11.5 to spare, centred at 5.75
+        (100, 25.0, SECONDS, 16, None, [5, 18, 30, 43, 55, 68, 80, 93]),
+        # 10 s at 30 fps, every 10 frames: 16 of 30 taken, 149 to spare, centred at 74.5
+        (300, 30.0, FRAMES, 16, None, list(range(74, 225, 10))),
+        (300, 30.0, FRAMES, 16, 0.0, list(range(0, 151, 10))),  # training, offset 0
+        (300, 30.0, FRAMES, 16, 0.5, list(range(74, 225, 10))),  # offset 0.5 is the centre
+        (300, 30.0, FRAMES, 16, 0.999, list(range(148, 299, 10))),  # 148.85: the last fits
+        (300, 30.0, FRAMES, 4, None, [134, 144, 154, 164]),  # 4 of 30: 269 to spare
+        # shorter than max_frames: every frame that fits, the rest is padding
+        (5, 25.0, FrameStride(frames=1), 16, None, [0, 1, 2, 3, 4]),
+        (7, 10.0, FrameStride(frames=2), 16, 0.7, [0, 2, 4, 6]),  # no room to move
+        # a stride longer than the video: one frame, centred (4.5) or drawn (0.99 * 9)
+        (10, 10.0, FrameStride(seconds=2.0), 16, None, [4]),
+        (10, 10.0, FrameStride(seconds=2.0), 16, 0.99, [8]),
+        # 0.1 s at 30 fps is 3.0000000000000004 frames: still 4 frames in 10
+        (10, 30.0, FrameStride(seconds=0.1), 16, None, [0, 3, 6, 9]),
+        # a stride under one frame takes consecutive frames, never one twice
+        (5, 25.0, FrameStride(seconds=0.01), 3, None, [1, 2, 3]),
+        (1, 25.0, SECONDS, 16, None, [0]),
+    ],
+)
+def test_frame_indices_match_hand_worked_values(count, fps, stride, max_frames, offset, expected):
+    assert frame_indices(count, fps, stride, max_frames, offset) == expected
+
+
+def test_a_stride_in_seconds_needs_a_frame_rate():
+    with pytest.raises(UndecodableVideo, match="needs the video's frame rate"):
+        frame_indices(10, None, SECONDS, 4, None)
+    assert frame_indices(10, None, FrameStride(frames=3), 4, None) == [0, 3, 6, 9]
+
+
+@pytest.mark.parametrize("options", [{}, {"seconds": 1.0, "frames": 2}, {"frames": 0}])
+def test_a_stride_is_seconds_or_frames_and_positive(options):
+    with pytest.raises(ValueError, match="frame stride"):
+        FrameStride(**options)
+
+
+# ----------------------------------------------------------------------------------- decoding
+
+
+def _smooth_frames(count: int = 6, size: int = 32) -> np.ndarray:
+    """uint8 [T, S, S, 3]: smooth gradients (what lossy codecs keep) that differ per frame."""
+    y, x = np.mgrid[0:size, 0:size] / (size - 1)
+    frames = [
+        np.stack([40 + 150 * x, 40 + 150 * y, np.full_like(x, 30 + 35 * t)], axis=-1)
+        for t in range(count)
+    ]
+    return np.round(np.stack(frames)).astype(np.uint8)
+
+
+def _jpegs(frames: np.ndarray) -> list[bytes]:
+    out = []
+    for pixels in frames:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+        out.append(buffer.getvalue())
+    return out
+
+
+@pytest.mark.parametrize("kind", ["mp4", "webm", "jpeg frames"])
+def test_videos_decode_to_the_frames_encoded_padded_and_masked(kind):
+    frames = _smooth_frames()
+    encoded = _jpegs(frames) if kind == "jpeg frames" else encode_video(frames, 12.0, kind)
+    clip, mask = sample_clip(encoded, 32, 8, FrameStride(frames=1), None, fps=12.0)
+    assert clip.shape == (8, 3, 32, 32) and clip.dtype == torch.uint8
+    assert mask.tolist() == [True] * 6 + [False] * 2
+    assert not clip[6:].any(), "padding is zeros, never a repeated frame"
+    decoded = clip[:6].permute(0, 2, 3, 1).float()
+    original = torch.from_numpy(frames).float()
+    error = (decoded - original).abs().mean(dim=(1, 2, 3))
+    assert error.max() < 3, error  # H.264/VP8/JPEG at high quality on smooth frames
+    nearest = torch.cdist(decoded.flatten(1), original.flatten(1)).argmin(1)
+    assert nearest.tolist() == list(range(6)), "each frame in its place"
+
+
+def test_a_training_clip_starts_where_the_generator_says():
+    """20 PNG frames of brightness 10 t, every 3rd, 4 of them: 10 frames to spare, so the clip
+    starts at frame floor(10 u) for the generator's next uniform u."""
+    frames = [_png(np.full((8, 8, 3), 10 * t, np.uint8)) for t in range(20)]
+    for seed in range(4):
+        clip, _ = sample_clip(frames, 8, 4, FrameStride(frames=3), np.random.default_rng(seed))
+        start = math.floor(10 * np.random.default_rng(seed).random())
+        assert clip[:, 0, 0, 0].tolist() == [10 * (start + 3 * k) for k in range(4)]
+    centred, _ = sample_clip(frames, 8, 4, FrameStride(frames=3), None)
+    assert centred[:, 0, 0, 0].tolist() == [50, 80, 110, 140]  # frames 5, 8, 11, 14
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "encoded,words",
+    [
+        (b"\x00\x00\x00\x18ftypmp42 not a video", "InvalidDataError"),
+        ([_png(np.zeros((4, 4, 3), np.uint8)), b"not a frame"], "frame 1: "),
+    ],
+)
+def test_an_undecodable_video_says_why(encoded, words):
+    with pytest.raises(UndecodableVideo, match=words):
+        sample_clip(encoded, 8, 4, FrameStride(frames=1), None)
+
+
+# ------------------------------------------------------------------------------------ batches
+
+
+# corpus video i has 2 + i % 6 frames, read every 2nd frame into 4 slots: the centred indices
+CENTRED = {2: [0], 3: [0, 2], 4: [0, 2], 5: [0, 2, 4], 6: [0, 2, 4], 7: [0, 2, 4, 6]}
+
+
+def test_a_mixture_with_video_batches_clips_and_images_as_one_frame_clips(corpus):
+    """Evaluation pass (centred clips): each video's clip is its frames at the hand-worked
+    indices; each image is frame 0 of an otherwise masked clip."""
+    batches = list(pipeline(corpus.config(num_workers=0), 0, 1, 8, mode="epoch"))
+    videos = 0
+    for batch in batches:
+        assert batch.images.shape[1:] == (MAX_FRAMES, 3, 16, 16)
+        assert batch.frame_mask.shape == (len(batch), MAX_FRAMES)
+        for key, clip, mask in zip(batch.keys, batch.images, batch.frame_mask):
+            source, index = key.split("-")
+            if source != "epsilon":
+                assert mask.tolist() == [True, False, False, False]
+                assert clip[1:].eq(-1).all(), "padding frames are black"
+                continue
+            videos += 1
+            frames = video_frames(int(index))
+            wanted = CENTRED[len(frames)]
+            assert mask.tolist() == [k < len(wanted) for k in range(MAX_FRAMES)]
+            expected = normalize_images(torch.from_numpy(frames[wanted]).permute(0, 3, 1, 2))
+            assert (clip[: len(wanted)] - expected).abs().mean() < 0.06, key
+    assert videos == 7
+
+
+# ---------------------------------------------------------------------- corrupt videos, writer
+
+
+def _raw(example: Example) -> dict:
+    """A sample as write_source lays it out, written here without its decode check."""
+    media = (
+        {example.image_format: example.image}
+        if isinstance(example.image, bytes)
+        else {f"frame{i:04d}.jpg": f for i, f in enumerate(example.image)} | {"fps": b"5.0"}
+    )
+    return {"__key__": example.key, **media, "json": json.dumps(example.record).encode()}
+
+
+def test_a_corrupt_video_is_skipped_and_counted(corpus, tmp_path):
+    samples = [_raw(video_example("clips", i)) for i in range(6)]
+    samples[2]["mp4"] = samples[2]["mp4"][: len(samples[2]["mp4"]) // 3]  # a cut mp4
+    samples[3]["frame0001.jpg"] = b"\xff\xd8 not a JPEG"  # a broken frame
+    with wds.TarWriter(str(tmp_path / "clips-0.tar")) as tar:
+        for sample in samples:
+            tar.write(sample)
+    source = {"name": "clips", "shards": str(tmp_path / "clips-0.tar"),
+              "task": "video_caption", "frame_stride_frames": 1}  # fmt: skip
+    cfg = corpus.config([source], num_workers=0, max_skip_fraction=0.5)
+    data = pipeline(cfg, 0, 1, 4, mode="epoch")
+    keys = [k for batch in data for k in batch.keys]
+    assert keys == [f"clips-{i:05d}" for i in (0, 1, 4, 5)]
+    assert data.stats().skipped == {"clips/corrupt_video": 2}
+
+
+def test_the_writer_records_each_videos_frames_rate_and_duration(tmp_path):
+    frames = _smooth_frames(count=7, size=16)
+    record = {"caption": {"en": "a clip"}}
+    examples = [
+        Example("mp4", encode_video(frames, 10.0), "mp4", record),
+        Example("webm", encode_video(frames[:4], 8.0, "webm"), "webm", record),
+        Example("jpegs", tuple(_jpegs(frames[:5])), "jpg", record, fps=2.5),
+        Example("cut", encode_video(frames, 10.0)[:200], "mp4", record),
+    ]
+    manifest = write_source(examples, tmp_path, "clips", ["video_caption"], ["en"])
+    assert manifest.videos == {
+        "mp4": {"frames": 7, "fps": 10.0, "duration_s": 0.7},
+        "webm": {"frames": 4, "fps": 8.0, "duration_s": 0.5},
+        "jpegs": {"frames": 5, "fps": 2.5, "duration_s": 2.0},
+    }
+    assert manifest.skipped == {"corrupt_video": 1} and manifest.samples == 3
+    assert Manifest.read(tmp_path) == manifest
+    members = [sorted(s) for s in wds.WebDataset(str(tmp_path / manifest.pattern),
+                                                 shardshuffle=False)]  # fmt: skip
+    assert members[2] == ["__key__", "__local_path__", "__url__", "fps",
+                          *[f"frame{i:04d}.jpg" for i in range(5)], "json"]  # fmt: skip
+
+
+def test_the_command_line_writes_videos_and_frame_lists(tmp_path, capsys):
+    folder = tmp_path / "clips"
+    (folder / "a").mkdir(parents=True)
+    frames = _smooth_frames(count=3, size=16)
+    (folder / "a" / "walk.mp4").write_bytes(encode_video(frames, 25.0))
+    for i, jpeg in enumerate(_jpegs(frames)):
+        (folder / f"f{i}.jpg").write_bytes(jpeg)
+    lines = [
+        {"video": "a/walk.mp4", "captions": ["someone walks", "a walk"]},
+        {"frames": ["f0.jpg", "f1.jpg", "f2.jpg"], "fps": 1.5, "key": "still",
+         "question": "how many frames?", "answer": "three"},
+    ]  # fmt: skip
+    records = tmp_path / "clips.jsonl"
+    records.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "shards"
+    main(["--images", str(folder), "--records", str(records), "--out", str(out),
+          "--name", "clips", "--tasks", "video_caption,video_qa"])  # fmt: skip
+    assert "wrote 2 samples" in capsys.readouterr().out
+    assert Manifest.read(out).videos == {
+        "a_walk_mp4": {"frames": 3, "fps": 25.0, "duration_s": 0.12},
+        "still": {"frames": 3, "fps": 1.5, "duration_s": 2.0},
+    }
+
+
+@pytest.mark.parametrize(
+    "line,words",
+    [
+        ({"video": "a.gif"}, r"clips.jsonl:1: .*a.gif: only .mp4 and .webm videos"),
+        ({"frames": ["f0.jpg"]}, "clips.jsonl:1: fps: frames need their frame rate"),
+        ({"frames": "f0.jpg", "fps": 2}, "clips.jsonl:1: frames: expected a list"),
+        ({"frames": ["x.webp"], "fps": 2}, r"clips.jsonl:1: frames: .*only .jpg, .jpeg and .png"),
+    ],
+)
+def test_bad_video_records_are_refused_naming_file_line_and_field(tmp_path, line, words):
+    records = tmp_path / "clips.jsonl"
+    records.write_text(json.dumps(line) + "\n")
+    with pytest.raises(SystemExit, match=words):
+        main(["--images", str(tmp_path), "--records", str(records), "--out", str(tmp_path / "o"),
+              "--name", "clips", "--tasks", "video_caption"])  # fmt: skip
