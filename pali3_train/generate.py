@@ -4,13 +4,20 @@
         --image photo.png photos/ --prompt "Caption in EN:"
     python -m pali3_train.generate --checkpoint runs/demo/stage2/model.safetensors \\
         --input questions.jsonl --out answers.jsonl --batch-size 16
+    python -m pali3_train.generate --checkpoint runs/video/model.safetensors \\
+        --video clip.mp4 --prompt "Caption in EN:" --max-frames 16 --frame-stride-s 0.5
 
 Each prints (or writes, ``--out``) one JSON line per input, in input order:
-``{"image": ..., "prompt": ..., "answer": ...}``, plus the input's ``"id"`` where it has one.
-``--image`` takes files and folders (a folder's .jpg/.jpeg/.png/.webp files, sorted) and applies
-``--prompt`` to each; ``--input`` takes a JSONL file of ``{"image": path, "prompt": text}`` lines
-(an optional ``"id"``; relative image paths are relative to the JSONL's folder). Inputs are
-decoded and answered ``--batch-size`` at a time, so memory stays bounded however many there are.
+``{"image": ..., "prompt": ..., "answer": ...}`` (``"video"`` for a video), plus the input's
+``"id"`` where it has one. ``--image`` takes files and folders (a folder's .jpg/.jpeg/.png/.webp
+files, sorted) and applies ``--prompt`` to each; ``--video`` takes mp4/webm files, each read as
+the clip evaluation reads (``data_pipeline/video.py``): ``--max-frames`` frames a fixed stride
+apart (``--frame-stride-s`` or ``--frame-stride-frames``; give the model the stride it trained
+with), centred in the video, a shorter video padded and masked. ``--input`` takes a JSONL file
+of ``{"image": path, "prompt": text}`` or ``{"video": path, "prompt": text}`` lines (an optional
+``"id"``; relative paths are relative to the JSONL's folder). Inputs are decoded and answered
+``--batch-size`` at a time (a batch holds images or videos, not both), so memory stays bounded
+however many there are.
 Prompts in a batch are padded to the longest, and the prompt mask keeps the padding out of the
 answers: in fp32 they are the same whatever the batch size. In bf16 the padded length still
 changes rounding in the cross-attention (about one bf16 step in the logits), which can flip a
@@ -39,8 +46,10 @@ from tqdm import tqdm
 
 from pali3_train.cli import command_parser
 from pali3_train.config import ModelConfig, config_from_dict
+from pali3_train.config.schema import MAX_FRAMES
 from pali3_train.convert.safetensors_io import load_weights, read_metadata
 from pali3_train.data_pipeline.transforms import Batch, decode_image, model_input
+from pali3_train.data_pipeline.video import FrameStride, UndecodableVideo, sample_clip
 from pali3_train.eval.answers import generate_answers
 from pali3_train.models import PaLI3
 from pali3_train.precision import COMPUTE_DTYPES, compute_dtype
@@ -77,6 +86,7 @@ def load_pali3(checkpoint: str | Path, tokenizer: str | Path | None = None):
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+MEDIA = ("image", "video")  # what an input's file is: its key in a JSONL line and its output
 
 
 class InputError(ValueError):
@@ -85,11 +95,24 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class Item:
-    """One question: ``image`` is the file read; ``echo`` is what its output line repeats of the
-    input (the image path as written, the prompt, the id where one was given)."""
+    """One question: ``file`` is the image or video read; ``echo`` is what its output line
+    repeats of the input (the path as written under "image" or "video", the prompt, the id
+    where one was given)."""
 
-    image: Path
+    file: Path
     echo: dict[str, Any]
+
+    @property
+    def medium(self) -> str:
+        return "video" if "video" in self.echo else "image"
+
+
+@dataclass(frozen=True)
+class Clips:
+    """How a video becomes a clip: ``max_frames`` frames ``stride`` apart, centred."""
+
+    max_frames: int = MAX_FRAMES
+    stride: FrameStride = FrameStride(seconds=1.0)
 
 
 def items_from_images(paths: Sequence[Path], prompt: str) -> list[Item]:
@@ -106,6 +129,14 @@ def items_from_images(paths: Sequence[Path], prompt: str) -> list[Item]:
         else:
             raise InputError(f"--image: {path} is not a file")
     return [Item(f, {"image": str(f), "prompt": prompt}) for f in files]
+
+
+def items_from_videos(paths: Sequence[Path], prompt: str) -> list[Item]:
+    """Video files as given, each asked ``prompt``."""
+    for path in paths:
+        if not path.is_file():
+            raise InputError(f"--video: {path} is not a file")
+    return [Item(p, {"video": str(p), "prompt": prompt}) for p in paths]
 
 
 def _is_image(path: Path) -> bool:
@@ -134,37 +165,63 @@ def _jsonl_item(line: str, folder: Path, where: str) -> Item:
         raise InputError(f"{where}: not JSON ({e.msg})") from None
     if not isinstance(record, dict):
         raise InputError(f"{where}: not a JSON object")
-    for field in ("image", "prompt"):
+    media = [m for m in MEDIA if m in record]
+    if len(media) != 1:
+        found = "both" if media else "no"
+        raise InputError(f'{where}: {found} "image" field {"and" if media else "or"} "video" field')
+    medium = media[0]
+    for field in (medium, "prompt"):
         if field not in record:
             raise InputError(f'{where}: no "{field}" field')
         if not isinstance(record[field], str):
             raise InputError(f'{where}: "{field}" is not a string')
-    image = folder / record["image"]  # an absolute path replaces the folder
-    if not image.is_file():
-        raise InputError(f"{where}: image {image} is not a file")
-    return Item(image, {k: record[k] for k in ("id", "image", "prompt") if k in record})
+    file = folder / record[medium]  # an absolute path replaces the folder
+    if not file.is_file():
+        raise InputError(f"{where}: {medium} {file} is not a file")
+    return Item(file, {k: record[k] for k in ("id", medium, "prompt") if k in record})
 
 
 def prepare(
-    images: Sequence[Path],
+    files: Sequence[Path],
     prompts: Sequence[str],
     tokenizer: Tokenizer,
     image_size_px: int,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    clips: Clips | None = None,
 ) -> Batch:
-    """Image files and their prompts -> a model-ready batch on ``device`` with images in
-    ``dtype``, as the data pipeline would make it. Prompts are right-padded to the longest one;
-    the prompt mask keeps the padding out of every answer (up to bf16 rounding: see above)."""
-    if len(images) != len(prompts):
-        raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
-    pixels = torch.stack([decode_image(Path(p).read_bytes(), image_size_px) for p in images])
+    """Image files (or, with ``clips``, video files) and their prompts -> a model-ready batch on
+    ``device`` with pixels in ``dtype``, as the data pipeline would make it for evaluation.
+    Prompts are right-padded to the longest one; the prompt mask keeps the padding out of every
+    answer (up to bf16 rounding: see above)."""
+    if len(files) != len(prompts):
+        raise ValueError(f"{len(files)} inputs for {len(prompts)} prompts")
+    pixels, frame_mask = _pixels(files, image_size_px, clips)
     longest = max(len(tokenizer.encode(prompt)) for prompt in prompts)
     ids, mask = tokenizer.batch_encode(list(prompts), longest)
-    names = tuple(str(p) for p in images)
-    empty = torch.zeros(len(images), 1, dtype=torch.long)
-    batch = Batch(pixels, ids, mask, empty, empty.bool(), names, names, 0, {})
+    names = tuple(str(p) for p in files)
+    empty = torch.zeros(len(files), 1, dtype=torch.long)
+    batch = Batch(pixels, ids, mask, empty, empty.bool(), names, names, 0, {},
+                  frame_mask=frame_mask)  # fmt: skip
     return model_input(batch, torch.device(device), dtype)
+
+
+def _pixels(
+    files: Sequence[Path], size_px: int, clips: Clips | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """-> (uint8 images [B, 3, S, S], None), or with ``clips`` (uint8 clips [B, F, 3, S, S],
+    their frame mask [B, F]): each video's centred clip, as evaluation samples it."""
+    if clips is None:
+        return torch.stack([decode_image(Path(p).read_bytes(), size_px) for p in files]), None
+    sampled = []
+    for path in files:
+        try:
+            sampled.append(sample_clip(Path(path).read_bytes(), size_px, clips.max_frames,
+                                       clips.stride, rng=None))  # fmt: skip
+        except UndecodableVideo as e:
+            raise UndecodableVideo(f"{path}: {e}") from None
+    frames, masks = zip(*sampled)
+    return torch.stack(frames), torch.stack(masks)
 
 
 def answer_items(
@@ -174,19 +231,32 @@ def answer_items(
     batch_size: int,
     max_tokens: int,
     beam_size: int = 1,
+    clips: Clips = Clips(),
 ) -> Iterator[dict[str, Any]]:
-    """Each item's output record, in input order. Images are decoded ``batch_size`` at a time, on
-    the model's device and in its dtype, so memory does not grow with the input; a progress bar
-    goes to stderr (a terminal only) when there is more than one batch."""
+    """Each item's output record, in input order. Inputs are decoded ``batch_size`` at a time,
+    on the model's device and in its dtype, so memory does not grow with the input; videos
+    become ``clips``; a progress bar goes to stderr (a terminal only) when there is more than
+    one batch."""
     weight = next(model.parameters())
-    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    batches = list(_batches(items, batch_size))
     for chunk in tqdm(batches, unit="batch", disable=True if len(batches) < 2 else None):
         prompts = [item.echo["prompt"] for item in chunk]
-        batch = prepare([item.image for item in chunk], prompts, tokenizer,
-                        model.cfg.vit.image_size_px, weight.device, weight.dtype)  # fmt: skip
+        batch = prepare([item.file for item in chunk], prompts, tokenizer,
+                        model.cfg.vit.image_size_px, weight.device, weight.dtype,
+                        clips if chunk[0].medium == "video" else None)  # fmt: skip
         answers = generate_answers(model, tokenizer, batch, max_tokens, beam_size)
         for item, answer in zip(chunk, answers):
             yield item.echo | {"answer": answer}
+
+
+def _batches(items: Sequence[Item], size: int) -> Iterator[Sequence[Item]]:
+    """Consecutive items, at most ``size`` a batch, a new batch wherever images give way to
+    videos or back (a batch's pixels are all images or all clips)."""
+    start = 0
+    for end in range(1, len(items) + 1):
+        if end == len(items) or end - start == size or items[end].medium != items[start].medium:
+            yield items[start:end]
+            start = end
 
 
 @contextmanager
@@ -212,13 +282,29 @@ def _positive(text: str) -> int:
     return value
 
 
+def _frames(text: str) -> int:
+    value = _positive(text)
+    if value > MAX_FRAMES:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_FRAMES}, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = command_parser("python -m pali3_train.generate", __doc__)
     parser.add_argument("--checkpoint", required=True, help="model.safetensors or step_* folder")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", nargs="+", type=Path, help="image files and folders")
-    source.add_argument("--input", type=Path, help='JSONL: {"image": ..., "prompt": ...} a line')
-    parser.add_argument("--prompt", help='with --image: e.g. "Caption in EN:"')
+    source.add_argument("--video", nargs="+", type=Path, help="mp4/webm video files")
+    source.add_argument("--input", type=Path,
+                        help='JSONL: {"image" or "video": ..., "prompt": ...} a line')  # fmt: skip
+    parser.add_argument("--prompt", help='with --image or --video: e.g. "Caption in EN:"')
     parser.add_argument("--out", type=Path, help="JSONL file to write; default: stdout")
     parser.add_argument("--tokenizer", help="default: the one recorded with the checkpoint")
     parser.add_argument("--batch-size", type=_positive, default=8, help="inputs per forward")
@@ -227,17 +313,36 @@ def build_parser() -> argparse.ArgumentParser:
                         help="default: bf16 on CUDA, fp32 on CPU")  # fmt: skip
     parser.add_argument("--beam-size", type=_positive, default=1, help="1: greedy decoding")
     parser.add_argument("--max-tokens", type=_positive, default=32, help="answer length limit")
+    parser.add_argument("--max-frames", type=_frames, default=MAX_FRAMES,
+                        help=f"frames a video's clip takes (1..{MAX_FRAMES})")  # fmt: skip
+    stride = parser.add_mutually_exclusive_group()
+    stride.add_argument("--frame-stride-s", type=_seconds, default=1.0,
+                        help="seconds between a clip's frames")  # fmt: skip
+    stride.add_argument(
+        "--frame-stride-frames",
+        type=_positive,
+        help="frames between a clip's frames (instead of --frame-stride-s)",
+    )
     return parser
 
 
 def _items(args: argparse.Namespace) -> list[Item]:
     if args.input is not None:
         if args.prompt is not None:
-            raise InputError("--prompt goes with --image; --input lines carry their own")
+            raise InputError("--prompt goes with --image or --video; --input lines carry their own")
         return items_from_jsonl(args.input)
+    given = "--image" if args.image is not None else "--video"
     if args.prompt is None:
-        raise InputError("--image needs --prompt")
-    return items_from_images(args.image, args.prompt)
+        raise InputError(f"{given} needs --prompt")
+    if args.image is not None:
+        return items_from_images(args.image, args.prompt)
+    return items_from_videos(args.video, args.prompt)
+
+
+def _clips(args: argparse.Namespace) -> Clips:
+    if args.frame_stride_frames is not None:
+        return Clips(args.max_frames, FrameStride(frames=args.frame_stride_frames))
+    return Clips(args.max_frames, FrameStride(seconds=args.frame_stride_s))
 
 
 def _device(name: str | None) -> torch.device:
@@ -265,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_pali3(args.checkpoint, args.tokenizer)
     model = model.to(device, dtype)
     records = answer_items(model, tokenizer, items, args.batch_size, args.max_tokens,
-                           args.beam_size)  # fmt: skip
+                           args.beam_size, _clips(args))  # fmt: skip
     with output_stream(args.out) as out:
         for record in records:
             out.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -184,7 +184,9 @@ def test_bf16_runs_on_the_cpu(exported, photos, capsys):
      ('{"image": "image.png", "prompt": 5}', ':3: "prompt" is not a string'),
      ('["image.png", "x"]', ":3: not a JSON object"),
      ('{"image": "image.png", ', ":3: not JSON"),
-     ('{"image": "nope.png", "prompt": "x"}', ":3: image {folder}/nope.png is not a file")],
+     ('{"image": "nope.png", "prompt": "x"}', ":3: image {folder}/nope.png is not a file"),
+     ('{"video": "nope.mp4", "prompt": "x"}', ":3: video {folder}/nope.mp4 is not a file"),
+     ('{"image": "image.png", "video": "v.mp4", "prompt": "x"}', ':3: both "image" field and')],
 )  # fmt: skip
 def test_a_bad_jsonl_line_is_named_before_the_model_loads(exported, capsys, tmp_path, line,
                                                           message):  # fmt: skip
@@ -203,6 +205,9 @@ def test_a_bad_jsonl_line_is_named_before_the_model_loads(exported, capsys, tmp_
     [(["--image", "{tmp}/nope.png", "--prompt", "x"], "--image: {tmp}/nope.png is not a file"),
      (["--image", "{tmp}", "--prompt", "x"], "--image: {tmp} holds no .jpg/.jpeg/.png/.webp"),
      (["--image", "{tmp}"], "--image needs --prompt"),
+     (["--video", "{tmp}/v.mp4", "--prompt", "x"], "--video: {tmp}/v.mp4 is not a file"),
+     (["--video", "{tmp}/v.mp4"], "--video needs --prompt"),
+     (["--video", "{tmp}/v.mp4", "--prompt", "x", "--max-frames", "17"], "at most 16, got 17"),
      (["--input", "{tmp}/q.jsonl"], "--input: {tmp}/q.jsonl is not a file"),
      (["--input", "{tmp}/q.jsonl", "--image", "{tmp}"], "not allowed with argument"),
      (["--image", "{tmp}", "--prompt", "x", "--out", "{tmp}/no/a.jsonl"], "is not a folder")],
@@ -226,6 +231,65 @@ def test_the_command_line_prints_only_jsonl_on_stdout(exported, photos):
     assert [r["answer"] for r in records] == [
         reference_answer(exported, Path(r["image"]), "Caption in EN:") for r in records
     ]
+
+
+# ------------------------------------------------------------------------------------- video
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    """Two mp4 files of random frames: 9 frames, and 2 (shorter than a 4-frame clip)."""
+    from pali3_train.data_pipeline.video import encode_video
+
+    folder = tmp_path_factory.mktemp("videos")
+    generator = torch.Generator().manual_seed(4)
+    for name, count in (("long.mp4", 9), ("short.mp4", 2)):
+        frames = torch.randint(0, 256, (count, 24, 40, 3), generator=generator, dtype=torch.uint8)
+        (folder / name).write_bytes(encode_video(frames.numpy(), fps=4.0))
+    return folder
+
+
+def reference_video_answer(exported, video: Path, prompt: str) -> str:
+    """One (video, prompt) answered by hand: the centred clip of 4 frames 2 apart that
+    evaluation samples, alone in its batch."""
+    from pali3_train.data_pipeline.video import FrameStride, sample_clip
+
+    clip, frame_mask = sample_clip(video.read_bytes(), 32, 4, FrameStride(frames=2), rng=None)
+    tokenizer = Tokenizer.load(exported["tokenizer"])
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    tokens = exported["model"].generate(normalize_images(clip[None]), ids, ids > -1, 8,
+                                        frame_mask=frame_mask[None])  # fmt: skip
+    return tokenizer.decode(tokens[0])
+
+
+CLIPS = ("--max-frames", "4", "--frame-stride-frames", "2")
+
+
+def test_videos_are_answered_from_their_evaluation_clips(exported, videos, capsys):
+    files = [videos / "long.mp4", videos / "short.mp4"]
+    records = run_cli(capsys, exported, "--video", *map(str, files), "--prompt", PROMPTS[0],
+                      "--batch-size", "2", *CLIPS)  # fmt: skip
+    assert records == [
+        {"video": str(f), "prompt": PROMPTS[0], "answer": reference_video_answer(exported, f,
+                                                                                 PROMPTS[0])}
+        for f in files
+    ]  # fmt: skip
+
+
+def test_jsonl_lines_mix_images_and_videos_in_order(exported, photos, videos, capsys, tmp_path):
+    lines = [{"id": 1, "video": str(videos / "short.mp4"), "prompt": PROMPTS[1]},
+             {"id": 2, "image": str(photos / "a.jpg"), "prompt": PROMPTS[0]},
+             {"id": 3, "image": str(photos / "b.png"), "prompt": PROMPTS[3]},
+             {"id": 4, "video": str(videos / "long.mp4"), "prompt": PROMPTS[4]}]  # fmt: skip
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    records = run_cli(capsys, exported, "--input", str(questions), "--batch-size", "3", *CLIPS)
+    expected = [
+        reference_video_answer(exported, Path(q["video"]), q["prompt"]) if "video" in q
+        else reference_answer(exported, Path(q["image"]), q["prompt"])
+        for q in lines
+    ]  # fmt: skip
+    assert records == [q | {"answer": a} for q, a in zip(lines, expected)]
 
 
 def test_a_siglip_file_is_refused(tmp_path):
