@@ -1,6 +1,6 @@
 """Tensor parallelism (TP=2 on two real gloo ranks) against the unsharded model built from the
-same seed: forward, gradients (images and clips), optimizer steps, frozen towers. Tolerance 1e-5 (fp32; the only
-difference is the order of a few sums)."""
+same seed: forward, gradients (of images and of clips), optimizer steps, frozen towers. Tolerance
+1e-5 (fp32; the only difference is the order of a few sums)."""
 
 from __future__ import annotations
 
