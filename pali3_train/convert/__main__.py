@@ -73,9 +73,10 @@ def _model_yaml_option(command: argparse.ArgumentParser) -> None:
 def _report_sections(out: str, sections: dict[str, object], model_yaml: str | None) -> None:
     """Print the model section that matches the weights at ``out``, and write it to
     ``model_yaml`` if given: the file a stage config includes, so its model is the weights'."""
-    text = yaml.safe_dump(
-        {"model": {k: dataclasses.asdict(v) for k, v in sections.items()}}, sort_keys=False
-    )
+    # towers as their fields; flags (model.temporal_embedding) as they are
+    model = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+             for k, v in sections.items()}  # fmt: skip
+    text = yaml.safe_dump({"model": model}, sort_keys=False)
     if model_yaml:
         Path(model_yaml).write_text(f"# the model section of {out}\n{text}")
         print(f"wrote {out} and its model section to {model_yaml}:")

@@ -66,6 +66,11 @@ def export_pali3(path: str | Path, out_dir: str | Path) -> Exported:
     metadata = _pali3_metadata(path)
     raw = json.loads(metadata["model"])
     cfg = _model_config(raw, str(path))
+    if cfg.temporal_embedding:
+        raise ValueError(
+            f"{path}: its temporal embedding (model.temporal_embedding) has no place among the "
+            "HF parts (SiglipVisionModel, projection, T5); export a model trained without it"
+        )
     state = load_weights(path)
     unknown = [k for k in state if not k.startswith(_PARTS)]
     if unknown:

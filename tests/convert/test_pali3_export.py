@@ -204,3 +204,11 @@ def test_files_of_the_wrong_kind_get_one_clear_line(trained, tmp_path, capsys):
     pali3 = str(trained["path"])
     _one_error_line(capsys, ["assemble", "--vision", pali3, "--language", str(tower), "--out", out],
                     "a pali3 file where a tower (siglip or t5) one is needed")  # fmt: skip
+
+
+def test_a_temporal_embedding_is_refused_by_name(trained, tmp_path):
+    cfg = dataclasses.replace(trained["model"].cfg, temporal_embedding=True)
+    path = tmp_path / "video.safetensors"
+    _save_pali3(PaLI3(cfg), path, None)
+    with pytest.raises(ValueError, match=r"temporal embedding \(model.temporal_embedding\) has no"):
+        export_pali3(path, tmp_path / "hf")
