@@ -1,11 +1,14 @@
-"""A small WebLI-style corpus made on the spot: drawn shapes, rendered words, handwritten digits.
+"""A small WebLI-style corpus made on the spot: drawn shapes, rendered words, handwritten digits,
+and short videos of moving shapes.
 
 The training system needs shards, a tokenizer and a task mixture to run end to end, but WebLI
 cannot be shipped and CI has no network, so this module draws them from what code can make or
 installed packages ship: scenes of coloured shapes with captions, alt-texts and questions in four
 languages; words in Latin, Cyrillic and Greek script rendered with matplotlib's DejaVu Sans for
-OCR; and scikit-learn's scanned handwritten digits. Every text is a function of the image content
-alone, so a model can learn it, and everything follows from one seed, so two builds are identical.
+OCR; scikit-learn's scanned handwritten digits; and, with ``--video-samples``, mp4 clips in which
+one shape moves and another appears, in an order the captions and answers state (video
+transfer, ``docs/video.md``). Every text is a function of the pixels alone, so a model can learn
+it, and everything follows from one seed, so two builds are identical.
 
     python -m pali3_train.data_pipeline.demo_corpus --out runs/demo_corpus --seed 0
 """
@@ -18,10 +21,10 @@ import io
 import os
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -30,6 +33,7 @@ from pali3_train.cli import command_parser
 from pali3_train.config import SourceConfig
 from pali3_train.data_pipeline.manifest import Manifest
 from pali3_train.data_pipeline.tasks import TASKS, format_example
+from pali3_train.data_pipeline.video import encode_video
 from pali3_train.data_pipeline.write_shards import Example, write_source
 from pali3_train.tokenizer import Tokenizer, train_tokenizer
 
@@ -196,15 +200,23 @@ def draw_scene(shapes: list[Shape], size: int, rng: np.random.Generator) -> Imag
         side = int(rng.integers(half // 2, half * 4 // 5 + 1))
         left = half * item.place.endswith("right") + int(rng.integers(1, half - side))
         top = half * item.place.startswith("bottom") + int(rng.integers(1, half - side))
-        right, bottom = left + side - 1, top + side - 1
-        fill = COLOURS[item.colour]
-        if item.shape == "circle":
-            draw.ellipse((left, top, right, bottom), fill=fill)
-        elif item.shape == "square":
-            draw.rectangle((left, top, right, bottom), fill=fill)
-        else:
-            draw.polygon([((left + right) / 2, top), (left, bottom), (right, bottom)], fill=fill)
+        draw_shape(draw, item.colour, item.shape, left, top, side)
     return image
+
+
+def draw_shape(
+    draw: ImageDraw.ImageDraw, colour: str, shape: str, left: int, top: int, side: int
+) -> None:
+    """One shape filling the ``side``-pixel square at (``left``, ``top``), without
+    anti-aliasing."""
+    right, bottom = left + side - 1, top + side - 1
+    fill = COLOURS[colour]
+    if shape == "circle":
+        draw.ellipse((left, top, right, bottom), fill=fill)
+    elif shape == "square":
+        draw.rectangle((left, top, right, bottom), fill=fill)
+    else:
+        draw.polygon([((left + right) / 2, top), (left, bottom), (right, bottom)], fill=fill)
 
 
 def scene_record(shapes: list[Shape]) -> dict:
@@ -226,6 +238,93 @@ def scene_record(shapes: list[Shape]) -> dict:
                 [words.where.format(thing=words.phrase(words.the, s)), place],
             ]
     return record
+
+
+# --- moving shapes (video) -----------------------------------------------------------------
+
+CLIP_FRAMES, CLIP_FPS = 8, 8.0
+# Read every 2nd frame (0, 2, 4, 6): four frames, enough to see the motion and the appearance.
+CLIP_STRIDE_FRAMES = 2
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+
+
+@dataclass(frozen=True)
+class ClipStory:
+    """What happens in a clip: ``mover`` (colour, shape) moves in ``direction`` and ``newcomer``
+    (another colour) appears; ``moves_first`` says which of the two happens first."""
+
+    mover: tuple[str, str]
+    direction: str
+    newcomer: tuple[str, str]
+    moves_first: bool
+
+    def mover_at(self, frame: int) -> int:
+        """How many steps the mover has made by ``frame``: three, over frames 1-3 when it moves
+        first, else over frames 4-6 (after the newcomer's appearance at frame 2)."""
+        start = 0 if self.moves_first else 3
+        return min(max(frame - start, 0), 3)
+
+    def newcomer_shown(self, frame: int) -> bool:
+        return frame >= (4 if self.moves_first else 2)
+
+
+def clips(
+    count: int, seed: int = 0, image_size_px: int = 64, split: str = "train"
+) -> Iterator[Example]:
+    """``CLIP_FRAMES`` frames at ``CLIP_FPS`` as mp4: a shape a quarter of the frame wide moves
+    three steps of an eighth of the frame along one half of it; a shape of another colour
+    appears in the other half."""
+    rng = np.random.default_rng([seed, SPLITS.index(split), 1])  # a stream apart from scenes'
+    kinds = [(colour, shape) for colour in COLOURS for shape in SHAPES]
+    for i in range(count):
+        mover = kinds[int(rng.integers(len(kinds)))]
+        direction = list(DIRECTIONS)[int(rng.integers(len(DIRECTIONS)))]
+        others = [k for k in kinds if k[0] != mover[0]]  # tell the two apart by colour alone
+        newcomer = others[int(rng.integers(len(others)))]
+        story = ClipStory(mover, direction, newcomer, bool(rng.integers(2)))
+        frames = draw_clip(story, image_size_px, rng)
+        yield Example(f"clips-{i:09d}", encode_video(frames, CLIP_FPS), "mp4", clip_record(story))
+
+
+def draw_clip(story: ClipStory, size: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [CLIP_FRAMES, size, size, 3]. The mover keeps to one half (top or bottom for
+    left/right, left or right for up/down), the newcomer is in the other."""
+    side, step, half = size // 4, size // 8, size // 2
+    dx, dy = DIRECTIONS[story.direction]
+    travel = int(rng.integers(1, size - side - 3 * step))  # along the motion, room for 3 steps
+    across = int(rng.integers(1, half - side))  # within its half
+    mover_half, newcomer_along = int(rng.integers(2)), int(rng.integers(1, size - side))
+    newcomer_across = int(rng.integers(1, half - side)) + half * (1 - mover_half)
+    start = travel if dx + dy > 0 else travel + 3 * step  # moving back: start 3 steps further on
+    frames = []
+    for t in range(CLIP_FRAMES):
+        image = Image.new("RGB", (size, size), BACKGROUND)
+        draw = ImageDraw.Draw(image)
+        along, at = start + (dx + dy) * step * story.mover_at(t), across + half * mover_half
+        draw_shape(draw, *story.mover, *((along, at) if dx else (at, along)), side)
+        if story.newcomer_shown(t):
+            xy = (newcomer_along, newcomer_across) if dx else (newcomer_across, newcomer_along)
+            draw_shape(draw, *story.newcomer, *xy, side)
+        frames.append(np.asarray(image))
+    return np.stack(frames)
+
+
+def clip_record(story: ClipStory) -> dict:
+    """English captions and questions: what moves where, what appears, and in which order."""
+    mover, newcomer = " ".join(story.mover), " ".join(story.newcomer)
+    moves, appears = f"a {mover} moves {story.direction}", f"a {newcomer} appears"
+    first, then = (moves, appears) if story.moves_first else (appears, moves)
+    return {
+        "caption": {"en": f"{first} then {then}"},  # no comma: the tokenizer has never seen one
+        "vqa": {
+            "en": [
+                [f"which way does the {mover} move?", story.direction],
+                ["what appears?", f"a {newcomer}"],
+                ["what moves?", f"a {mover}"],
+                [f"does the {mover} move first?", "yes" if story.moves_first else "no"],
+            ]
+        },
+    }
 
 
 # --- rendered text --------------------------------------------------------------------------
@@ -398,6 +497,9 @@ SOURCES = {
     "text": DemoSource(text_images, OCR_LANGUAGES, {"ocr": 1.0}),
     "digits": DemoSource(digits, EUROPEAN, {"caption": 0.5, "alt_text": 0.25, "vqa": 0.5}),
 }
+# Written only when asked for (``video_samples``), and kept out of ``DemoCorpus.sources()``: a
+# mixture with a video source makes every sample a clip, which the image stages do not want.
+VIDEO_SOURCES = {"clips": DemoSource(clips, ("en",), {"video_caption": 1.0, "video_qa": 1.0})}
 
 
 @dataclass(frozen=True)
@@ -407,6 +509,7 @@ class DemoCorpus:
     out_dir: Path
     tokenizer_path: Path
     manifests: dict[str, Manifest]  # source name -> its manifest, shards in out_dir/<name>
+    video_manifests: dict[str, Manifest] = field(default_factory=dict)  # likewise, VIDEO_SOURCES
 
     def sources(self, tasks_weights: dict[str, float] | None = None) -> tuple[SourceConfig, ...]:
         """One mixture entry per (source, task), named ``<source>_<task>``. ``tasks_weights``
@@ -418,13 +521,7 @@ class DemoCorpus:
             return weights.get(f"{name}_{task}", weights.get(task, SOURCES[name].weights[task]))
 
         entries = tuple(
-            SourceConfig(
-                name=f"{name}_{task}",
-                shards=str(self.out_dir / name / manifest.pattern),
-                task=task,
-                weight=weight(name, task),
-                languages=manifest.languages,
-            )
+            self._entry(name, manifest, task, weight=weight(name, task))
             for name, manifest in self.manifests.items()
             for task in manifest.tasks
         )
@@ -432,6 +529,20 @@ class DemoCorpus:
         if unknown:
             raise ValueError(f"tasks_weights: no demo source or task named {sorted(unknown)}")
         return entries
+
+    def video_sources(self) -> tuple[SourceConfig, ...]:
+        """The video entries (``clips_video_caption``, ``clips_video_qa``), reading every
+        ``CLIP_STRIDE_FRAMES``-th frame; empty unless the corpus was built with videos."""
+        stride = {"frame_stride_frames": CLIP_STRIDE_FRAMES}
+        return tuple(
+            self._entry(name, manifest, task, weight=VIDEO_SOURCES[name].weights[task], **stride)
+            for name, manifest in self.video_manifests.items()
+            for task in manifest.tasks
+        )
+
+    def _entry(self, name: str, manifest: Manifest, task: str, **options) -> SourceConfig:
+        shards = str(self.out_dir / name / manifest.pattern)
+        return SourceConfig(f"{name}_{task}", shards, task, languages=manifest.languages, **options)
 
 
 def build_demo_corpus(
@@ -442,9 +553,13 @@ def build_demo_corpus(
     image_size_px: int = 64,
     vocab_size: int = 1000,
     split: str = "train",
+    video_samples: int = 0,
 ) -> DemoCorpus:
     """Generate every source, train a BPE tokenizer on all their prompts and targets
-    (``out_dir/tokenizer.model``), then write each source's shards to ``out_dir/<name>``."""
+    (``out_dir/tokenizer.model``), then write each source's shards to ``out_dir/<name>``; with
+    ``video_samples``, that many clips of each video source too. The clips' texts are not in
+    the tokenizer's training text (their words and letters are the scenes' and English's), so a
+    build with videos has the same tokenizer and image shards as one without."""
     out_dir = Path(out_dir).resolve()
     examples = {
         name: list(source.generator(samples_per_source, seed, image_size_px, split))
@@ -458,9 +573,10 @@ def build_demo_corpus(
         model_path=tokenizer_path,
         model_type="bpe",
     )
-    manifests = {
-        name: write_source(
-            examples[name],
+
+    def write(name: str, source: DemoSource, examples: Iterable[Example]) -> Manifest:
+        return write_source(
+            examples,
             out_dir / name,
             name,
             tasks=source.tasks,
@@ -468,9 +584,14 @@ def build_demo_corpus(
             max_samples_per_shard=samples_per_shard,
             tokenizer=f"../{tokenizer_path.name}",  # relative: the corpus can be moved
         )
-        for name, source in SOURCES.items()
+
+    manifests = {name: write(name, source, examples[name]) for name, source in SOURCES.items()}
+    videos = {
+        name: write(name, source, source.generator(video_samples, seed, image_size_px, split))
+        for name, source in VIDEO_SOURCES.items()
+        if video_samples
     }
-    return DemoCorpus(out_dir, tokenizer_path, manifests)
+    return DemoCorpus(out_dir, tokenizer_path, manifests, videos)
 
 
 def corpus_text(examples: dict[str, list[Example]], seed: int = 0) -> Iterator[str]:
@@ -499,9 +620,10 @@ def _strings(value: object) -> Iterator[str]:
 
 # What `make demo` and a bare `launcher/run.py --stage S` train and evaluate on (folder: options).
 DEMO_CORPORA = {
-    "runs/demo_corpus": {"samples_per_source": 2048, "samples_per_shard": 256},
-    "runs/demo_eval": {"samples_per_source": 256, "split": "held_out"},
-}
+    "runs/demo_corpus": {"samples_per_source": 2048, "samples_per_shard": 256,
+                         "video_samples": 512},
+    "runs/demo_eval": {"samples_per_source": 256, "split": "held_out", "video_samples": 128},
+}  # fmt: skip
 
 
 def build_demo_corpora(root: str | Path = ".", only_missing: bool = False) -> list[DemoCorpus]:
@@ -538,6 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size-px", type=int, default=64, help="square images, this wide")
     parser.add_argument("--vocab-size", type=int, default=1000, help="the tokenizer's upper bound")
     parser.add_argument("--split", choices=SPLITS, default="train", help="held_out: for evaluation")
+    parser.add_argument("--video-samples", type=int, default=0,
+                        help="clips of moving shapes to write too (0: none)")  # fmt: skip
     return parser
 
 
@@ -549,14 +673,14 @@ def main(argv: list[str] | None = None) -> None:
     else:
         corpora = [build_demo_corpus(args.out, args.seed, args.samples_per_source,
                                      args.samples_per_shard, args.image_size_px, args.vocab_size,
-                                     args.split)]  # fmt: skip
+                                     args.split, args.video_samples)]  # fmt: skip
     for corpus in corpora:
         describe(corpus)
     print(f"built in {time.perf_counter() - start:.1f} s")
 
 
 def describe(corpus: DemoCorpus) -> None:
-    for name, manifest in corpus.manifests.items():
+    for name, manifest in (corpus.manifests | corpus.video_manifests).items():
         print(
             f"{name}: {manifest.samples} samples in {len(manifest.shards)} shards "
             f"({', '.join(manifest.tasks)}; {', '.join(manifest.languages)}) "

@@ -24,18 +24,21 @@ from pali3_train.data_pipeline import demo_corpus, write_shards
 from pali3_train.data_pipeline.demo_corpus import (
     BACKGROUND,
     COLOURS,
+    DEMO_CORPORA,
     OCR_WORDS,
     PLACES,
     SOURCES,
     build_demo_corpus,
+    clips,
     corpus_text,
     digits,
     scenes,
     text_images,
 )
-from pali3_train.data_pipeline.loader import resolve_sources
+from pali3_train.data_pipeline.loader import DataPipeline, resolve_sources
 from pali3_train.data_pipeline.manifest import Manifest
 from pali3_train.data_pipeline.tasks import TASKS, format_example
+from pali3_train.data_pipeline.video import FrameStride, sample_clip
 from pali3_train.tokenizer import UNK_ID, Tokenizer
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -220,6 +223,81 @@ def test_text_images_show_their_words_in_their_script():
     assert languages == {"en", "de", "ru", "el"}
 
 
+def _centre(frame: np.ndarray, colour: str) -> tuple[float, float] | None:
+    """(x, y) of the pixels of ``colour`` (within H.264's error), None where there are few."""
+    near = np.abs(frame.astype(int) - COLOURS[colour]).max(axis=-1) < 40
+    if near.sum() < 20:
+        return None
+    rows, cols = np.nonzero(near)
+    return cols.mean(), rows.mean()
+
+
+MOTION = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+STORY = re.compile(
+    r"a (\w+) (\w+) (?:moves (\w+)|appears) then a (\w+) (\w+) (?:moves (\w+)|appears)"
+)
+
+
+def test_clip_texts_describe_the_motion_and_order_in_the_pixels():
+    """The four frames training reads (0, 2, 4, 6), decoded from the mp4: the mover is where
+    the caption sends it, three eighths of the frame further; the newcomer is absent, then
+    there; the caption's order is the pixels' order, and the answers agree."""
+    stories = set()
+    for example in clips(40, seed=3):
+        clip, mask = sample_clip(example.image, 64, 4, FrameStride(frames=2), None)
+        frames = clip.permute(0, 2, 3, 1).numpy()
+        caption = example.record["caption"]["en"]
+        c1, s1, d1, c2, s2, d2 = STORY.fullmatch(caption).groups()
+        (mover, direction), newcomer = ((c1, d1), c2) if d1 else ((c2, d2), c1)
+        path = [_centre(f, mover) for f in frames]
+        shown = [_centre(f, newcomer) is not None for f in frames]
+        moved = [np.subtract(p, path[0]) @ MOTION[direction] for p in path]
+        assert mask.all() and moved[0] == 0 and abs(moved[3] - 24) < 2, (caption, moved)
+        assert shown[0] is False and shown[3] is True, caption
+        moves_first = bool(d1)
+        assert (moved[1] > 4, shown[1]) == ((True, False) if moves_first else (False, True))
+        answers = dict(example.record["vqa"]["en"])
+        mover_name = f"{mover} {s1 if d1 else s2}"
+        assert answers[f"which way does the {mover_name} move?"] == direction
+        assert answers[f"does the {mover_name} move first?"] == ("yes" if moves_first else "no")
+        stories.add((moves_first, direction))
+    assert len(stories) == 8, "both orders and all four directions occur"
+
+
+def test_a_build_with_videos_keeps_the_image_corpus_and_reads_as_clips(builds, tmp_path):
+    corpus = build_demo_corpus(tmp_path, 0, SAMPLES, PER_SHARD, video_samples=6)
+    without = builds[0]
+    assert corpus.manifests == without.manifests  # same image shards (sha256) ...
+    assert corpus.tokenizer_path.read_bytes() == without.tokenizer_path.read_bytes()  # tokenizer
+    (manifest,) = corpus.video_manifests.values()
+    assert manifest.samples == 6 and manifest.tasks == ("video_caption", "video_qa")
+    assert set(map(json.dumps, manifest.videos.values())) == {
+        json.dumps({"frames": 8, "fps": 8.0, "duration_s": 1.0})
+    }
+    assert without.video_sources() == ()
+    assert [e.name for e in corpus.sources()] == [e.name for e in without.sources()]
+
+    tokenizer = Tokenizer.load(corpus.tokenizer_path)
+    for example in clips(6):
+        for text in _strings(example.record):
+            assert UNK_ID not in tokenizer.encode(text), text
+    data = DataConfig(tokenizer_path=str(corpus.tokenizer_path), sources=corpus.video_sources(),
+                      max_frames=4)  # fmt: skip
+    batches = list(DataPipeline(data, image_size_px=64, seed=0, batch_size=6, mode="epoch"))
+    assert sum(map(len, batches)) == 12  # 6 clips, each captioned and questioned
+    for batch in batches:
+        assert batch.images.shape[1:] == (4, 3, 64, 64) and batch.frame_mask.all()
+    prompts = {p.split(":")[0] for b in batches for p in tokenizer.batch_decode(b.prompt)}
+    assert prompts == {"Caption the video in EN", "Answer in EN"}
+
+
+def _strings(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value
+    return [text for item in items for text in _strings(item)]
+
+
 # ------------------------------------------------------------------------------ tokenizer
 
 
@@ -300,3 +378,26 @@ def test_the_shipped_demo_mixture_is_what_a_default_build_gives(tmp_path):
     ]
     assert tuple(relocated) == corpus.sources()
     assert shipped.tokenizer_path == "runs/demo_corpus/tokenizer.model"
+
+
+def test_the_tiny_video_transfer_reads_what_the_demo_build_writes(tmp_path):
+    """configs/tiny/transfer_video.yaml's sources are the video entries of the --demo corpora:
+    same names, tasks, stride and shard patterns (128 clips at 64 a shard: 2 shards, as 512 at
+    256 and 128 at 64 are)."""
+    shipped = load_config(CONFIGS / "tiny" / "transfer_video.yaml")
+    assert [DEMO_CORPORA[f"runs/{c}"]["video_samples"] for c in ("demo_corpus", "demo_eval")] == [
+        512,
+        128,
+    ]
+    corpus = build_demo_corpus(tmp_path, 0, 8, 64, video_samples=128)
+    for sources, folder in (
+        (shipped.data.sources, "demo_corpus"),
+        (shipped.eval.sources, "demo_eval"),
+    ):
+        relocated = [
+            replace(s, shards=s.shards.replace(f"runs/{folder}", str(tmp_path))) for s in sources
+        ]
+        assert [replace(s, weight=1.0) for s in relocated] == [
+            replace(s, weight=1.0) for s in corpus.video_sources()
+        ]
+    assert shipped.data.max_frames == 4
