@@ -7,34 +7,20 @@ promises."""
 from __future__ import annotations
 
 import json
-import os
-import re
-import subprocess
 from pathlib import Path
 
 import pytest
 from PIL import Image
 from transformers import T5ForConditionalGeneration
 
-from pali3_train.config import TextConfig, UL2Config, ViTConfig
 from pali3_train.convert.safetensors_io import read_metadata
-from pali3_train.tokenizer import train_tokenizer
 from tests.data_pipeline.corpus import example, write_img2dataset
-from tests.hf_reference import hf_siglip, hf_t5
+from tests.docs.shell_blocks import ROOT, follow, scratch_checkout
+from tests.docs.stand_ins import hf_towers
 
-ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "docs" / "own_data.md"
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220)}
 IMAGES = 12  # COCO images of the stand-in
-VIT = ViTConfig(image_size_px=32, patch_size_px=8, width=48, depth=2, num_heads=4, mlp_dim=96)
-TEXT = TextConfig(vocab_size=256, max_len=64, width=40, depth=2, num_heads=5, mlp_dim=80)
-UL2 = UL2Config(vocab_size=256, d_model=32, num_heads=4, d_kv=8, d_ff=64, num_encoder_layers=2,
-                num_decoder_layers=2, relative_attention_num_buckets=8,
-                relative_attention_max_distance=20)  # fmt: skip
-
-
-def shell_blocks(page: Path) -> list[str]:
-    return re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S)
 
 
 def _coco(root: Path) -> list[str]:
@@ -70,30 +56,16 @@ def _coco(root: Path) -> list[str]:
     return [c["caption"] for c in captions] + ["what colour is it?", *COLOURS]
 
 
-def _towers(root: Path, texts: list[str]) -> None:
-    prompts = ["Caption in EN:", "Answer in EN:"]
-    for name, model, vocab in (("siglip", hf_siglip(VIT, TEXT), 160), ("t5", hf_t5(UL2), 200)):
-        model.save_pretrained(root / "hf" / name)
-        train_tokenizer(texts=texts + prompts, vocab_size=vocab, model_type="bpe",
-                        model_path=root / "hf" / name / "spiece.model")  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def followed(tmp_path_factory) -> Path:
     """A folder where the page's blocks ran: my_data/ stand-ins in, runs/own/ out."""
-    folder = tmp_path_factory.mktemp("own_data")
+    folder = scratch_checkout(tmp_path_factory.mktemp("own_data"))
     data = folder / "my_data"
     laion = [example("laion", i, image_format="WEBP") for i in range(16)]
     write_img2dataset(laion, data / "laion", per_shard=8)
     texts = _coco(data) + [e.record["caption"]["en"] for e in laion]
-    _towers(data, texts)
-    for shared in ("configs", "launcher", ".venv"):
-        (folder / shared).symlink_to(ROOT / shared)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    for block in shell_blocks(PAGE):
-        result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=folder, env=env,
-                                capture_output=True, text=True, timeout=600)  # fmt: skip
-        assert result.returncode == 0, f"{block}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    hf_towers(data / "hf" / "siglip", data / "hf" / "t5", texts)
+    assert follow(PAGE, folder), "no block ran"
     return folder
 
 
