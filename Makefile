@@ -17,7 +17,7 @@ install: $(STAMP)
 # (scripts/torch_variant.sh picks it from the driver and says why; `make install TORCH_CUDA=cu126`
 # or TORCH_CUDA=cpu chooses); elsewhere the CPU wheel, with everything else. DeepSpeed is built
 # without its ops (DS_BUILD_OPS=0), on GPUs too: an op a run uses compiles on first use into
-# TORCH_EXTENSIONS_DIR (README, "On GPUs", builds one ahead of time).
+# TORCH_EXTENSIONS_DIR (docs/gpus.md builds one ahead of time).
 $(STAMP): requirements.txt requirements-dev.txt requirements-deepspeed.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	variant=$$(sh scripts/torch_variant.sh) && if [ "$$variant" != cpu ]; then \

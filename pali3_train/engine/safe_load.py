@@ -6,7 +6,7 @@ anything: a checkpoint from an untrusted source could run code on every rank. In
 unpickler, which accepts tensors, containers and plain values, plus the few DeepSpeed types its
 checkpoints hold (``DEEPSPEED_TYPES``). A file holding anything else is refused with the type
 named. ``--trust-checkpoint`` turns this off for checkpoints that need more (a different
-DeepSpeed version's types, say), and is the stated trust boundary (README, "Reliability").
+DeepSpeed version's types, say), and is the stated trust boundary (docs/reliability.md).
 
     python -m pali3_train.engine.safe_load <ds_to_universal arguments>
 

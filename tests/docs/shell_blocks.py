@@ -61,7 +61,7 @@ def shell_blocks(page: Path) -> list[Block]:
         attached += bool(marker)
         blocks.append(Block(f"{page.name}:{line}", fence.group(2), **marker))
     if len(MARKER.findall(text)) != attached:
-        raise ValueError(f"{page.name}: a docs-test marker is not on the line before a ```bash block")
+        raise ValueError(f"{page.name}: a docs-test marker is not on the line before a block")
     return blocks
 
 

@@ -21,13 +21,15 @@ UL2 = UL2Config(vocab_size=256, d_model=32, num_heads=4, d_kv=8, d_ff=64, num_en
                 relative_attention_max_distance=20)  # fmt: skip
 PROMPTS = ["Caption in EN:", "Answer in EN:"]
 SHAPES = [f"a {colour} {shape} at the {place}" for colour in ("red", "green", "blue", "grey")
-          for shape in ("circle", "square", "star") for place in ("top", "bottom", "left")]  # fmt: skip
+          for shape in ("circle", "square", "star")
+          for place in ("top", "bottom", "left")]  # fmt: skip
 
 
 def hf_towers(siglip_dir: Path, t5_dir: Path, texts: list[str]) -> None:
     """A ``SiglipModel`` and a T5 v1.1 checkpoint directory, each with a ``spiece.model`` (T5's
     ids) trained on ``texts`` and the prompts, within the tower's vocabulary."""
-    for folder, model, vocab in ((siglip_dir, hf_siglip(VIT, TEXT), 160), (t5_dir, hf_t5(UL2), 200)):
+    towers = ((siglip_dir, hf_siglip(VIT, TEXT), 160), (t5_dir, hf_t5(UL2), 200))
+    for folder, model, vocab in towers:
         model.save_pretrained(folder)
         train_tokenizer(texts=texts + PROMPTS, vocab_size=vocab, model_type="bpe",
                         model_path=folder / "spiece.model")  # fmt: skip

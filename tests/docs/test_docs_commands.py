@@ -55,7 +55,7 @@ def test_markers_are_read_from_the_line_before_the_block(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("<!-- docs-test: skip -->\n```bash\ntrue\n```\n", "needs 'skip: <reason>'"),
     ("<!-- docs-test: skip:   -->\n```bash\ntrue\n```\n", "needs 'skip: <reason>'"),
-    ("<!-- docs-test: skip: far away -->\n\ntext\n```bash\ntrue\n```\n", "not on the line before"),
+    ("<!-- docs-test: skip: far away -->\n\ntext\n```bash\ntrue\n```\n", "not on the line"),
     ("```sh\ntrue\n```\n", "spell shell blocks ```bash"),
 ])  # fmt: skip
 def test_a_marker_without_a_reason_or_a_block_is_refused(tmp_path, text, message):

@@ -5,7 +5,7 @@ PASS/FAIL/SKIP table (Markdown) of what happened.
     python -m tests.faults.campaign --short    # the short form, which `make test` also runs
     python -m tests.faults.campaign --repeat 3 --seed 7   # random kill points, three times
 
-Exit code 1 if any case failed. The README's "Reliability" table comes from the full form.
+Exit code 1 if any case failed. docs/reliability.md's table comes from the full form.
 """
 
 from __future__ import annotations
