@@ -1,5 +1,6 @@
 """A 2-rank stage on a mixture with a video source, end to end: killed by SIGKILL mid-run, it
-resumes and trains the steps it replays to the same losses; its visual tokens count real frames.
+resumes and trains the steps it replays to the same losses; its visual tokens count real frames,
+and its end-of-run evaluation scores clips: captions by CIDEr-D, answers by VQA accuracy.
 
 No second uninterrupted run is launched: the killed run is its own reference. Every step it
 logged after its latest checkpoint is trained again by the resumed run, from the restored model,
@@ -8,6 +9,7 @@ optimizer, data and RNG state, and must give the loss it gave the first time (1e
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -29,11 +31,14 @@ def video_demo(tmp_path_factory):
 
 
 def test_a_video_stage_killed_mid_run_resumes_to_the_same_losses(video_demo, tmp_path):
-    sources = [dataclasses.asdict(s) for s in (*video_demo.sources(), *video_demo.video_sources())]
+    clips = [dataclasses.asdict(s) for s in video_demo.video_sources()]
+    sources = [*(dataclasses.asdict(s) for s in video_demo.sources()), *clips]
     run_dir = tmp_path / "run"
     # 5 frames: the clips' 4 real ones and one padded; images are one-frame clips
     config = stage_config(video_demo, run_dir, data={"sources": sources, "max_frames": 5},
-                          train={"steps": STEPS}, checkpoint={"every_steps": EVERY})  # fmt: skip
+                          train={"steps": STEPS}, checkpoint={"every_steps": EVERY},
+                          eval={"sources": clips, "max_samples": 4, "batch_size": 2,
+                                "max_decode_tokens": 8})  # fmt: skip
     process = start(config)
     wait_for_step(run_dir, process, EVERY + 1)
     kill_job(process)
@@ -54,3 +59,10 @@ def test_a_video_stage_killed_mid_run_resumes_to_the_same_losses(video_demo, tmp
     rows = read_metrics(run_dir / "metrics.jsonl").values()
     per_sample = [row["visual_tokens_per_s"] / row["samples_per_s"] for row in rows]
     assert all(16 - 1e-9 <= n <= 64 + 1e-9 for n in per_sample) and max(per_sample) > 16, per_sample
+    final = json.loads((run_dir / "eval.jsonl").read_text().splitlines()[-1])
+    assert final["step"] == STEPS
+    assert {k for k in final if k != "step"} == {
+        "eval/clips_video_caption/cider", "eval/clips_video_caption/samples",
+        "eval/clips_video_qa/vqa_accuracy", "eval/clips_video_qa/samples",
+    }  # fmt: skip
+    assert final["eval/clips_video_caption/samples"] == final["eval/clips_video_qa/samples"] == 4
