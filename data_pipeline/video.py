@@ -130,7 +130,7 @@ def video_info(encoded: Encoded, fps: float | None = None) -> VideoInfo:
     if isinstance(encoded, (bytes, bytearray, memoryview)):
         try:
             with av.open(io.BytesIO(bytes(encoded))) as container:
-                stream = container.streams.video[0]
+                stream = _video_stream(container)
                 count = sum(1 for _ in container.decode(stream))
                 fps = _rate(stream)
         except (av.FFmpegError, IndexError, ValueError) as exc:
@@ -166,7 +166,7 @@ def _decode_video(
     """Count the frames by demuxing (no decoding), then decode up to the last chosen one."""
     try:
         with av.open(io.BytesIO(data)) as container:
-            stream = container.streams.video[0]
+            stream = _video_stream(container)
             count = sum(1 for packet in container.demux(stream) if packet.size)
             wanted = frame_indices(count, _rate(stream), stride, max_frames, offset)
             container.seek(0)
@@ -187,6 +187,15 @@ def _decode_frame(data: bytes, size_px: int, index: int) -> torch.Tensor:
         return decode_image(data, size_px)
     except Exception as exc:  # PIL raises many types for bad data
         raise UndecodableVideo(f"frame {index}: {type(exc).__name__}: {exc}") from None
+
+
+def _video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:
+    """The first video stream, decoded on the calling thread: data workers are the parallelism,
+    and FFmpeg's own frame threads cost more to start than a short clip takes to decode (32 ms
+    against 3 ms for 8 frames at 64 px)."""
+    stream = container.streams.video[0]
+    stream.codec_context.thread_count = 1
+    return stream
 
 
 def _rate(stream: av.video.stream.VideoStream) -> float | None:
