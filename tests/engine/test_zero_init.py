@@ -27,6 +27,7 @@ WORLD = 2
 def _config(init_from: str | None = None, **sections):
     model = to_dict(load_config(ROOT / "configs/models/tiny.yaml").model)
     model["vit"] |= sections.pop("vit", {})
+    model |= sections.pop("model", {})
     return config_from_dict(
         {
             "model": model,
@@ -41,7 +42,7 @@ def _config(init_from: str | None = None, **sections):
 
 def _scenarios(siglip_file: str) -> dict:
     return {
-        "generative": _config(),
+        "generative": _config(model={"temporal_embedding": True}),  # its table too
         "contrastive": _config(stage={"objective": "contrastive"}),
         # a stage-2-like start: 48 px (6x6 patches) from a 32 px SigLIP file, ViT frozen, bf16
         "bf16 from siglip": _config(
