@@ -277,6 +277,7 @@ def test_a_build_with_videos_keeps_the_image_corpus_and_reads_as_clips(builds, t
     assert without.video_sources() == ()
     assert [e.name for e in corpus.sources()] == [e.name for e in without.sources()]
 
+    assert [e.image for e in clips(3, seed=1)] == [e.image for e in clips(3, seed=1)]
     tokenizer = Tokenizer.load(corpus.tokenizer_path)
     for example in clips(6):
         for text in _strings(example.record):
