@@ -134,6 +134,8 @@ def format_plan(plan: Plan, data: str, resume: str) -> str:
         nodes = f"not a whole number of {g}-device nodes"
     tokens = plan.tokens_per_sample
     per_sample = sum(tokens.values())
+    px, frames = cfg.model.vit.image_size_px, tokens.get("image", 0) // cfg.model.vit.num_patches
+    pixels = f"{frames} frames at {px} px" if frames > 1 else f"{px} px"  # a clip, or an image
     pairs = train.micro_batch_size * dp
     whole_batch = (
         f"            the {cfg.stage.objective} loss sees micro x DP = {pairs:,} pairs "
@@ -151,7 +153,7 @@ def format_plan(plan: Plan, data: str, resume: str) -> str:
         *([] if spec_for(cfg).accumulates else [whole_batch]),
         "tokens      "
         + " + ".join(f"{n:,} {k}" for k, n in tokens.items())
-        + f" = {per_sample:,} per sample ({cfg.model.vit.image_size_px} px); "
+        + f" = {per_sample:,} per sample ({pixels}); "
         f"{per_sample * train.global_batch_size:,} per step",
         f"training    {train.steps:,} steps, {train.precision}, ZeRO-{par.zero_stage}, "
         f"activation checkpointing {'on' if par.activation_checkpointing else 'off'}, "

@@ -65,6 +65,15 @@ def test_each_paper_scale_config_validates_and_plans_for_its_world(path):
     assert f"world {world} = TP 4 x DP {plan.dp}" in text
 
 
+def test_the_video_config_plans_16_frames_of_tokens():
+    """16 frames of 16 x 16 patches (224 px / 14): 4,096 visual tokens, read by the encoder with
+    the 16 of the prompt."""
+    path = ROOT / "configs/pali3_5b/transfer_video.yaml"
+    text = format_plan(build_plan(load_config(path), 64, 8, str(path)), "OK", "none")
+    assert "4,096 image + 16 prompt + 48 target = 4,160 per sample (16 frames at 224 px)" in text
+    assert re.search(r"ul2 encoder .* 24 blocks, s=4,112, h=2048", text)
+
+
 def test_the_stages_chain_through_each_others_exports():
     """Each stage.init_from is the model.safetensors of another config's run_dir, earlier in the
     curriculum, at the resolution the next stage starts from."""
