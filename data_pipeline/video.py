@@ -147,9 +147,11 @@ def video_info(encoded: Encoded, fps: float | None = None) -> VideoInfo:
 def encode_video(frames: np.ndarray, fps: float, container: str = "mp4") -> bytes:
     """uint8 [T, H, W, 3] (even H and W) -> an H.264 mp4 or VP8 webm file, near-lossless: how the
     demo corpus and the tests make videos."""
-    codec, options = {"mp4": ("libx264", {"crf": "12"}), "webm": ("libvpx", {"crf": "4"})}[
-        container
-    ]
+    # x264's SIMD code now and then gave another stream for the same frames (1 encode in 300
+    # to 1 in 7, depending on what ran before); its C code gave the same bytes in thousands of
+    # encodes, and at these sizes costs a millisecond more.
+    h264 = {"crf": "12", "x264-params": "asm=0"}
+    codec, options = {"mp4": ("libx264", h264), "webm": ("libvpx", {"crf": "4"})}[container]
     buffer = io.BytesIO()
     with av.open(buffer, "w", format=container) as out:
         stream = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1001), options=options)
