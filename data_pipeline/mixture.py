@@ -9,7 +9,8 @@ feeds all of them.
 
 Exact resume. Everything a worker's future output depends on is small and explicit: per source,
 which of its positions it has opened and how many samples it has taken from each open shard;
-the worker's random generator (source draws, shard interleaving, prompt choices); its counters.
+the worker's random generator (source draws, shard interleaving, prompt choices, where a video's
+clip starts); its counters.
 ``MixtureIterator.state_dict()`` captures that after every batch, torchdata's
 ``StatefulDataLoader`` ships it with the batch to the main process, and on resume each worker
 reopens its shards and skips the samples it had already taken. There is no shuffle buffer (its

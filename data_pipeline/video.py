@@ -170,11 +170,12 @@ def _decode_video(
     try:
         with av.open(io.BytesIO(data)) as container:
             stream = _video_stream(container)
-            count = sum(1 for packet in container.demux(stream) if packet.size)
-            wanted = frame_indices(count, _rate(stream), stride, max_frames, offset)
-            container.seek(0)
+            packets = list(container.demux(stream))  # the last, empty, flushes the decoder
+            count = sum(1 for packet in packets if packet.size)
+            wanted = set(frame_indices(count, _rate(stream), stride, max_frames, offset))
             frames = []
-            for i, frame in enumerate(container.decode(stream)):
+            decoded = (frame for packet in packets for frame in packet.decode())
+            for i, frame in enumerate(decoded):
                 if i in wanted:
                     pixels = torch.from_numpy(frame.to_ndarray(format="rgb24"))
                     frames.append(resize_square(pixels, size_px))
