@@ -117,9 +117,10 @@ def sample_clip(
 def pad_clip(frames: Sequence[torch.Tensor], max_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Frames (uint8 [3, S, S] each, at most ``max_frames``) -> (the clip padded with zero
     frames, the mask of the real ones). An image in a mixture with videos is a one-frame clip."""
-    clip = torch.zeros((max_frames, *frames[0].shape), dtype=torch.uint8)
+    # Data is made on the CPU, also where an evaluation reads it inside the device guard.
+    clip = torch.zeros((max_frames, *frames[0].shape), dtype=torch.uint8, device="cpu")
     clip[: len(frames)] = torch.stack(list(frames))
-    mask = torch.zeros(max_frames, dtype=torch.bool)
+    mask = torch.zeros(max_frames, dtype=torch.bool, device="cpu")
     mask[: len(frames)] = True
     return clip, mask
 
