@@ -16,6 +16,7 @@ from pali3_train.config import ConfigError, config_from_dict
 from pali3_train.config.schema import FieldMapping, SourceConfig
 from pali3_train.data_pipeline.formats import Rejected, prepare_sample, read_record
 from pali3_train.data_pipeline.transforms import decode_image
+from pali3_train.data_pipeline.video import encode_video
 
 
 def _source(**fields) -> SourceConfig:
@@ -89,11 +90,37 @@ def test_webp_images_decode_to_their_pixels():
     assert (sample.prompt, sample.target) == ("Caption in EN:", "from the txt")
 
 
+def test_a_video2dataset_sample_is_a_captioned_clip():
+    """video2dataset's layout (.mp4, .txt caption, .json metadata) read with format: img2dataset;
+    in a mixture with video an image sample is frame 0 of a masked clip."""
+    frames = np.repeat(np.array([60, 120, 180], np.uint8), 16 * 16 * 3).reshape(3, 16, 16, 3)
+    spec = _source(task="video_caption", frame_stride_frames=1)
+    raw = _sample(mp4=encode_video(frames, 10.0))
+    sample = prepare_sample(spec, raw, np.random.default_rng(0), 16, max_frames=4)
+    assert (sample.prompt, sample.target) == ("Caption the video in EN:", "from the txt")
+    assert sample.frame_mask.tolist() == [True, True, True, False]
+    assert (sample.image[:3].float().mean((1, 2, 3)) - torch.tensor([60, 120, 180])).abs().max() < 3
+
+    still = prepare_sample(_source(), _sample(webp=_webp()), np.random.default_rng(0), 16, 4)
+    assert still.frame_mask.tolist() == [True, False, False, False] and not still.image[1:].any()
+
+
+def _webp() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 200, 30)).save(buffer, format="WEBP", lossless=True)
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize(
     "source,field,words",
     [
         ({"fields": {"text": "txt"}}, "fields", "only with format: img2dataset"),
         ({"format": "img2dataset", "task": "vqa"}, "task", "vqa needs question/answer records"),
+        (
+            {"format": "img2dataset", "task": "video_qa", "frame_stride_s": 1.0},
+            "task",
+            "video_qa needs question/answer records",
+        ),
         (
             {"format": "img2dataset", "fields": {"language": "de"}},
             "fields.language",
