@@ -27,7 +27,7 @@ def test_every_unmarked_block_of_the_page_runs(page, tmp_path):
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
-def test_every_marker_says_why_and_every_skip_names_what_it_needs(page):
+def test_every_marker_says_why(page):
     for block in shell_blocks(page):  # refuses a marker without a reason or without a block
         assert block.skip is None or len(block.skip.split()) >= 3, f"{block.where}: {block.skip}"
 
