@@ -1,7 +1,8 @@
 """The distributed engine against an independent reference: 4 real processes under DeepSpeed
-(TP=2 x DP=2 with ZeRO-3, TP=1 x DP=4 with ZeRO-2; stage 0's ring sigmoid loss at TP=2 x DP=2)
-give the same per-step losses and the same parameters as one process training the unsharded
-model on the same global batches with plain torch AdamW and the dense loss (within 1e-5)."""
+(TP=2 x DP=2 with ZeRO-3 on clips of 3 frames, TP=1 x DP=4 with ZeRO-2 on images; stage 0's ring
+sigmoid loss at TP=2 x DP=2) give the same per-step losses and the same parameters as one process
+training the unsharded model on the same global batches with plain torch AdamW and the dense loss
+(within 1e-5)."""
 
 from __future__ import annotations
 
@@ -38,10 +39,10 @@ from pali3_train.stages.registry import spec_for
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, GLOBAL_BATCH, MICRO_BATCH = 3, 8, 2
 WORLD = 4
-CASES = [  # (label, tp, zero, stage)
-    ("stage1-tp2-dp2-zero3", 2, 3, "1"),
-    ("stage1-tp1-dp4-zero2", 1, 2, "1"),
-    ("stage0-ring-tp2-dp2-zero3", 2, 3, "0"),
+CASES = [  # (label, tp, zero, stage, frames: 0 for images, else clips of that many frames)
+    ("stage1-clips-tp2-dp2-zero3", 2, 3, "1", 3),
+    ("stage1-tp1-dp4-zero2", 1, 2, "1", 0),
+    ("stage0-ring-tp2-dp2-zero3", 2, 3, "0", 0),
 ]
 
 
@@ -76,16 +77,24 @@ def _config(tp: int, zero: int, stage: str):
     )
 
 
-def _micro_batch(step: int, index: int, cfg) -> Batch:
-    """Micro-batch ``index`` of global batch ``step``: the same on every process, model-ready."""
+def _micro_batch(step: int, index: int, cfg, frames: int) -> Batch:
+    """Micro-batch ``index`` of global batch ``step``: the same on every process, model-ready.
+    With ``frames``, clips whose second sample has one real frame, the rest padded."""
     g = torch.Generator().manual_seed(1000 * step + index)
     size, vocab = cfg.model.vit.image_size_px, cfg.model.ul2.vocab_size
     prompt = torch.randint(3, vocab, (MICRO_BATCH, 6), generator=g)
     target = torch.randint(3, vocab, (MICRO_BATCH, 5), generator=g)
     target_mask = torch.ones_like(target, dtype=torch.bool)
     target_mask[0, 3:] = False
+    clip = (frames,) if frames else ()
+    frame_mask = None
+    if frames:
+        frame_mask = torch.ones(MICRO_BATCH, frames, dtype=torch.bool)
+        frame_mask[1, 1:] = False
     batch = Batch(
-        images=torch.randint(0, 256, (MICRO_BATCH, 3, size, size), dtype=torch.uint8, generator=g),
+        images=torch.randint(
+            0, 256, (MICRO_BATCH, *clip, 3, size, size), dtype=torch.uint8, generator=g
+        ),  # fmt: skip
         prompt=prompt,
         prompt_mask=torch.ones_like(prompt, dtype=torch.bool),
         target=target,
@@ -94,11 +103,12 @@ def _micro_batch(step: int, index: int, cfg) -> Batch:
         sources=(),
         worker=0,
         health={},
+        frame_mask=frame_mask,
     )
     return model_input(batch, torch.device("cpu"), torch.float32)
 
 
-def _train_case(world: int, tp: int, zero: int, stage: str, out: Path) -> None:
+def _train_case(world: int, tp: int, zero: int, stage: str, frames: int, out: Path) -> None:
     dims = ParallelDims(world, tp)
     init_model_parallel(dims)
     cfg = _config(tp, zero, stage)
@@ -109,7 +119,7 @@ def _train_case(world: int, tp: int, zero: int, stage: str, out: Path) -> None:
     for step in range(STEPS):
         total = torch.zeros(1)
         for micro in range(accum):
-            loss = objective(engine, _micro_batch(step, dp_rank() * accum + micro, cfg))
+            loss = objective(engine, _micro_batch(step, dp_rank() * accum + micro, cfg, frames))
             engine.backward(loss)
             engine.step()
             total += loss.detach()
@@ -130,18 +140,20 @@ def _train_rank(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     init_distributed(DistEnv(rank, world, rank))
-    for label, tp, zero, stage in CASES:
+    for label, tp, zero, stage, frames in CASES:
         folder = Path(out) / label
         folder.mkdir(parents=True, exist_ok=True)
         try:
-            _train_case(world, tp, zero, stage, folder / f"rank{rank}.pt")
+            _train_case(world, tp, zero, stage, frames, folder / f"rank{rank}.pt")
         except Exception:
             (folder / f"rank{rank}.error").write_text(traceback.format_exc())
             raise
     dist.destroy_process_group()
 
 
-def _reference(cfg, stage: str, dp: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+def _reference(
+    cfg, stage: str, dp: int, frames: int
+) -> tuple[list[float], dict[str, torch.Tensor]]:
     """One process, the unsharded model, the same global batches. Stage 1's loss is the mean of
     the micro-batch losses; stage 0's contrastive batch at each accumulation step is the union
     of the data-parallel ranks' micro-batches, scored densely."""
@@ -154,7 +166,8 @@ def _reference(cfg, stage: str, dp: int) -> tuple[list[float], dict[str, torch.T
     losses = []
     for step in range(STEPS):
         batches = [
-            [_micro_batch(step, d * accum + m, cfg) for d in range(dp)] for m in range(accum)
+            [_micro_batch(step, d * accum + m, cfg, frames) for d in range(dp)]
+            for m in range(accum)
         ]
         if stage == "1":
             loss = sum(spec_for(cfg).loss(model, b) for group in batches for b in group)
@@ -204,13 +217,13 @@ def four_ranks(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("label,tp,zero,stage", CASES, ids=[case[0] for case in CASES])
-def test_four_processes_match_one_unsharded_process(four_ranks, label, tp, zero, stage):
+@pytest.mark.parametrize("label,tp,zero,stage,frames", CASES, ids=[case[0] for case in CASES])
+def test_four_processes_match_one_unsharded_process(four_ranks, label, tp, zero, stage, frames):
     world, folder = WORLD, four_ranks / label
     errors = sorted(folder.glob("rank*.error"))
     assert not errors, errors[0].read_text()
     cfg = _config(tp, zero, stage)
-    losses, full = _reference(cfg, stage, world // tp)
+    losses, full = _reference(cfg, stage, world // tp, frames)
     split = _tp_slices(spec_for(cfg).build_model(cfg.model))
     for rank in range(world):
         result = torch.load(folder / f"rank{rank}.pt", weights_only=True)
