@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import warnings
 from typing import Iterator
 
@@ -45,8 +46,12 @@ def configure_logging(rank: int, is_main: bool, verbose: bool = False) -> None:
         level=logging.INFO if is_main or verbose else logging.WARNING,
         format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s",
     )
+    level = "INFO" if verbose else "WARNING"
+    # MLflow sets its logger's level when it is first imported, which the tracker does lazily,
+    # after this: its own variable carries the level to that import (a user's setting wins).
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", level)
     for name in CHATTY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+        logging.getLogger(name).setLevel(level)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,12 @@ consolidation prints); ``--verbose`` brings DeepSpeed's logs back."""
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import warnings
+
+import pytest
 
 from pali3_train.quiet import configure_logging, filter_warnings, library_chatter
 
@@ -39,7 +44,23 @@ def test_the_filters_silence_only_the_listed_warnings():
     assert [str(w.message) for w in caught] == ["something else is wrong"]
 
 
-def test_verbose_keeps_deepspeeds_logs_and_its_prints(capsys):
+@pytest.mark.parametrize("verbose,level", [(False, "WARNING"), (True, "INFO")])
+def test_mlflow_imported_after_the_set_up_keeps_its_level(verbose, level):
+    """MLflow sets its logger's level at its first import, which the tracker makes lazily, after
+    ``configure_logging``: its INFO lines (database set-up, the system-metrics sampler) stayed."""
+    script = (
+        "import logging; from pali3_train.quiet import configure_logging; "
+        f"configure_logging(rank=0, is_main=True, verbose={verbose}); import mlflow; "
+        "print(logging.getLevelName(logging.getLogger('mlflow').level))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_LOGGING_LEVEL"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, check=True)  # fmt: skip
+    assert result.stdout.split()[-1] == level
+
+
+def test_verbose_keeps_deepspeeds_logs_and_its_prints(capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_LOGGING_LEVEL", raising=False)  # configure_logging sets it
     root, deepspeed = logging.getLogger(), logging.getLogger("deepspeed")
     levels = root.level, deepspeed.level
     try:
