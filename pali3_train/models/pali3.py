@@ -7,8 +7,12 @@ A video is its frames [B, F, 3, H, W], as PaLI-3 transfers to video tasks: each 
 through the ViT on its own (the frames of the whole batch as one batch of B*F images, so ZeRO-3
 and tensor parallelism see nothing new), and the frames' tokens follow each other in time order
 before the prompt. ``frame_mask`` [B, F] marks the real frames of a clip shorter than F; the
-tokens of the padded ones are masked out of the encoder's attention, like prompt padding. A still
-image is a clip of one frame.
+tokens of the padded ones are masked out of the encoder's attention, like prompt padding, and
+moved behind every real token: UL2's relative-position bias counts every slot, so padded frames
+left between the real frames and the prompt would move the prompt's positions, and the same image
+would read differently as frame 0 of a clip of 2, 4 or 16 than alone. With the padding behind,
+a clip padded to any F, and an image as a one-frame clip, give what the real frames alone give. A
+still image is a clip of one frame.
 """
 
 from __future__ import annotations
@@ -85,10 +89,16 @@ class PaLI3(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """images (or frames and frame_mask: ``embed_visual``), prompt [B, P], prompt_mask
         [B, P] -> (encoder output [B, V + P, d_model], its mask [B, V + P]); the V visual tokens
-        come first."""
+        come first, then the prompt. With a ``frame_mask``, each sample's tokens are reordered
+        real ones first (each in its order: real frames, then the real prompt) and masked ones
+        after (padded frames, then prompt padding), so that padding moves no real token's
+        position; the mask returned is in that order, and the decoder reads both together.
+        Without one (images, or clips whose frames are all real) nothing is reordered."""
         visual, visual_mask = self.embed_visual(images, frame_mask)
         x = torch.cat([visual, self.ul2.embed(prompt)], dim=1)
         mask = torch.cat([visual_mask, prompt_mask.bool()], dim=1)
+        if frame_mask is not None:
+            x, mask = real_first(x, mask)
         return self.ul2.encode(x, mask), mask
 
     def forward(
@@ -126,3 +136,12 @@ class PaLI3(nn.Module):
         return beam_search(
             self.ul2, memory, memory_mask, max_len, beam_size, use_cache, **search_options
         ).tokens
+
+
+def real_first(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, L, D], mask [B, L] (True = real) -> both reordered per sample so that the real
+    positions come first, in their order, and the masked ones after, in theirs: a stable sort of
+    the mask and one gather of each (no tensor is created, so the device guard and tensor
+    parallelism, where every rank holds the whole sequence, see nothing new)."""
+    order = torch.argsort(~mask, dim=1, stable=True)  # [B, L]
+    return x.gather(1, order[:, :, None].expand_as(x)), mask.gather(1, order)

@@ -1,5 +1,7 @@
 """PaLI-3 over video: each frame through the ViT on its own, the frames' tokens in time order
-before the prompt, padded frames masked out, and the optional temporal embedding."""
+before the prompt, padded frames masked out and moved behind every real token (so a clip reads
+the same whatever it is padded to, and an image as frame 0 of a clip as it does alone), and the
+optional temporal embedding."""
 
 from pathlib import Path
 
@@ -25,6 +27,16 @@ def model(cfg):
     return PaLI3(cfg).eval()
 
 
+@pytest.fixture(scope="module")
+def model64(model):
+    """The same model in float64, for comparisons that differ in the length of the sequence
+    (the positions of padding): in float32 those round differently by a few units in the last
+    place (about 1e-6 at the encoder's outputs of up to 3.5), which would blur the 1e-6 bound."""
+    import copy
+
+    return copy.deepcopy(model).double()
+
+
 def _video_batch(cfg, seed=0):
     g = torch.Generator().manual_seed(seed)
     size = cfg.vit.image_size_px
@@ -40,7 +52,8 @@ def _video_batch(cfg, seed=0):
 
 def _frame_by_frame(model, frames, frame_mask, prompt, prompt_mask, target, target_mask):
     """The reference: the ViT and the projection over one frame at a time, the tokens
-    concatenated in time order, each frame's N tokens masked like the frame."""
+    concatenated in time order, each frame's N tokens masked like the frame; then each sample's
+    real positions first and its masked ones after, listed one by one."""
     per_frame = [model.projection(model.vit(frames[:, f])) for f in range(frames.shape[1])]
     n = per_frame[0].shape[1]
     visual_mask = torch.cat(
@@ -48,6 +61,12 @@ def _frame_by_frame(model, frames, frame_mask, prompt, prompt_mask, target, targ
     )
     x = torch.cat([*per_frame, model.ul2.embed(prompt)], dim=1)
     mask = torch.cat([visual_mask, prompt_mask], dim=1)
+    order = [
+        [i for i in range(len(row)) if row[i]] + [i for i in range(len(row)) if not row[i]]
+        for row in mask.tolist()
+    ]
+    x = torch.stack([x[b, order[b]] for b in range(len(x))])
+    mask = torch.stack([mask[b, order[b]] for b in range(len(mask))])
     memory = model.ul2.encode(x, mask)
     state = model.ul2.start_decoding(memory, mask, use_cache=False)
     hidden = model.ul2.decode_hidden(shift_right(target, model.cfg.ul2.pad_id), state)
@@ -67,7 +86,8 @@ def test_video_equals_the_vit_frame_by_frame_concatenated(cfg, model):
     n = cfg.vit.num_patches
     assert memory.shape == (BATCH, FRAMES * n + prompt.shape[1], cfg.ul2.d_model)
     assert torch.equal(mask, ref_mask)
-    assert mask[1, : 2 * n].all() and not mask[1, 2 * n : FRAMES * n].any()
+    # sample 1: two real frames and three real prompt tokens first, then the padding
+    assert mask[1, : 2 * n + 3].all() and not mask[1, 2 * n + 3 :].any()
     torch.testing.assert_close(memory, ref_memory, atol=1e-6, rtol=0)
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=0)
 
@@ -91,6 +111,96 @@ def test_padded_frames_change_no_output_of_the_real_tokens(cfg, model):
         model.generate(x, prompt, prompt_mask, 5, frame_mask=frame_mask) for x in (frames, other)
     ]
     assert torch.equal(*answers)
+
+
+def _real_tokens_alone(model, frames, prompt, target):
+    """The reference for one sample with no padding at all: its real frames [n, 3, H, W]
+    through the ViT and projection one at a time, its real prompt tokens [p], no mask to read
+    -> (encoder output [n*N + p, d_model], summed token loss, target tokens)."""
+    visual = [model.projection(model.vit(frame[None])) for frame in frames]
+    x = torch.cat([*visual, model.ul2.embed(prompt[None])], dim=1)
+    mask = torch.ones(x.shape[:2], dtype=torch.bool)
+    memory = model.ul2.encode(x, mask)
+    state = model.ul2.start_decoding(memory, mask, use_cache=False)
+    hidden = model.ul2.decode_hidden(shift_right(target[None], model.cfg.ul2.pad_id), state)
+    logits = model.ul2.lm_head(hidden)[0]
+    loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+    return memory[0], loss, len(target)
+
+
+def _padded_to(frames, frame_mask, count):
+    """The clips as ``count`` frames: the real ones first, as they were, then noise frames
+    masked out (``count`` may be less than F if the clips' real frames fit)."""
+    generator = torch.Generator().manual_seed(count)
+    noise = torch.randn(len(frames), count, *frames.shape[2:], generator=generator,
+                        dtype=frames.dtype) * 3  # fmt: skip
+    mask = torch.zeros(len(frames), count, dtype=torch.bool)
+    for b, real in enumerate(frame_mask.sum(1).tolist()):
+        noise[b, :real] = frames[b, frame_mask[b]]
+        mask[b, :real] = True
+    return noise, mask
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("count", [2, FRAMES, 7, 16])
+def test_a_clip_padded_to_any_length_reads_as_its_real_frames_alone(cfg, model64, count):
+    """UL2's relative-position bias counts every slot, masked or not: padded frames left between
+    the real frames and the prompt would move the prompt (and the loss with it). Each sample's
+    encoder output at its real positions, and the batch's loss, must be those of its real frames
+    and real prompt tokens alone, whatever the clip is padded to."""
+    model = model64
+    frames, frame_mask, prompt, prompt_mask, target, target_mask = _video_batch(cfg)
+    frames = frames.double()
+    if count < FRAMES:  # only clips whose real frames fit
+        keep = frame_mask.sum(1) <= count
+        frames, frame_mask, prompt, prompt_mask, target, target_mask = (
+            t[keep] for t in (frames, frame_mask, prompt, prompt_mask, target, target_mask)
+        )
+    clips, clip_mask = _padded_to(frames, frame_mask, count)
+    memory, mask = model.encode(clips, prompt, prompt_mask, clip_mask)
+    loss = model(clips, prompt, prompt_mask, target, target_mask, clip_mask).loss
+    total, tokens = 0.0, 0
+    for b in range(len(clips)):
+        ref_memory, ref_loss, ref_tokens = _real_tokens_alone(
+            model, frames[b, frame_mask[b]], prompt[b, prompt_mask[b]], target[b, target_mask[b]]
+        )
+        torch.testing.assert_close(memory[b][mask[b]], ref_memory, atol=1e-6, rtol=0)
+        real = len(ref_memory)  # and they come first
+        assert mask[b, :real].all() and not mask[b, real:].any()
+        total, tokens = total + ref_loss, tokens + ref_tokens
+    torch.testing.assert_close(loss, total / tokens, atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("count", [2, 4, 16])
+def test_an_image_reads_as_frame_0_of_a_clip_as_it_does_alone(cfg, model64, count):
+    """In a mixture with a video source an image is frame 0 of a clip, the rest masked: it must
+    train as it is evaluated and generated alone (an image mixture: no frame mask)."""
+    model = model64
+    frames, _, prompt, prompt_mask, target, target_mask = _video_batch(cfg)
+    image = frames[:, 0].double()
+    plain, plain_mask = model.encode(image, prompt, prompt_mask)
+    plain_loss = model(image, prompt, prompt_mask, target, target_mask).loss
+    clips, clip_mask = _padded_to(image[:, None], torch.ones(BATCH, 1, dtype=torch.bool), count)
+    memory, mask = model.encode(clips, prompt, prompt_mask, clip_mask)
+    loss = model(clips, prompt, prompt_mask, target, target_mask, clip_mask).loss
+    for b in range(BATCH):
+        torch.testing.assert_close(memory[b][mask[b]], plain[b][plain_mask[b]], atol=1e-6,
+                                   rtol=0)  # fmt: skip
+        real = int(plain_mask[b].sum())  # and they come first
+        assert mask[b, :real].all() and not mask[b, real:].any()
+    torch.testing.assert_close(loss, plain_loss, atol=1e-6, rtol=0)
+
+
+def test_a_padded_clip_trains_inside_the_device_guard(cfg, model):
+    """Moving the padding creates no tensor without device= (the trainer's guard on CPU)."""
+    from pali3_train.engine.device_guard import DeviceGuard
+
+    frames, frame_mask, prompt, prompt_mask, target, target_mask = _video_batch(cfg)
+    with DeviceGuard(torch.device("cpu")):
+        loss = model(frames, prompt, prompt_mask, target, target_mask, frame_mask).loss
+        loss.backward()
+    model.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()
