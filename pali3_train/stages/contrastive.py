@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pali3_train.config import Config, ConfigError
-from pali3_train.config.schema import DataConfig, EvalConfig, has_video
+from pali3_train.config.schema import VIDEO_TASKS, DataConfig, EvalConfig, has_video
 from pali3_train.convert.safetensors_io import StateDict
 from pali3_train.data_pipeline.transforms import Batch
 from pali3_train.engine.flops import SampleFlops, Tally, map_head, text_tower, vit
@@ -113,6 +113,16 @@ def check(cfg: Config, where: str) -> list[str]:
             "per text",
             also=("stage.objective",),
         )
+    # Held-out sources too: a clip would reach the image tower at the first evaluation.
+    for i, source in enumerate(cfg.eval.sources):
+        if source.task in VIDEO_TASKS:
+            raise ConfigError(
+                where,
+                f"eval.sources[{i}].task",
+                f"{source.task} is evaluated by PaLI-3 (stage.objective: generative); SigLIP "
+                "embeds one image per text",
+                also=("stage.objective",),
+            )
     if cfg.data.max_target_tokens > cfg.model.text.max_len:
         raise ConfigError(
             where,

@@ -51,6 +51,18 @@ def test_a_video_source_is_refused_for_the_contrastive_objective():
         check_layout(cfg, 2, "s0.yaml")
 
 
+def test_a_video_eval_source_is_refused_for_the_contrastive_objective():
+    """Before the first evaluation, not at it (a clip would reach the image tower's conv)."""
+    clips = ("eval.sources=[{name: digits_caption, shards: h.tar, task: caption}, "
+             "{name: clips, shards: c.tar, task: video_qa, frame_stride_frames: 2}]")  # fmt: skip
+    cfg = load_config(STAGE0, [clips])
+    with pytest.raises(ConfigError) as refused:
+        check_layout(cfg, 2, "s0.yaml")
+    message = str(refused.value)
+    assert "eval.sources[1].task: video_qa is evaluated by PaLI-3" in message
+    assert len(message.splitlines()) == 1
+
+
 def test_zero_shot_evaluation_is_refused_for_the_generative_objective():
     classes = "eval.zero_shot=[{source: scenes_caption, classes: [red, blue]}]"
     cfg = load_config(STAGE1, [classes])
