@@ -243,7 +243,8 @@ def scene_record(shapes: list[Shape]) -> dict:
 # --- moving shapes (video) -----------------------------------------------------------------
 
 CLIP_FRAMES, CLIP_FPS = 8, 8.0
-# Read every 2nd frame (0, 2, 4, 6): four frames, enough to see the motion and the appearance.
+# Read every 2nd frame (0, 2, 4, 6, or 1, 3, 5, 7 as training draws): four frames, enough to
+# see the motion and the appearance in either.
 CLIP_STRIDE_FRAMES = 2
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 

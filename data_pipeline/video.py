@@ -6,9 +6,10 @@ real ones first and the rest zeros with a ``False`` in the frame mask. A short v
 never looped or stretched, so the model never sees a frame twice as if it were new motion.
 
 Where the clip starts. The span of frames the clip covers usually fits the video with room to
-spare (its *slack*); training starts it at a random fraction of that slack, drawn from the
-worker's generator (whose state a checkpoint keeps, so a resumed run draws the same clips), and
-evaluation centres it. ``frame_indices`` is that arithmetic alone, so it can be checked by hand.
+spare (its *slack*); training starts it at a whole frame of that slack, every start equally
+likely, drawn from the worker's generator (whose state a checkpoint keeps, so a resumed run
+draws the same clips), and evaluation centres it. ``frame_indices`` is that arithmetic alone, so
+it can be checked by hand.
 
 A video arrives either encoded (mp4, webm: decoded with PyAV, which bundles its own FFmpeg) or as
 a list of encoded frames (JPEG/PNG, extracted beforehand at a known frame rate). Only the chosen
@@ -80,16 +81,34 @@ class VideoInfo:
 def frame_indices(
     frame_count: int, fps: float | None, stride: FrameStride, max_frames: int, offset: float | None
 ) -> list[int]:
-    """The frames a clip takes, in time order: ``min(max_frames, as many as fit)`` frames
-    ``stride`` apart, starting at ``offset`` (in [0, 1)) times the room left in the video, or
-    centred in it when ``offset`` is None (evaluation). A stride longer than the video takes one
-    frame; one shorter than a frame takes consecutive frames (never the same frame twice)."""
+    """The frames a clip takes, in time order. With ``step`` the stride in frames (at least 1:
+    a stride under one frame takes consecutive frames, never the same frame twice), the clip
+    takes ``taken = min(max_frames, floor((frame_count - 1) / step) + 1)`` frames, and its frame
+    k is ``floor(start + k * step)``. The room its span leaves in the video is
+    ``slack = (frame_count - 1) - (taken - 1) * step``, and ``start`` is in [0, slack]:
+
+    - training (``offset`` a uniform draw in [0, 1)): a whole frame, each of the
+      ``floor(slack) + 1`` starts 0, 1, ..., floor(slack) equally likely:
+      ``start = floor(offset * (floor(slack) + 1))``, so the last window is drawn as often as
+      the first. A step that is not a whole number of frames (12.5) rounds every training clip
+      alike: the clip starting at frame s is the one starting at 0 moved s frames on;
+    - evaluation (``offset`` None): centred, ``start = slack / 2``, which may fall between
+      frames.
+
+    A stride longer than the video takes one frame (any frame in training, the middle one in
+    evaluation)."""
     if frame_count < 1:
         raise UndecodableVideo("the video holds no frame")
-    step = max(1.0, stride.in_frames(fps))
+    # Capped at the video's length, which takes one frame all the same: the slack stays finite
+    # however long the stride (a huge one times a frame rate can overflow to inf).
+    step = min(max(1.0, stride.in_frames(fps)), float(frame_count))
     taken = min(max_frames, math.floor((frame_count - 1) / step + _EPS) + 1)
     slack = (frame_count - 1) - (taken - 1) * step
-    start = slack / 2 if offset is None else offset * slack
+    if offset is None:
+        start = slack / 2
+    else:
+        starts = max(0, math.floor(slack + _EPS)) + 1  # the whole frames the clip may start at
+        start = min(math.floor(offset * starts), starts - 1)
     return [math.floor(start + k * step + _EPS) for k in range(taken)]
 
 

@@ -4,9 +4,11 @@ Shard counts (5, 5, 4, 3, 4 with uneven last shards) are chosen not to divide th
 rank x worker layouts the tests use, so that exactly-once is tested where it is hard. Source
 ``delta`` is laid out as img2dataset writes (WebP image, ``.txt`` caption, ``.json`` metadata)
 and read with ``format: img2dataset``, so every exactly-once, resume and damage test covers both
-shard formats. Source ``epsilon`` is video (``video_caption``): tiny clips of 2 to 7 frames,
+shard formats. Source ``epsilon`` is video (``video_caption``): tiny clips of 2 to 10 frames,
 mp4 and JPEG frame lists in turn, so the same tests cover video sources and the batches of a
-mixture with video (clips of ``max_frames`` = 4, images as one-frame clips).
+mixture with video (clips of ``max_frames`` = 4, images as one-frame clips). Read every 2nd
+frame, two of them (9 and 10 frames, one of each kind) leave 3 and 4 training starts, so a
+clip drawn from anything but the worker's checkpointed generator shows in the frames served.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ FORMATS = {"delta": "img2dataset"}  # the others: pali3
 VIDEO = {"epsilon": {"frame_stride_frames": 2}}  # video sources and their options
 VIDEO_FPS = 5.0
 MAX_FRAMES = 4
+# epsilon video i's frame count: every frame count a 4-frame clip can take, plus two with room
+# to move (9 frames at stride 2: slack 2; 10: slack 3)
+FRAME_COUNTS = (2, 3, 4, 5, 6, 9, 10)
 
 
 def example(source: str, index: int, size_px: int = 12, image_format: str = "PNG") -> Example:
@@ -64,14 +69,16 @@ def _record(source: str, index: int) -> dict:
 
 
 def video_frames(index: int, size_px: int = 16) -> np.ndarray:
-    """uint8 [T, S, S, 3], T = 2 + index % 6: video ``index``'s colour, each frame a step
-    brighter (so frames tell apart after H.264/JPEG) and a white square moving right."""
+    """uint8 [T, S, S, 3], T = ``FRAME_COUNTS[index % 7]``: video ``index``'s colour, each frame
+    a step brighter (so frames tell apart after H.264/JPEG) and a white square moving right
+    (back at the left edge from frame 6)."""
     colour = np.array(COLOURS[list(COLOURS)[index % len(COLOURS)]], dtype=np.int64)
-    count = 2 + index % 6
+    count = FRAME_COUNTS[index % len(FRAME_COUNTS)]
     frames = np.zeros((count, size_px, size_px, 3), dtype=np.int64)
     for t in range(count):
         frames[t] = np.clip(colour // 2 + 16 * t, 0, 255)
-        frames[t, 4:8, 2 * t : 2 * t + 4] = 255
+        left = 2 * (t % 6)
+        frames[t, 4:8, left : left + 4] = 255
     return frames.astype(np.uint8)
 
 

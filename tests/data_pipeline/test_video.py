@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -36,20 +37,32 @@ SECONDS, FRAMES = FrameStride(seconds=0.5), FrameStride(frames=10)
     [
         # 4 s at 25 fps, every 12.5 frames: 8 fit in 99 frames, 11.5 to spare, centred at 5.75
         (100, 25.0, SECONDS, 16, None, [5, 18, 30, 43, 55, 68, 80, 93]),
+        # training: whole starts 0..11 (12 of them); 0.999 * 12 = 11.988: start 11, then
+        # 23.5, 36, 48.5, 61, 73.5, 86, 98.5 rounded down
+        (100, 25.0, SECONDS, 16, 0.0, [0, 12, 25, 37, 50, 62, 75, 87]),
+        (100, 25.0, SECONDS, 16, 0.999, [11, 23, 36, 48, 61, 73, 86, 98]),
         # 10 s at 30 fps, every 10 frames: 16 of 30 taken, 149 to spare, centred at 74.5
         (300, 30.0, FRAMES, 16, None, list(range(74, 225, 10))),
-        (300, 30.0, FRAMES, 16, 0.0, list(range(0, 151, 10))),  # training, offset 0
-        (300, 30.0, FRAMES, 16, 0.5, list(range(74, 225, 10))),  # offset 0.5 is the centre
-        (300, 30.0, FRAMES, 16, 0.999, list(range(148, 299, 10))),  # 148.85: the last fits
+        # training: 150 whole starts 0..149, start floor(150 u)
+        (300, 30.0, FRAMES, 16, 0.0, list(range(0, 151, 10))),
+        (300, 30.0, FRAMES, 16, 0.5, list(range(75, 226, 10))),  # 75
+        (300, 30.0, FRAMES, 16, 0.999, list(range(149, 300, 10))),  # 149.85: the last window
         (300, 30.0, FRAMES, 4, None, [134, 144, 154, 164]),  # 4 of 30: 269 to spare
+        # one frame to spare: starts 0 and 1, each half the draws
+        (17, 25.0, FrameStride(frames=1), 16, 0.49, list(range(0, 16))),
+        (17, 25.0, FrameStride(frames=1), 16, 0.5, list(range(1, 17))),
+        (8, 8.0, FrameStride(frames=2), 4, 0.49, [0, 2, 4, 6]),  # the demo's clips
+        (8, 8.0, FrameStride(frames=2), 4, 0.5, [1, 3, 5, 7]),
         # shorter than max_frames: every frame that fits, the rest is padding
         (5, 25.0, FrameStride(frames=1), 16, None, [0, 1, 2, 3, 4]),
         (7, 10.0, FrameStride(frames=2), 16, 0.7, [0, 2, 4, 6]),  # no room to move
-        # a stride longer than the video: one frame, centred (4.5) or drawn (0.99 * 9)
+        # a stride longer than the video: one frame, centred (4.5) or drawn (floor(0.99 * 10))
         (10, 10.0, FrameStride(seconds=2.0), 16, None, [4]),
-        (10, 10.0, FrameStride(seconds=2.0), 16, 0.99, [8]),
+        (10, 10.0, FrameStride(seconds=2.0), 16, 0.99, [9]),
+        (10, 1e300, FrameStride(seconds=1e300), 16, None, [4]),  # its length in frames is inf
         # 0.1 s at 30 fps is 3.0000000000000004 frames: still 4 frames in 10
         (10, 30.0, FrameStride(seconds=0.1), 16, None, [0, 3, 6, 9]),
+        (10, 30.0, FrameStride(seconds=0.1), 16, 0.999, [0, 3, 6, 9]),
         # a stride under one frame takes consecutive frames, never one twice
         (5, 25.0, FrameStride(seconds=0.01), 3, None, [1, 2, 3]),
         (1, 25.0, SECONDS, 16, None, [0]),
@@ -57,6 +70,22 @@ SECONDS, FRAMES = FrameStride(seconds=0.5), FrameStride(frames=10)
 )
 def test_frame_indices_match_hand_worked_values(count, fps, stride, max_frames, offset, expected):
     assert frame_indices(count, fps, stride, max_frames, offset) == expected
+
+
+@pytest.mark.parametrize(
+    "count,stride,max_frames,starts",
+    [(20, 3, 4, 11), (17, 1, 16, 2), (8, 2, 4, 2), (9, 2, 4, 3), (10, 2, 4, 4), (300, 10, 16, 150)],
+)
+def test_every_training_start_is_equally_likely(count, stride, max_frames, starts):
+    """Offsets spread evenly over [0, 1) start the clip at each whole frame 0 .. slack equally
+    often: 20 frames, every 3rd, 4 taken span 9 and leave 10 to spare, so 11 starts; 17 frames,
+    16 consecutive: 2; 8 frames, every 2nd, 4 taken: 2 (the demo's clips); 9: 3; 10: 4."""
+    draws = 10 * starts
+    first = [
+        frame_indices(count, None, FrameStride(frames=stride), max_frames, (i + 0.5) / draws)[0]
+        for i in range(draws)
+    ]
+    assert sorted(Counter(first).items()) == [(s, 10) for s in range(starts)]
 
 
 def test_a_stride_in_seconds_needs_a_frame_rate():
@@ -111,12 +140,15 @@ def test_videos_decode_to_the_frames_encoded_padded_and_masked(kind):
 
 def test_a_training_clip_starts_where_the_generator_says():
     """20 PNG frames of brightness 10 t, every 3rd, 4 of them: 10 frames to spare, so the clip
-    starts at frame floor(10 u) for the generator's next uniform u."""
+    starts at frame floor(11 u), 0 to 10, for the generator's next uniform u."""
     frames = [_png(np.full((8, 8, 3), 10 * t, np.uint8)) for t in range(20)]
-    for seed in range(4):
+    starts = set()
+    for seed in range(40):
         clip, _ = sample_clip(frames, 8, 4, FrameStride(frames=3), np.random.default_rng(seed))
-        start = math.floor(10 * np.random.default_rng(seed).random())
+        start = math.floor(11 * np.random.default_rng(seed).random())
         assert clip[:, 0, 0, 0].tolist() == [10 * (start + 3 * k) for k in range(4)]
+        starts.add(start)
+    assert {0, 10} <= starts, "the first and the last windows are both drawn"
     centred, _ = sample_clip(frames, 8, 4, FrameStride(frames=3), None)
     assert centred[:, 0, 0, 0].tolist() == [50, 80, 110, 140]  # frames 5, 8, 11, 14
 
@@ -142,8 +174,10 @@ def test_an_undecodable_video_says_why(encoded, words):
 # ------------------------------------------------------------------------------------ batches
 
 
-# corpus video i has 2 + i % 6 frames, read every 2nd frame into 4 slots: the centred indices
-CENTRED = {2: [0], 3: [0, 2], 4: [0, 2], 5: [0, 2, 4], 6: [0, 2, 4], 7: [0, 2, 4, 6]}
+# corpus video i has FRAME_COUNTS[i] frames, read every 2nd frame into 4 slots: the centred
+# indices (slack 1 centres at 0.5, slack 2 at 1, slack 3 at 1.5; all round down)
+CENTRED = {2: [0], 3: [0, 2], 4: [0, 2], 5: [0, 2, 4], 6: [0, 2, 4], 9: [1, 3, 5, 7],
+           10: [1, 3, 5, 7]}  # fmt: skip
 
 
 def test_a_mixture_with_video_batches_clips_and_images_as_one_frame_clips(corpus):
