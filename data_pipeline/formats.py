@@ -22,6 +22,7 @@ refused with a useful line before training.
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import numpy as np
@@ -33,7 +34,8 @@ from pali3_train.data_pipeline.tasks import TASKS, MissingField, format_record
 from pali3_train.data_pipeline.transforms import IMAGE_FIELDS, Sample, decode_image
 
 JSON_KEY = "json:"
-FRAME_MEMBER = re.compile(r"^frame(\d+)\.(jpg|jpeg|png)$")
+FRAME_FORMATS = ("jpg", "jpeg", "png")  # what a frame list's frames may be (``frame_member``)
+FRAME_MEMBER = re.compile(rf"^frame(\d+)\.({'|'.join(FRAME_FORMATS)})$")
 FPS_MEMBER = "fps"
 
 
@@ -120,7 +122,7 @@ def video_members(raw: dict) -> tuple[video.Encoded, float | None]:
         fps = float(raw[FPS_MEMBER].decode("ascii"))
     except (UnicodeDecodeError, ValueError):
         fps = 0.0
-    if not fps > 0:
+    if not (math.isfinite(fps) and fps > 0):  # nan and inf parse, and make no clip
         raise Rejected("corrupt_video", f".fps is {raw[FPS_MEMBER][:20]!r}, not a frame rate")
     return [raw[k] for _, k in numbered], fps
 

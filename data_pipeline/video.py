@@ -53,8 +53,8 @@ class FrameStride:
         if (self.seconds is None) == (self.frames is None):
             raise ValueError("a frame stride is given in seconds or in frames, exactly one")
         value = self.seconds if self.frames is None else self.frames
-        if not value > 0:
-            raise ValueError(f"a frame stride must be > 0, got {value}")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"a frame stride must be finite and > 0, got {value}")
 
     def in_frames(self, fps: float | None) -> float:
         if self.frames is not None:
@@ -63,6 +63,8 @@ class FrameStride:
             raise UndecodableVideo(
                 f"a stride of {self.seconds} s needs the video's frame rate, which it lacks"
             )
+        if not (math.isfinite(fps) and fps > 0):
+            raise UndecodableVideo(f"a frame rate of {fps} is not finite and > 0")
         return self.seconds * fps
 
 
@@ -128,7 +130,10 @@ def sample_clip(
     if isinstance(encoded, (bytes, bytearray, memoryview)):
         frames = _decode_video(bytes(encoded), size_px, max_frames, stride, offset)
     else:
-        indices = frame_indices(len(encoded), fps, stride, max_frames, offset)
+        try:
+            indices = frame_indices(len(encoded), fps, stride, max_frames, offset)
+        except ValueError as exc:  # UndecodableVideo included: a rate that makes no clip
+            raise UndecodableVideo(_why(exc)) from None
         frames = [_decode_frame(encoded[i], size_px, i) for i in indices]
     return pad_clip(frames, max_frames)
 

@@ -26,6 +26,7 @@ import argparse
 import importlib
 import io
 import json
+import math
 import re
 import sys
 from collections import Counter
@@ -38,7 +39,7 @@ from PIL import Image
 
 from pali3_train.cli import command_parser
 from pali3_train.data_pipeline import video
-from pali3_train.data_pipeline.formats import FPS_MEMBER, frame_member
+from pali3_train.data_pipeline.formats import FPS_MEMBER, FRAME_FORMATS, frame_member
 from pali3_train.data_pipeline.manifest import Manifest, ShardInfo, file_sha256
 
 # webdataset splits a member name at its first dot into key and field, so keys must be dot-free.
@@ -148,8 +149,17 @@ def _check_media(example: Example, videos: dict[str, dict]) -> str | None:
     and duration go into ``videos`` under its key."""
     if isinstance(example.image, bytes) and example.image_format not in video.VIDEO_FIELDS:
         return None if _decodes(example.image) else "corrupt_image"
-    if not isinstance(example.image, bytes) and example.fps is None:
-        raise ValueError(f"sample {example.key!r}: a list of frames needs their fps")
+    if not isinstance(example.image, bytes):
+        if example.image_format not in FRAME_FORMATS:  # the reader would reject every one
+            raise ValueError(
+                f"sample {example.key!r}: image_format: frames must be {', '.join(FRAME_FORMATS)}"
+                f" files, got {example.image_format!r}"
+            )
+        if example.fps is None:
+            raise ValueError(f"sample {example.key!r}: a list of frames needs their fps")
+        if not _is_rate(example.fps):
+            raise ValueError(f"sample {example.key!r}: fps: expected a finite rate > 0, got "
+                             f"{example.fps!r}")  # fmt: skip
     try:
         info = video.video_info(example.image, example.fps)
     except video.UndecodableVideo:
@@ -164,6 +174,16 @@ def _media(example: Example) -> dict[str, bytes]:
         return {example.image_format: example.image}
     frames = {frame_member(i, example.image_format): f for i, f in enumerate(example.image)}
     return {**frames, FPS_MEMBER: repr(float(example.fps)).encode()}
+
+
+def _is_rate(fps: object) -> bool:
+    """A frame rate: a finite number > 0 (Python's json reads ``Infinity`` and ``NaN``)."""
+    return (
+        isinstance(fps, (int, float))
+        and not isinstance(fps, bool)
+        and math.isfinite(fps)
+        and fps > 0
+    )
 
 
 def _decodes(image: bytes) -> bool:
@@ -223,7 +243,7 @@ def _read_media(
     fps = record.pop("fps", None)
     if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
         raise ValueError(f"{where}: frames: expected a list of image paths, got {value!r}")
-    if not (isinstance(fps, (int, float)) and fps > 0):
+    if not _is_rate(fps):
         raise ValueError(f"{where}: fps: frames need their frame rate (> 0), got {fps!r}")
     frame_formats = {k: v for k, v in IMAGE_FORMATS.items() if v in ("jpg", "png")}
     paths = [image_path(images, v, f"{where}: frames", frame_formats, "frame") for v in value]

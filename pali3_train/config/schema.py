@@ -7,6 +7,7 @@ turns that into an error naming the file the value came from and the full dotted
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -266,7 +267,9 @@ class SourceConfig:
             ("frame_stride_frames", "task"),
         )
         value = getattr(self, given[0])
-        require(value > 0, given[0], f"must be > 0, got {value}")
+        require(
+            math.isfinite(value) and value > 0, given[0], f"must be finite and > 0, got {value}"
+        )
 
 
 @dataclass(frozen=True)

@@ -276,7 +276,25 @@ BAD = [
         },
         [],
         "data.sources[0].frame_stride_s",
-        "must be > 0, got 0",
+        "must be finite and > 0, got 0",
+    ),
+    (
+        "an infinite frame stride",
+        {
+            "data": {
+                "sources": [
+                    {
+                        "name": "a",
+                        "shards": "a",
+                        "task": "video_caption",
+                        "frame_stride_s": float("inf"),
+                    }
+                ]
+            }
+        },
+        [],
+        "data.sources[0].frame_stride_s",
+        "must be finite and > 0, got inf",
     ),
     (
         "duplicate source names",

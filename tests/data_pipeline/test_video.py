@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from collections import Counter
 
 import numpy as np
@@ -15,6 +16,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from pali3_train.config.schema import SourceConfig
+from pali3_train.data_pipeline.formats import Rejected, prepare_sample
 from pali3_train.data_pipeline.manifest import Manifest
 from pali3_train.data_pipeline.transforms import normalize_images
 from pali3_train.data_pipeline.video import (
@@ -94,8 +97,12 @@ def test_a_stride_in_seconds_needs_a_frame_rate():
     assert frame_indices(10, None, FrameStride(frames=3), 4, None) == [0, 3, 6, 9]
 
 
-@pytest.mark.parametrize("options", [{}, {"seconds": 1.0, "frames": 2}, {"frames": 0}])
-def test_a_stride_is_seconds_or_frames_and_positive(options):
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"seconds": 1.0, "frames": 2}, {"frames": 0}, {"seconds": math.inf},
+     {"seconds": math.nan}, {"seconds": -0.5}],
+)  # fmt: skip
+def test_a_stride_is_seconds_or_frames_finite_and_positive(options):
     with pytest.raises(ValueError, match="frame stride"):
         FrameStride(**options)
 
@@ -171,6 +178,24 @@ def test_an_undecodable_video_says_why(encoded, words):
         sample_clip(encoded, 8, 4, FrameStride(frames=1), None)
 
 
+@pytest.mark.parametrize("fps", [b"inf", b"-inf", b"nan", b"0", b"fast"])
+def test_a_frame_list_whose_rate_is_not_a_finite_rate_is_a_corrupt_video(fps):
+    """Refused as ``Rejected`` (counted and skipped), never a ValueError that ends the worker."""
+    spec = SourceConfig(name="clips", shards="x.tar", task="video_caption", frame_stride_s=0.5)
+    frames = {f"frame{i:04d}.jpg": jpeg for i, jpeg in enumerate(_jpegs(_smooth_frames(3, 8)))}
+    record = json.dumps({"caption": {"en": "a clip"}}).encode()
+    raw = {"__key__": "v", "json": record, "fps": fps, **frames}
+    with pytest.raises(Rejected, match=r"corrupt_video: \.fps is"):
+        prepare_sample(spec, raw, np.random.default_rng(0), 8, max_frames=4)
+
+
+@pytest.mark.parametrize("fps", [math.inf, math.nan, 0.0])
+def test_a_frame_list_given_a_rate_that_makes_no_clip_is_undecodable(fps):
+    frames = _jpegs(_smooth_frames(3, 8))
+    with pytest.raises(UndecodableVideo):
+        sample_clip(frames, 8, 4, SECONDS, np.random.default_rng(0), fps=fps)
+
+
 # ------------------------------------------------------------------------------------ batches
 
 
@@ -220,6 +245,7 @@ def test_a_corrupt_video_is_skipped_and_counted(corpus, tmp_path):
     samples = [_raw(video_example("clips", i)) for i in range(6)]
     samples[2]["mp4"] = samples[2]["mp4"][: len(samples[2]["mp4"]) // 3]  # a cut mp4
     samples[3]["frame0001.jpg"] = b"\xff\xd8 not a JPEG"  # a broken frame
+    samples[5]["fps"] = b"inf"  # a rate that makes no clip: skipped, the worker goes on
     with wds.TarWriter(str(tmp_path / "clips-0.tar")) as tar:
         for sample in samples:
             tar.write(sample)
@@ -228,8 +254,8 @@ def test_a_corrupt_video_is_skipped_and_counted(corpus, tmp_path):
     cfg = corpus.config([source], num_workers=0, max_skip_fraction=0.5)
     data = pipeline(cfg, 0, 1, 4, mode="epoch")
     keys = [k for batch in data for k in batch.keys]
-    assert keys == [f"clips-{i:05d}" for i in (0, 1, 4, 5)]
-    assert data.stats().skipped == {"clips/corrupt_video": 2}
+    assert keys == [f"clips-{i:05d}" for i in (0, 1, 4)]
+    assert data.stats().skipped == {"clips/corrupt_video": 3}
 
 
 def test_the_writer_records_each_videos_frames_rate_and_duration(tmp_path):
@@ -286,6 +312,8 @@ def test_the_command_line_writes_videos_and_frame_lists(tmp_path, capsys):
         ({"frames": ["f0.jpg"]}, "clips.jsonl:1: fps: frames need their frame rate"),
         ({"frames": "f0.jpg", "fps": 2}, "clips.jsonl:1: frames: expected a list"),
         ({"frames": ["x.webp"], "fps": 2}, r"clips.jsonl:1: frames: .*only .jpg, .jpeg and .png"),
+        ({"frames": ["f0.jpg"], "fps": math.inf}, r"clips.jsonl:1: fps: .*\(> 0\), got inf"),
+        ({"frames": ["f0.jpg"], "fps": math.nan}, r"clips.jsonl:1: fps: .*\(> 0\), got nan"),
     ],
 )
 def test_bad_video_records_are_refused_naming_file_line_and_field(tmp_path, line, words):
@@ -294,3 +322,27 @@ def test_bad_video_records_are_refused_naming_file_line_and_field(tmp_path, line
     with pytest.raises(SystemExit, match=words):
         main(["--images", str(tmp_path), "--records", str(records), "--out", str(tmp_path / "o"),
               "--name", "clips", "--tasks", "video_caption"])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "frames,image_format,fps,words",
+    [
+        ("webp", "webp", 2.0, "sample 'w': image_format: frames must be jpg, jpeg, png files, "
+         "got 'webp'"),
+        ("jpg", "jpg", math.inf, "sample 'w': fps: expected a finite rate > 0, got inf"),
+        ("jpg", "jpg", math.nan, "sample 'w': fps: expected a finite rate > 0, got nan"),
+    ],
+)  # fmt: skip
+def test_the_writer_refuses_frame_lists_the_reader_cannot_read(tmp_path, frames, image_format,
+                                                               fps, words):  # fmt: skip
+    """WebP frames (the reader reads JPEG and PNG frames only) and a rate that is not finite
+    (Python's json reads ``Infinity``; the manifest would not be JSON) stop the writer."""
+    encoded = []
+    for pixels in _smooth_frames(2, 8):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="WEBP" if frames == "webp" else "JPEG")
+        encoded.append(buffer.getvalue())
+    example = Example("w", tuple(encoded), image_format, {"caption": {"en": "a"}}, fps=fps)
+    with pytest.raises(ValueError, match=re.escape(words)):
+        write_source([example], tmp_path, "clips", ["video_caption"], ["en"])
+    assert not (tmp_path / "manifest.json").exists()
