@@ -27,6 +27,7 @@ from typing import Sequence
 import av
 import numpy as np
 import torch
+from PIL import Image
 
 from pali3_train.data_pipeline.transforms import decode_image, resize_square
 
@@ -156,6 +157,7 @@ def video_info(encoded: Encoded, fps: float | None = None) -> VideoInfo:
         try:
             with av.open(io.BytesIO(bytes(encoded))) as container:
                 stream = _video_stream(container)
+                _check_size(stream)
                 count = sum(1 for _ in container.decode(stream))
                 fps = _rate(stream)
         except (av.FFmpegError, IndexError, ValueError) as exc:
@@ -195,6 +197,7 @@ def _decode_video(
     try:
         with av.open(io.BytesIO(data)) as container:
             stream = _video_stream(container)
+            _check_size(stream)
             packets = list(container.demux(stream))  # the last, empty, flushes the decoder
             count = sum(1 for packet in packets if packet.size)
             wanted = set(frame_indices(count, _rate(stream), stride, max_frames, offset))
@@ -225,6 +228,17 @@ def _video_stream(container: av.container.InputContainer) -> av.video.stream.Vid
     stream = container.streams.video[0]
     stream.codec_context.thread_count = 1
     return stream
+
+
+def _check_size(stream: av.video.stream.VideoStream) -> None:
+    """Refuse frames larger than PIL's decompression-bomb limit before decoding one: images have
+    that guard (PIL's), and a 16K frame is 768 MB as RGB."""
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = stream.codec_context.width, stream.codec_context.height
+    if limit and width * height > limit:
+        raise UndecodableVideo(
+            f"{width}x{height} frames: over PIL.Image.MAX_IMAGE_PIXELS ({limit} pixels)"
+        )
 
 
 def _rate(stream: av.video.stream.VideoStream) -> float | None:

@@ -26,6 +26,7 @@ from pali3_train.data_pipeline.video import (
     encode_video,
     frame_indices,
     sample_clip,
+    video_info,
 )
 from pali3_train.data_pipeline.write_shards import Example, main, write_source
 from tests.data_pipeline.corpus import MAX_FRAMES, pipeline, video_example, video_frames
@@ -176,6 +177,27 @@ def _png(pixels: np.ndarray) -> bytes:
 def test_an_undecodable_video_says_why(encoded, words):
     with pytest.raises(UndecodableVideo, match=words):
         sample_clip(encoded, 8, 4, FrameStride(frames=1), None)
+
+
+def test_frames_over_pils_pixel_limit_are_refused_before_decoding(monkeypatch):
+    """Images have PIL's decompression-bomb limit; videos get the same: 16 x 16 = 256 pixels."""
+    mp4 = encode_video(_smooth_frames(count=2, size=16), 10.0)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 256)
+    clip, _ = sample_clip(mp4, 16, 2, FrameStride(frames=1), None)
+    assert clip.shape == (2, 3, 16, 16)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 255)
+    for read in (
+        lambda: sample_clip(mp4, 16, 2, FrameStride(frames=1), None),
+        lambda: video_info(mp4),
+    ):
+        with pytest.raises(
+            UndecodableVideo, match=r"16x16 frames: over PIL.Image.MAX_IMAGE_PIXELS \(255"
+        ):
+            read()
+    spec = SourceConfig(name="clips", shards="x.tar", task="video_caption", frame_stride_frames=1)
+    raw = {"__key__": "big", "mp4": mp4, "json": json.dumps({"caption": {"en": "a"}}).encode()}
+    with pytest.raises(Rejected, match="corrupt_video: 16x16 frames"):
+        prepare_sample(spec, raw, np.random.default_rng(0), 16, max_frames=2)
 
 
 @pytest.mark.parametrize("fps", [b"inf", b"-inf", b"nan", b"0", b"fast"])
