@@ -22,7 +22,7 @@ import io
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Sequence
+from typing import Callable, Sequence
 
 import av
 import numpy as np
@@ -193,25 +193,57 @@ def encode_video(frames: np.ndarray, fps: float, container: str = "mp4") -> byte
 def _decode_video(
     data: bytes, size_px: int, max_frames: int, stride: FrameStride, offset: float | None
 ) -> list[torch.Tensor]:
-    """Count the frames by demuxing (no decoding), then decode up to the last chosen one."""
+    """Count the frames by demuxing (no decoding), then decode up to the last chosen one.
+
+    A video whose end does not decode (a cut download: packets demux, their data is gone or
+    broken) is read as the frames that decode before the first error. When decoding stops
+    before the last chosen frame, the clip is chosen again over that decoded prefix, with the
+    same offset, and decoded in a second pass; it is refused only when no frame decodes. So
+    whether a broken video is served does not depend on the draw, and a clip is never made of
+    frames that do not decode. Counting the decodable frames up front instead (as the writer
+    does) would decode every frame of every video on every read, up to twice the decoding of
+    stopping at the last chosen frame; this way only a broken video pays, once more."""
+
+    def choose(count: int, rate: float | None) -> list[int]:
+        return frame_indices(count, rate, stride, max_frames, offset)
+
     try:
-        with av.open(io.BytesIO(data)) as container:
-            stream = _video_stream(container)
-            _check_size(stream)
-            packets = list(container.demux(stream))  # the last, empty, flushes the decoder
-            count = sum(1 for packet in packets if packet.size)
-            wanted = set(frame_indices(count, _rate(stream), stride, max_frames, offset))
-            frames = []
-            decoded = (frame for packet in packets for frame in packet.decode())
-            for i, frame in enumerate(decoded):
-                if i in wanted:
-                    pixels = torch.from_numpy(frame.to_ndarray(format="rgb24"))
-                    frames.append(resize_square(pixels, size_px))
-                if len(frames) == len(wanted):
-                    return frames
+        frames, decodable, count = _decode_chosen(data, size_px, choose)
+        if frames is None and decodable:
+            frames, _, _ = _decode_chosen(data, size_px, choose, prefix=decodable)
     except (av.FFmpegError, IndexError, ValueError) as exc:
         raise UndecodableVideo(_why(exc)) from None
-    raise UndecodableVideo(f"{count} frames demuxed, but only {len(frames)} of those chosen decode")
+    if frames is None:
+        raise UndecodableVideo(f"{count} frames demuxed, but {decodable} of them decode")
+    return frames
+
+
+def _decode_chosen(
+    data: bytes, size_px: int, choose: Callable, prefix: int | None = None
+) -> tuple[list[torch.Tensor] | None, int, int]:
+    """Decode the frames ``choose(count, rate)`` names, ``count`` being the demuxed frames (or
+    ``prefix``) -> (them, resized; or None where decoding stopped before the last of them, the
+    frames decoded, the frames demuxed)."""
+    with av.open(io.BytesIO(data)) as container:
+        stream = _video_stream(container)
+        _check_size(stream)
+        packets = list(container.demux(stream))  # the last, empty, flushes the decoder
+        count = sum(1 for packet in packets if packet.size)
+        wanted = set(choose(count if prefix is None else prefix, _rate(stream)))
+        frames: list[torch.Tensor] = []
+        decoded = 0
+        try:
+            for packet in packets:
+                for frame in packet.decode():
+                    if decoded in wanted:
+                        pixels = torch.from_numpy(frame.to_ndarray(format="rgb24"))
+                        frames.append(resize_square(pixels, size_px))
+                    decoded += 1
+                    if len(frames) == len(wanted):
+                        return frames, decoded, count
+        except (av.FFmpegError, ValueError):  # the frames before the error are the video
+            pass
+    return None, decoded, count
 
 
 def _decode_frame(data: bytes, size_px: int, index: int) -> torch.Tensor:

@@ -8,8 +8,11 @@ import io
 import json
 import math
 import re
+import tempfile
 from collections import Counter
+from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -177,6 +180,63 @@ def _png(pixels: np.ndarray) -> bytes:
 def test_an_undecodable_video_says_why(encoded, words):
     with pytest.raises(UndecodableVideo, match=words):
         sample_clip(encoded, 8, 4, FrameStride(frames=1), None)
+
+
+def _faststart_mp4(count: int) -> bytes:
+    """``count`` frames of brightness 20 t as an H.264 mp4 with its index first (as streamed
+    downloads are), so a cut file still opens; no B-frames, so frames decode in order."""
+    with tempfile.TemporaryDirectory() as folder:  # faststart rewrites the file: no BytesIO
+        path = Path(folder) / "clip.mp4"
+        with av.open(str(path), "w", format="mp4", options={"movflags": "faststart"}) as out:
+            options = {"crf": "12", "x264-params": "asm=0", "bf": "0"}
+            stream = out.add_stream("libx264", rate=10, options=options)
+            stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
+            stream.codec_context.thread_count = 1
+            for t in range(count):
+                pixels = np.full((16, 16, 3), 20 * t, np.uint8)
+                out.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+            out.mux(stream.encode())
+        return path.read_bytes()
+
+
+def _cut_in_frame(data: bytes, frame: int) -> bytes:
+    """``data`` cut halfway through frame ``frame``'s packet, as a broken download is: that
+    packet still demuxes (short), and it and what follows do not decode."""
+    with av.open(io.BytesIO(data)) as container:
+        packets = [p for p in container.demux(container.streams.video[0]) if p.size]
+        return data[: packets[frame].pos + packets[frame].size // 2]
+
+
+def test_a_video_whose_end_does_not_decode_is_read_as_the_frames_that_do():
+    """12 frames cut inside frame 8: 9 packets demux, frames 0-7 decode. Every draw, and the
+    centred clip, is served from those 8 frames, whether or not it reaches the break."""
+    cut = _cut_in_frame(_faststart_mp4(12), 8)
+    draws = [np.random.default_rng(seed) for seed in range(12)]
+    # every frame, 1 apart, into 16 slots: the 8 that decode, the same clip for every draw
+    for rng in [*draws, None]:
+        clip, mask = sample_clip(cut, 16, 16, FrameStride(frames=1), rng)
+        assert mask.tolist() == [True] * 8 + [False] * 8
+        assert (clip[:8, 0, 0, 0].float() - torch.arange(0, 160, 20)).abs().max() < 4
+    # every 2nd frame into 4 slots: over 9 frames the starts 0, 1, 2 (u < 1/3, < 2/3, the rest);
+    # start 2 reaches frame 8, so the clip is drawn again over the 8 frames that decode with the
+    # same u: start floor(2 u) = 1. So start 0 for u < 1/3, else 1; never a skip.
+    late = 0
+    for seed in range(12):
+        u = np.random.default_rng(seed).random()
+        clip, mask = sample_clip(cut, 16, 4, FrameStride(frames=2), np.random.default_rng(seed))
+        start = 0 if u < 1 / 3 else 1
+        expected = torch.tensor([20.0 * (start + 2 * k) for k in range(4)])
+        assert mask.all() and (clip[:, 0, 0, 0].float() - expected).abs().max() < 4, (seed, u)
+        late += u >= 2 / 3
+    assert late, "some draw reached the break"
+    with pytest.raises(UndecodableVideo):  # the writer refuses it whole
+        video_info(cut)
+
+
+def test_a_video_with_no_frame_that_decodes_is_refused():
+    cut = _cut_in_frame(_faststart_mp4(4), 0)
+    with pytest.raises(UndecodableVideo, match="0 of them decode"):
+        sample_clip(cut, 16, 4, FrameStride(frames=1), np.random.default_rng(0))
 
 
 def test_frames_over_pils_pixel_limit_are_refused_before_decoding(monkeypatch):
