@@ -12,12 +12,16 @@ draws the same clips), and evaluation centres it. ``frame_indices`` is that arit
 it can be checked by hand.
 
 A video arrives either encoded (mp4, webm: decoded with PyAV, which bundles its own FFmpeg) or as
-a list of encoded frames (JPEG/PNG, extracted beforehand at a known frame rate). Only the chosen
+a list of encoded frames (JPEG/PNG, extracted beforehand at a known frame rate). An encoded
+video read with a stride in seconds is sampled by its frames' timestamps (``timed_frame_indices``),
+so a variable-frame-rate video's clip is still a fixed time apart; at a constant rate that is the
+same clip as ``frame_indices`` gives. Only the chosen
 frames are converted and resized, with the same resize as images (``transforms.resize_square``).
 """
 
 from __future__ import annotations
 
+import bisect
 import io
 import math
 from dataclasses import dataclass
@@ -115,6 +119,42 @@ def frame_indices(
     return [math.floor(start + k * step + _EPS) for k in range(taken)]
 
 
+def timed_frame_indices(
+    times: Sequence[float], seconds: float, max_frames: int, offset: float | None
+) -> list[int]:
+    """``frame_indices`` for frames shown at ``times`` (seconds, strictly increasing: an encoded
+    video's timestamps, which a variable-frame-rate video spaces unevenly) and a stride of
+    ``seconds``: the clip's frames are a fixed time apart, each the last frame shown at or before
+    its time. With ``gap`` the mean time between frames and ``D`` the last frame's time after the
+    first's, ``step = max(seconds, gap)``, ``taken = min(max_frames, floor(D / step) + 1)``,
+    ``slack = D - (taken - 1) * step``, and frame k is the last shown at or before
+    ``start + k * step``:
+
+    - training: ``start`` is the time of a frame shown within the slack, each such frame
+      equally likely (the ``j``-th of ``m``, ``j = floor(offset * m)``);
+    - evaluation (``offset`` None): ``start = slack / 2``.
+
+    At a constant rate (``times`` k * gap) this is ``frame_indices`` exactly, since frame k at
+    or before time T is ``floor(T / gap)``. A frame held on screen longer than the stride is
+    taken again, as a constant-rate copy of the video would show it."""
+    count = len(times)
+    if count < 2:  # no time between frames: the one frame there is (or none, refused)
+        return frame_indices(count, None, FrameStride(frames=1), max_frames, offset)
+    relative = [t - times[0] for t in times]
+    duration = relative[-1]
+    gap = duration / (count - 1)
+    eps = _EPS * gap  # frame_indices' tolerance, in seconds
+    step = min(max(seconds, gap), duration + gap)
+    taken = min(max_frames, math.floor(duration / step + _EPS) + 1)
+    slack = duration - (taken - 1) * step
+    if offset is None:
+        start = slack / 2
+    else:
+        starts = bisect.bisect_right(relative, slack + eps)  # frames shown within the slack
+        start = relative[min(math.floor(offset * starts), starts - 1)]
+    return [bisect.bisect_right(relative, start + k * step + eps) - 1 for k in range(taken)]
+
+
 def sample_clip(
     encoded: Encoded,
     size_px: int,
@@ -204,7 +244,12 @@ def _decode_video(
     does) would decode every frame of every video on every read, up to twice the decoding of
     stopping at the last chosen frame; this way only a broken video pays, once more."""
 
-    def choose(count: int, rate: float | None) -> list[int]:
+    def choose(count: int, rate: float | None, times: list[float] | None) -> list[int]:
+        # A stride in seconds goes by the timestamps where every frame has its own.
+        if stride.seconds is not None and times is not None and count > 1:
+            shown = times[:count]
+            if all(a < b for a, b in zip(shown, shown[1:])):
+                return timed_frame_indices(shown, stride.seconds, max_frames, offset)
         return frame_indices(count, rate, stride, max_frames, offset)
 
     try:
@@ -221,15 +266,20 @@ def _decode_video(
 def _decode_chosen(
     data: bytes, size_px: int, choose: Callable, prefix: int | None = None
 ) -> tuple[list[torch.Tensor] | None, int, int]:
-    """Decode the frames ``choose(count, rate)`` names, ``count`` being the demuxed frames (or
-    ``prefix``) -> (them, resized; or None where decoding stopped before the last of them, the
-    frames decoded, the frames demuxed)."""
+    """Decode the frames ``choose(count, rate, times)`` names, ``count`` being the demuxed frames
+    (or ``prefix``) and ``times`` their timestamps in seconds in the order they are shown (None
+    where a packet has none) -> (them, resized; or None where decoding stopped before the last
+    of them, the frames decoded, the frames demuxed)."""
     with av.open(io.BytesIO(data)) as container:
         stream = _video_stream(container)
         _check_size(stream)
         packets = list(container.demux(stream))  # the last, empty, flushes the decoder
-        count = sum(1 for packet in packets if packet.size)
-        wanted = set(choose(count if prefix is None else prefix, _rate(stream)))
+        stamps = [packet.pts for packet in packets if packet.size]
+        count = len(stamps)
+        times = None
+        if None not in stamps:  # decoded frames come out in the order they are shown
+            times = [float(pts * stream.time_base) for pts in sorted(stamps)]
+        wanted = set(choose(count if prefix is None else prefix, _rate(stream), times))
         frames: list[torch.Tensor] = []
         decoded = 0
         try:

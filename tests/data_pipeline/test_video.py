@@ -10,6 +10,7 @@ import math
 import re
 import tempfile
 from collections import Counter
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -29,6 +30,7 @@ from pali3_train.data_pipeline.video import (
     encode_video,
     frame_indices,
     sample_clip,
+    timed_frame_indices,
     video_info,
 )
 from pali3_train.data_pipeline.write_shards import Example, main, write_source
@@ -109,6 +111,35 @@ def test_a_stride_in_seconds_needs_a_frame_rate():
 def test_a_stride_is_seconds_or_frames_finite_and_positive(options):
     with pytest.raises(ValueError, match="frame stride"):
         FrameStride(**options)
+
+
+# a variable-frame-rate video: bursts of frames 0.1 s and 0.05 s apart, pauses of up to 0.9 s
+VFR_TIMES = [0.0, 0.1, 0.2, 0.3, 1.0, 1.1, 1.2, 2.0, 2.05, 2.1, 3.0]
+
+
+@pytest.mark.parametrize(
+    "times,seconds,max_frames,offset,expected",
+    [
+        # 3 s, every 1 s: 4 fit, no slack; the frames shown at 0, 1, 2 and 3 s
+        (VFR_TIMES, 1.0, 16, None, [0, 4, 7, 10]),
+        # every 0.9 s: 4 fit in 3 s, 0.3 s to spare, centred at 0.15: times 0.15, 1.05, 1.95,
+        # 2.85, each the last frame shown by then: 0.1, 1.0, 1.2, 2.1
+        (VFR_TIMES, 0.9, 16, None, [1, 4, 6, 9]),
+        # training: frames 0-3 are shown within the 0.3 s, 4 starts, floor(4 u)
+        (VFR_TIMES, 0.9, 16, 0.0, [0, 3, 6, 9]),  # 0, 0.9, 1.8, 2.7
+        (VFR_TIMES, 0.9, 16, 0.99, [3, 6, 9, 10]),  # from 0.3 s: 0.3, 1.2, 2.1, 3.0
+        # every 0.5 s: 7 fit; at 0.5, 1.5 and 2.5 s the frames of 0.3, 1.2 and 2.1 s show
+        (VFR_TIMES, 0.5, 16, None, [0, 3, 4, 6, 7, 9, 10]),
+        # a frame held 2 s: every 1.05 s (the mean gap, longer than the stride) takes it twice
+        ([0.0, 2.0, 2.1], 0.5, 16, None, [0, 0, 2]),
+        # a constant 25 fps: frame_indices' hand-worked clips, centred and from start 11
+        ([i / 25 for i in range(100)], 0.5, 16, None, [5, 18, 30, 43, 55, 68, 80, 93]),
+        ([i / 25 for i in range(100)], 0.5, 16, 0.999, [11, 23, 36, 48, 61, 73, 86, 98]),
+        ([5.0], 0.5, 16, 0.3, [0]),
+    ],
+)
+def test_timed_frame_indices_match_hand_worked_values(times, seconds, max_frames, offset, expected):
+    assert timed_frame_indices(times, seconds, max_frames, offset) == expected
 
 
 # ----------------------------------------------------------------------------------- decoding
@@ -231,6 +262,44 @@ def test_a_video_whose_end_does_not_decode_is_read_as_the_frames_that_do():
     assert late, "some draw reached the break"
     with pytest.raises(UndecodableVideo):  # the writer refuses it whole
         video_info(cut)
+
+
+def _vfr_mp4(times: list[float]) -> bytes:
+    """An H.264 mp4 of frames shown at ``times`` (their timestamps set by hand, in ms), frame i
+    of brightness 20 i."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as out:
+        options = {"crf": "12", "x264-params": "asm=0", "bf": "0"}
+        stream = out.add_stream("libx264", rate=10, options=options)
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
+        stream.codec_context.thread_count = 1
+        stream.time_base = stream.codec_context.time_base = Fraction(1, 1000)
+        for i, t in enumerate(times):
+            frame = av.VideoFrame.from_ndarray(np.full((16, 16, 3), 20 * i, np.uint8), "rgb24")
+            frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def test_a_variable_frame_rate_video_is_sampled_by_its_timestamps():
+    """VFR_TIMES as an mp4 (11 frames over 3 s: an average rate of about 3.5 fps, by which every
+    1 s would be frames 1, 5 and 8 centred): every 1 s takes the frames shown at 0, 1, 2 and 3 s,
+    and every 0.9 s those of test_timed_frame_indices_match_hand_worked_values."""
+    mp4 = _vfr_mp4(VFR_TIMES)
+    for seconds, rng, frames in [
+        (1.0, None, [0, 4, 7, 10]),
+        (0.9, None, [1, 4, 6, 9]),
+        *[(0.9, seed, None) for seed in range(6)],
+    ]:
+        draw = None if rng is None else np.random.default_rng(rng)
+        clip, mask = sample_clip(mp4, 16, 8, FrameStride(seconds=seconds), draw)
+        if frames is None:  # training: from frame j = floor(4 u) at 0, 0.1, 0.2 or 0.3 s
+            j = math.floor(4 * np.random.default_rng(rng).random())
+            frames = [[0, 3, 6, 9], [1, 4, 6, 9], [2, 5, 7, 9], [3, 6, 9, 10]][j]
+        assert mask.tolist() == [True] * 4 + [False] * 4
+        expected = torch.tensor([20.0 * i for i in frames])
+        assert (clip[:4, 0, 0, 0].float() - expected).abs().max() < 4, (seconds, rng, frames)
 
 
 def test_a_video_with_no_frame_that_decodes_is_refused():
