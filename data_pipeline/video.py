@@ -279,18 +279,19 @@ def _decode_chosen(
         times = None
         if None not in stamps:  # decoded frames come out in the order they are shown
             times = [float(pts * stream.time_base) for pts in sorted(stamps)]
-        wanted = set(choose(count if prefix is None else prefix, _rate(stream), times))
-        frames: list[torch.Tensor] = []
+        # A list: a frame held on screen past the stride is taken twice (timed_frame_indices).
+        wanted = choose(count if prefix is None else prefix, _rate(stream), times)
+        frames: dict[int, torch.Tensor] = {}
         decoded = 0
         try:
             for packet in packets:
                 for frame in packet.decode():
                     if decoded in wanted:
                         pixels = torch.from_numpy(frame.to_ndarray(format="rgb24"))
-                        frames.append(resize_square(pixels, size_px))
+                        frames[decoded] = resize_square(pixels, size_px)
                     decoded += 1
-                    if len(frames) == len(wanted):
-                        return frames, decoded, count
+                    if decoded > wanted[-1]:
+                        return [frames[i] for i in wanted], decoded, count
         except (av.FFmpegError, ValueError):  # the frames before the error are the video
             pass
     return None, decoded, count

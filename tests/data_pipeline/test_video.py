@@ -300,6 +300,10 @@ def test_a_variable_frame_rate_video_is_sampled_by_its_timestamps():
         assert mask.tolist() == [True] * 4 + [False] * 4
         expected = torch.tensor([20.0 * i for i in frames])
         assert (clip[:4, 0, 0, 0].float() - expected).abs().max() < 4, (seconds, rng, frames)
+    # a frame held 2 s, every 0.5 s: every 1.05 s (the mean gap), the held frame twice
+    clip, mask = sample_clip(_vfr_mp4([0.0, 2.0, 2.1]), 16, 4, FrameStride(seconds=0.5), None)
+    assert mask.tolist() == [True, True, True, False]
+    assert (clip[:3, 0, 0, 0].float() - torch.tensor([0.0, 0.0, 40.0])).abs().max() < 4
 
 
 def test_a_video_with_no_frame_that_decodes_is_refused():
