@@ -3,7 +3,9 @@
 PaLI-3 reads a video as at most 16 frames a fixed time apart, each through the ViT on its own.
 A clip here is that: ``max_frames`` slots, filled in time order with frames ``stride`` apart, the
 real ones first and the rest zeros with a ``False`` in the frame mask. A short video is padded,
-never looped or stretched, so the model never sees a frame twice as if it were new motion.
+never looped or stretched, so the model never sees a frame twice as if it were new motion (a
+variable-rate video's frame held on screen past the stride fills each slot whose time it was
+shown at: that is what the video showed).
 
 Where the clip starts. The span of frames the clip covers usually fits the video with room to
 spare (its *slack*); training starts it at a whole frame of that slack, every start equally
@@ -13,10 +15,10 @@ it can be checked by hand.
 
 A video arrives either encoded (mp4, webm: decoded with PyAV, which bundles its own FFmpeg) or as
 a list of encoded frames (JPEG/PNG, extracted beforehand at a known frame rate). An encoded
-video read with a stride in seconds is sampled by its frames' timestamps (``timed_frame_indices``),
-so a variable-frame-rate video's clip is still a fixed time apart; at a constant rate that is the
-same clip as ``frame_indices`` gives. Only the chosen
-frames are converted and resized, with the same resize as images (``transforms.resize_square``).
+video read with a stride in seconds is sampled by its frames' timestamps
+(``timed_frame_indices``), so a variable-frame-rate video's clip is still a fixed time apart; at
+a constant rate that is the clip ``frame_indices`` gives. Only the chosen frames are converted
+and resized, with the same resize as images (``transforms.resize_square``).
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ class UndecodableVideo(ValueError):
 
 @dataclass(frozen=True)
 class FrameStride:
-    """The fixed time between sampled frames: ``seconds`` (needs the video's frame rate) or
-    ``frames``; exactly one."""
+    """The fixed time between sampled frames: ``seconds`` (needs an encoded video's timestamps
+    or the video's frame rate) or ``frames``; exactly one."""
 
     seconds: float | None = None
     frames: int | None = None
@@ -274,7 +276,8 @@ def _decode_chosen(
         stream = _video_stream(container)
         _check_size(stream)
         packets = list(container.demux(stream))  # the last, empty, flushes the decoder
-        stamps = [packet.pts for packet in packets if packet.size]
+        # A packet the container marks to discard (before an edit list's start) shows nothing.
+        stamps = [packet.pts for packet in packets if packet.size and not packet.is_discard]
         count = len(stamps)
         times = None
         if None not in stamps:  # decoded frames come out in the order they are shown
