@@ -244,7 +244,9 @@ def _read_media(
     if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
         raise ValueError(f"{where}: frames: expected a list of image paths, got {value!r}")
     if not _is_rate(fps):
-        raise ValueError(f"{where}: fps: frames need their frame rate (> 0), got {fps!r}")
+        raise ValueError(
+            f"{where}: fps: frames need their frame rate (a finite number > 0), got {fps!r}"
+        )
     frame_formats = {k: v for k, v in IMAGE_FORMATS.items() if v in ("jpg", "png")}
     paths = [image_path(images, v, f"{where}: frames", frame_formats, "frame") for v in value]
     if len({IMAGE_FORMATS[p.suffix.lower()] for p in paths}) > 1:

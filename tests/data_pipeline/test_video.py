@@ -467,8 +467,14 @@ def test_the_command_line_writes_videos_and_frame_lists(tmp_path, capsys):
         ({"frames": ["f0.jpg"]}, "clips.jsonl:1: fps: frames need their frame rate"),
         ({"frames": "f0.jpg", "fps": 2}, "clips.jsonl:1: frames: expected a list"),
         ({"frames": ["x.webp"], "fps": 2}, r"clips.jsonl:1: frames: .*only .jpg, .jpeg and .png"),
-        ({"frames": ["f0.jpg"], "fps": math.inf}, r"clips.jsonl:1: fps: .*\(> 0\), got inf"),
-        ({"frames": ["f0.jpg"], "fps": math.nan}, r"clips.jsonl:1: fps: .*\(> 0\), got nan"),
+        (
+            {"frames": ["f0.jpg"], "fps": math.inf},
+            r"clips.jsonl:1: fps: .*\(a finite number > 0\), got inf",
+        ),
+        (
+            {"frames": ["f0.jpg"], "fps": math.nan},
+            r"clips.jsonl:1: fps: .*\(a finite number > 0\), got nan",
+        ),
     ],
 )
 def test_bad_video_records_are_refused_naming_file_line_and_field(tmp_path, line, words):
