@@ -5,15 +5,18 @@
     python -m pali3_train.generate --checkpoint runs/demo/stage2/model.safetensors \\
         --input questions.jsonl --out answers.jsonl --batch-size 16
     python -m pali3_train.generate --checkpoint runs/video/model.safetensors \\
-        --video clip.mp4 --prompt "Caption in EN:" --max-frames 16 --frame-stride-s 0.5
+        --video clip.mp4 --prompt "Caption the video in EN:"
 
 Each prints (or writes, ``--out``) one JSON line per input, in input order:
 ``{"image": ..., "prompt": ..., "answer": ...}`` (``"video"`` for a video), plus the input's
 ``"id"`` where it has one. ``--image`` takes files and folders (a folder's .jpg/.jpeg/.png/.webp
 files, sorted) and applies ``--prompt`` to each; ``--video`` takes mp4/webm files, each read as
 the clip evaluation reads (``data_pipeline/video.py``): ``--max-frames`` frames a fixed stride
-apart (``--frame-stride-s`` or ``--frame-stride-frames``; give the model the stride it trained
-with), centred in the video, a shorter video padded and masked. ``--input`` takes a JSONL file
+apart (``--frame-stride-s`` or ``--frame-stride-frames``), centred in the video, a shorter video
+padded and masked. Both default to what the model was trained with, where its export (or
+checkpoint folder) records it: the stage's ``data.max_frames`` and its video sources' stride
+(a stage whose video sources used different strides leaves the stride to the command line);
+without that record, 16 frames 1 s apart. ``--input`` takes a JSONL file
 of ``{"image": path, "prompt": text}`` or ``{"video": path, "prompt": text}`` lines (an optional
 ``"id"``; relative paths are relative to the JSONL's folder). Inputs are decoded and answered
 ``--batch-size`` at a time (a batch holds images or videos, not both), so memory stays bounded
@@ -27,7 +30,8 @@ near-tie between two tokens.
 model config, with a copy of its tokenizer beside it as ``model.spiece.model``) or a training
 checkpoint folder (``step_NNNNNNNN``, consolidated on the fly). Prompts are those of training
 (``data_pipeline/tasks.py``): ``Caption in EN:``, ``Answer in EN: what colour is the circle?``,
-``Generate the ocr_text in EN:``.
+``Generate the ocr_text in EN:``; for videos ``Caption the video in EN:`` and ``Answer in EN:
+what appears?``.
 """
 
 from __future__ import annotations
@@ -109,10 +113,53 @@ class Item:
 
 @dataclass(frozen=True)
 class Clips:
-    """How a video becomes a clip: ``max_frames`` frames ``stride`` apart, centred."""
+    """How a video becomes a clip: ``max_frames`` frames ``stride`` apart, centred. The defaults
+    are for a model that does not record how it was trained (``recorded_clips``)."""
 
     max_frames: int = MAX_FRAMES
     stride: FrameStride = FrameStride(seconds=1.0)
+
+
+def recorded_clips(checkpoint: str | Path) -> dict | None:
+    """How the model's training stage read its clips (``engine.export.clip_settings``): from an
+    export's metadata or a checkpoint folder's config; None where it had no video source or the
+    file predates the record."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        from pali3_train.engine.checkpoint import read_meta
+        from pali3_train.engine.export import clip_settings
+
+        return clip_settings(config_from_dict(read_meta(path).config))
+    recorded = read_metadata(path).get("clips")
+    return json.loads(recorded) if recorded else None
+
+
+def trained_clips(recorded: dict | None, max_frames: int | None = None,
+                  stride: FrameStride | None = None) -> Clips:  # fmt: skip
+    """The clip settings to use: ``max_frames`` and ``stride`` where given (the command line),
+    else what the model ``recorded``, else ``Clips``' defaults. Raises ``InputError`` where the
+    stride is not given and the recorded video sources disagree on theirs."""
+    if recorded is None:
+        recorded = {}
+    if max_frames is None:
+        max_frames = recorded.get("max_frames", Clips.max_frames)
+    if stride is None:
+        strides = recorded.get("strides", {})
+        distinct = {tuple(sorted(s.items())) for s in strides.values()}
+        if len(distinct) > 1:
+            each = ", ".join(f"{name}: {_stride_text(s)}" for name, s in strides.items())
+            raise InputError(
+                f"the model trained on video sources of different strides ({each}): pass "
+                "--frame-stride-s or --frame-stride-frames"
+            )
+        stride = FrameStride(**dict(distinct.pop())) if distinct else Clips.stride
+    return Clips(max_frames, stride)
+
+
+def _stride_text(stride: dict) -> str:
+    if "seconds" in stride:
+        return f"{stride['seconds']} s"
+    return f"{stride['frames']} frames"
 
 
 def items_from_images(paths: Sequence[Path], prompt: str) -> list[Item]:
@@ -313,11 +360,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="default: bf16 on CUDA, fp32 on CPU")  # fmt: skip
     parser.add_argument("--beam-size", type=_positive, default=1, help="1: greedy decoding")
     parser.add_argument("--max-tokens", type=_positive, default=32, help="answer length limit")
-    parser.add_argument("--max-frames", type=_frames, default=MAX_FRAMES,
-                        help=f"frames a video's clip takes (1..{MAX_FRAMES})")  # fmt: skip
+    parser.add_argument("--max-frames", type=_frames,
+                        help=f"frames a video's clip takes (1..{MAX_FRAMES}); default: the "
+                        "training stage's data.max_frames where the checkpoint records it, "
+                        f"else {MAX_FRAMES}")  # fmt: skip
     stride = parser.add_mutually_exclusive_group()
-    stride.add_argument("--frame-stride-s", type=_seconds, default=1.0,
-                        help="seconds between a clip's frames")  # fmt: skip
+    stride.add_argument("--frame-stride-s", type=_seconds,
+                        help="seconds between a clip's frames; default: the stride of the "
+                        "training stage's video sources where the checkpoint records it, else "
+                        "1.0")  # fmt: skip
     stride.add_argument(
         "--frame-stride-frames",
         type=_positive,
@@ -339,10 +390,19 @@ def _items(args: argparse.Namespace) -> list[Item]:
     return items_from_videos(args.video, args.prompt)
 
 
-def _clips(args: argparse.Namespace) -> Clips:
+def _clips(args: argparse.Namespace, items: Sequence[Item]) -> Clips:
+    """The command line's clip settings, what the checkpoint records where it gives none (read
+    only when there is a video to answer), then the defaults."""
     if args.frame_stride_frames is not None:
-        return Clips(args.max_frames, FrameStride(frames=args.frame_stride_frames))
-    return Clips(args.max_frames, FrameStride(seconds=args.frame_stride_s))
+        stride = FrameStride(frames=args.frame_stride_frames)
+    elif args.frame_stride_s is not None:
+        stride = FrameStride(seconds=args.frame_stride_s)
+    else:
+        stride = None
+    given = args.max_frames is not None and stride is not None
+    videos = any(item.medium == "video" for item in items)
+    recorded = recorded_clips(args.checkpoint) if videos and not given else None
+    return trained_clips(recorded, args.max_frames, stride)
 
 
 def _device(name: str | None) -> torch.device:
@@ -364,13 +424,14 @@ def main(argv: list[str] | None = None) -> None:
         if args.out is not None and not args.out.parent.is_dir():
             raise InputError(f"--out: {args.out.parent} is not a folder")
         items, device = _items(args), _device(args.device)
+        clips = _clips(args, items)
     except InputError as e:
         parser.error(str(e))
     dtype = compute_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
     model, tokenizer = load_pali3(args.checkpoint, args.tokenizer)
     model = model.to(device, dtype)
     records = answer_items(model, tokenizer, items, args.batch_size, args.max_tokens,
-                           args.beam_size, _clips(args))  # fmt: skip
+                           args.beam_size, clips)  # fmt: skip
     with output_stream(args.out) as out:
         for record in records:
             out.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -14,7 +14,7 @@ import torch
 
 from pali3_train import generate
 from pali3_train.config import load_config, to_dict
-from pali3_train.convert.safetensors_io import save_weights
+from pali3_train.convert.safetensors_io import read_metadata, save_weights
 from pali3_train.data_pipeline.demo_corpus import build_demo_corpus
 from pali3_train.data_pipeline.transforms import decode_image, normalize_images
 from pali3_train.generate import generate_answers, load_pali3, main, prepare
@@ -249,12 +249,45 @@ def videos(tmp_path_factory):
     return folder
 
 
-def reference_video_answer(exported, video: Path, prompt: str) -> str:
-    """One (video, prompt) answered by hand: the centred clip of 4 frames 2 apart that
-    evaluation samples, alone in its batch."""
-    from pali3_train.data_pipeline.video import FrameStride, sample_clip
+# The frames a centred clip takes, worked by hand (frame k at floor(start + k * step), start =
+# half the frames the span leaves to spare; data_pipeline/video.py). long.mp4 has frames 0..8:
+# - 4 frames 2 apart span 6 frames, 2 to spare, start 1: 1, 3, 5, 7;
+# - 2 frames 3 apart span 3, 5 to spare, start 2.5: 2, 5;
+# - 0.75 s at 4 fps is 3 frames: 3 of the 4 slots fit (0, 3, 6), 2 to spare, start 1: 1, 4, 7;
+# - 1 s is 4 frames: 3 of 16 fit (0, 4, 8), none to spare: 0, 4, 8.
+# short.mp4 has frames 0..1: each of these strides takes one frame, 1 to spare, start 0.5: 0.
+INDICES = {
+    ("long.mp4", "2 frames"): [1, 3, 5, 7],
+    ("long.mp4", "3 frames"): [2, 5],
+    ("long.mp4", "0.75 s"): [1, 4, 7],
+    ("long.mp4", "1 s"): [0, 4, 8],
+}
 
-    clip, frame_mask = sample_clip(video.read_bytes(), 32, 4, FrameStride(frames=2), rng=None)
+
+def hand_clip(video: Path, stride: str, max_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 clip [max_frames, 3, 32, 32], frame mask [max_frames]) of the hand-worked frames:
+    every frame decoded with PyAV, those of ``INDICES`` kept and resized as images are, zeros
+    after them, masked."""
+    import av
+
+    from pali3_train.data_pipeline.transforms import resize_square
+
+    with av.open(str(video)) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(decoded) == {"long.mp4": 9, "short.mp4": 2}[video.name]
+    indices = INDICES.get((video.name, stride), [0])
+    frames = [resize_square(torch.from_numpy(decoded[i]), 32) for i in indices]
+    clip = torch.zeros(max_frames, 3, 32, 32, dtype=torch.uint8)
+    clip[: len(frames)] = torch.stack(frames)
+    mask = torch.arange(max_frames) < len(frames)
+    return clip, mask
+
+
+def reference_video_answer(exported, video: Path, prompt: str, stride: str = "2 frames",
+                           max_frames: int = 4) -> str:  # fmt: skip
+    """One (video, prompt) answered by hand, alone in its batch: the model's answer on the clip
+    of the hand-worked frames (``hand_clip``)."""
+    clip, frame_mask = hand_clip(video, stride, max_frames)
     tokenizer = Tokenizer.load(exported["tokenizer"])
     ids = torch.tensor([tokenizer.encode(prompt)])
     tokens = exported["model"].generate(normalize_images(clip[None]), ids, ids > -1, 8,
@@ -262,10 +295,30 @@ def reference_video_answer(exported, video: Path, prompt: str) -> str:
     return tokenizer.decode(tokens[0])
 
 
+@pytest.fixture
+def seen(monkeypatch):
+    """The batches ``generate`` decodes, as it hands them to ``generate_answers``."""
+    batches = []
+
+    def spy(model, tokenizer, batch, *args, **kwargs):
+        batches.append(batch)
+        return generate_answers(model, tokenizer, batch, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "generate_answers", spy)
+    return batches
+
+
+def assert_clips(batch, files, stride: str, max_frames: int) -> None:
+    """The batch's clips are the hand-worked ones, pixel for pixel, with their frame masks."""
+    clips, masks = zip(*(hand_clip(f, stride, max_frames) for f in files))
+    assert torch.equal(batch.frame_mask, torch.stack(masks))
+    assert torch.equal(batch.images, normalize_images(torch.stack(clips)))
+
+
 CLIPS = ("--max-frames", "4", "--frame-stride-frames", "2")
 
 
-def test_videos_are_answered_from_their_evaluation_clips(exported, videos, capsys):
+def test_videos_are_answered_from_their_evaluation_clips(exported, videos, capsys, seen):
     files = [videos / "long.mp4", videos / "short.mp4"]
     records = run_cli(capsys, exported, "--video", *map(str, files), "--prompt", PROMPTS[0],
                       "--batch-size", "2", *CLIPS)  # fmt: skip
@@ -274,6 +327,7 @@ def test_videos_are_answered_from_their_evaluation_clips(exported, videos, capsy
                                                                                  PROMPTS[0])}
         for f in files
     ]  # fmt: skip
+    assert_clips(seen[0], files, "2 frames", 4)
 
 
 def test_jsonl_lines_mix_images_and_videos_in_order(exported, photos, videos, capsys, tmp_path):
@@ -290,6 +344,110 @@ def test_jsonl_lines_mix_images_and_videos_in_order(exported, photos, videos, ca
         for q in lines
     ]  # fmt: skip
     assert records == [q | {"answer": a} for q, a in zip(lines, expected)]
+
+
+def with_clips(exported, folder: Path, clips: dict) -> dict:
+    """The exported model again, its metadata recording ``clips`` as a video stage's export
+    does."""
+    path = folder / "video.safetensors"
+    metadata = {"kind": "pali3", "model": json.dumps(to_dict(exported["model"].cfg)),
+                "tokenizer": str(exported["tokenizer"]), "clips": json.dumps(clips)}  # fmt: skip
+    save_weights(exported["model"].state_dict(), path, metadata)
+    return exported | {"path": path}
+
+
+def test_an_export_records_how_its_stage_read_clips(tmp_path):
+    from pali3_train.engine.export import save_export
+
+    video_cfg = load_config(ROOT / "configs" / "tiny" / "transfer_video.yaml")
+    out = save_export({"x": torch.zeros(1)}, tmp_path / "video" / "model.safetensors", video_cfg, 3)
+    assert json.loads(read_metadata(out)["clips"]) == {
+        "max_frames": 4,
+        "strides": {"clips_video_caption": {"frames": 2}, "clips_video_qa": {"frames": 2}},
+    }
+    from dataclasses import replace
+
+    data = video_cfg.data
+    qa = replace(data.sources[1], frame_stride_frames=None, frame_stride_s=0.5)
+    seconds = replace(video_cfg, data=replace(data, max_frames=8, sources=(data.sources[0], qa)))
+    out = save_export({"x": torch.zeros(1)}, tmp_path / "s" / "model.safetensors", seconds, 3)
+    assert json.loads(read_metadata(out)["clips"]) == {
+        "max_frames": 8,
+        "strides": {"clips_video_caption": {"frames": 2}, "clips_video_qa": {"seconds": 0.5}},
+    }
+    image_cfg = load_config(ROOT / "configs" / "tiny" / "stage1.yaml")
+    out = save_export({"x": torch.zeros(1)}, tmp_path / "image" / "model.safetensors", image_cfg, 3)
+    assert "clips" not in read_metadata(out)
+
+
+def test_a_checkpoint_folder_records_its_clips_in_its_config(tmp_path):
+    from dataclasses import asdict
+
+    from pali3_train.engine.checkpoint import CheckpointMeta, write_meta
+
+    cfg = load_config(ROOT / "configs" / "tiny" / "transfer_video.yaml")
+    write_meta(tmp_path, CheckpointMeta(3, 96, 0, None, 2, to_dict(cfg)))
+    assert generate.recorded_clips(tmp_path) == {
+        "max_frames": 4,
+        "strides": {"clips_video_caption": {"frames": 2}, "clips_video_qa": {"frames": 2}},
+    }
+    assert asdict(generate.trained_clips(generate.recorded_clips(tmp_path))) == {
+        "max_frames": 4, "stride": {"seconds": None, "frames": 2},
+    }  # fmt: skip
+
+
+TRAINED = {"max_frames": 4, "strides": {"caption": {"frames": 2}, "qa": {"frames": 2}}}
+
+
+@pytest.mark.parametrize(
+    "args, stride, max_frames",
+    [((), "2 frames", 4),  # the trained clip settings
+     (("--max-frames", "2", "--frame-stride-frames", "3"), "3 frames", 2),  # the command line's
+     (("--frame-stride-s", "0.75"), "0.75 s", 4)],  # one given: the other recorded
+)  # fmt: skip
+def test_video_defaults_are_how_the_model_was_trained(exported, videos, capsys, tmp_path, seen,
+                                                      args, stride, max_frames):  # fmt: skip
+    trained = with_clips(exported, tmp_path, TRAINED)
+    files = [videos / "long.mp4", videos / "short.mp4"]
+    records = run_cli(capsys, trained, "--video", *map(str, files), "--prompt", PROMPTS[0],
+                      "--batch-size", "2", *args)  # fmt: skip
+    assert_clips(seen[0], files, stride, max_frames)
+    assert [r["answer"] for r in records] == [
+        reference_video_answer(exported, f, PROMPTS[0], stride, max_frames) for f in files
+    ]
+
+
+def test_an_export_without_the_record_reads_16_frames_1_s_apart(exported, videos, capsys,
+                                                                seen):  # fmt: skip
+    files = [videos / "long.mp4", videos / "short.mp4"]
+    records = run_cli(capsys, exported, "--video", *map(str, files), "--prompt", PROMPTS[0],
+                      "--batch-size", "2")  # fmt: skip
+    assert_clips(seen[0], files, "1 s", 16)
+    assert [r["answer"] for r in records] == [
+        reference_video_answer(exported, f, PROMPTS[0], "1 s", 16) for f in files
+    ]
+
+
+def test_video_sources_of_different_strides_leave_the_stride_to_the_command_line(
+    exported, videos, capsys, tmp_path
+):
+    trained = with_clips(exported, tmp_path, {"max_frames": 4, "strides": {
+        "caption": {"frames": 2}, "qa": {"seconds": 0.5}}})  # fmt: skip
+    video = ["--video", str(videos / "long.mp4"), "--prompt", PROMPTS[0]]
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(capsys, trained, *video)
+    assert stopped.value.code == 2
+    assert ("different strides (caption: 2 frames, qa: 0.5 s): pass --frame-stride-s or "
+            "--frame-stride-frames") in capsys.readouterr().err  # fmt: skip
+    assert len(run_cli(capsys, trained, *video, "--frame-stride-frames", "2")) == 1
+
+
+def test_help_names_the_clip_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "training stage's data.max_frames where the checkpoint records it, else 16" in text
+    assert "video sources where the checkpoint records it, else 1.0" in text
 
 
 def test_a_siglip_file_is_refused(tmp_path):

@@ -20,6 +20,7 @@ from torch import nn
 
 from pali3_train.cli import command_parser
 from pali3_train.config import Config, config_from_dict, to_dict
+from pali3_train.config.schema import VIDEO_TASKS
 from pali3_train.convert.hf_checkpoint import FORMAT
 from pali3_train.convert.safetensors_io import StateDict, save_weights
 from pali3_train.engine.checkpoint import (
@@ -68,17 +69,37 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     return save_export(state, out, cfg, meta.step)
 
 
+def clip_settings(cfg: Config) -> dict | None:
+    """How the stage read its videos, for ``generate`` to read them the same way: None without a
+    video source, else ``{"max_frames": data.max_frames, "strides": {source name: {"seconds":
+    s} or {"frames": n}}}`` for each video source of ``data.sources`` (the training mixture)."""
+    videos = [source for source in cfg.data.sources if source.task in VIDEO_TASKS]
+    if not videos:
+        return None
+    strides = {
+        source.name: {"seconds": source.frame_stride_s}
+        if source.frame_stride_s is not None
+        else {"frames": source.frame_stride_frames}
+        for source in videos
+    }
+    return {"max_frames": cfg.data.max_frames, "strides": strides}
+
+
 def save_export(state: StateDict, out: str | Path, cfg: Config, step: int) -> Path:
     """Weights with what a reader needs to use them: which model (the objective's export kind),
     its config, and a copy of the tokenizer beside them (``copy_beside``), recorded by its
     name alone, so that the folder can be moved or published as a whole. A tokenizer that is
-    not there (a checkpoint exported on another machine) is recorded by its path, as before."""
+    not there (a checkpoint exported on another machine) is recorded by its path, as before.
+    A stage with video sources records how it read its clips (``clip_settings``, JSON under
+    ``clips``), which ``generate`` takes as its defaults."""
     metadata = {
         "format": FORMAT,
         "kind": spec_for(cfg).export_kind,
         "model": json.dumps(to_dict(cfg.model)),
         "step": str(step),
     }
+    if (clips := clip_settings(cfg)) is not None:
+        metadata["clips"] = json.dumps(clips)
     if cfg.data.tokenizer_path:
         source, copy = Path(cfg.data.tokenizer_path).resolve(), copy_beside(out)
         if source.is_file():
