@@ -351,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--video", nargs="+", type=Path, help="mp4/webm video files")
     source.add_argument("--input", type=Path,
                         help='JSONL: {"image" or "video": ..., "prompt": ...} a line')  # fmt: skip
-    parser.add_argument("--prompt", help='with --image or --video: e.g. "Caption in EN:"')
+    parser.add_argument("--prompt", help='with --image or --video: e.g. "Caption in EN:" '
+                        '(a video: "Caption the video in EN:")')  # fmt: skip
     parser.add_argument("--out", type=Path, help="JSONL file to write; default: stdout")
     parser.add_argument("--tokenizer", help="default: the one recorded with the checkpoint")
     parser.add_argument("--batch-size", type=_positive, default=8, help="inputs per forward")
