@@ -143,5 +143,6 @@ def real_first(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch
     positions come first, in their order, and the masked ones after, in theirs: a stable sort of
     the mask and one gather of each (no tensor is created, so the device guard and tensor
     parallelism, where every rank holds the whole sequence, see nothing new)."""
-    order = torch.argsort(~mask, dim=1, stable=True)  # [B, L]
+    # [B, L]; sorted as bytes, which every backend's sort takes
+    order = torch.argsort((~mask).byte(), dim=1, stable=True)
     return x.gather(1, order[:, :, None].expand_as(x)), mask.gather(1, order)
