@@ -93,7 +93,8 @@ class PaLI3(nn.Module):
         real ones first (each in its order: real frames, then the real prompt) and masked ones
         after (padded frames, then prompt padding), so that padding moves no real token's
         position; the mask returned is in that order, and the decoder reads both together.
-        Without one (images, or clips whose frames are all real) nothing is reordered."""
+        Without one (images, or clips given without a mask: every frame real) nothing is
+        reordered, so image batches compute exactly what they did before."""
         visual, visual_mask = self.embed_visual(images, frame_mask)
         x = torch.cat([visual, self.ul2.embed(prompt)], dim=1)
         mask = torch.cat([visual_mask, prompt_mask.bool()], dim=1)
@@ -141,8 +142,8 @@ class PaLI3(nn.Module):
 def real_first(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [B, L, D], mask [B, L] (True = real) -> both reordered per sample so that the real
     positions come first, in their order, and the masked ones after, in theirs: a stable sort of
-    the mask and one gather of each (no tensor is created, so the device guard and tensor
-    parallelism, where every rank holds the whole sequence, see nothing new)."""
+    the mask and one gather of each (no factory call, so nothing for the device guard; tensor
+    parallelism and ZeRO-3 see nothing new, every rank holding the whole sequence)."""
     # [B, L]; sorted as bytes, which every backend's sort takes
     order = torch.argsort((~mask).byte(), dim=1, stable=True)
     return x.gather(1, order[:, :, None].expand_as(x)), mask.gather(1, order)
