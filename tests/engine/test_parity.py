@@ -77,9 +77,9 @@ def _config(tp: int, zero: int, stage: str):
     )
 
 
-def _micro_batch(step: int, index: int, cfg, frames: int) -> Batch:
+def _micro_batch(step: int, index: int, cfg, frames: int = 0) -> Batch:
     """Micro-batch ``index`` of global batch ``step``: the same on every process, model-ready.
-    With ``frames``, clips whose second sample has one real frame, the rest padded."""
+    With ``frames`` (0: images), clips whose second sample has one real frame, the rest padded."""
     g = torch.Generator().manual_seed(1000 * step + index)
     size, vocab = cfg.model.vit.image_size_px, cfg.model.ul2.vocab_size
     prompt = torch.randint(3, vocab, (MICRO_BATCH, 6), generator=g)
